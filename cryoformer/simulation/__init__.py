@@ -1,0 +1,1 @@
+"""cryoformer.simulation"""
