@@ -1,0 +1,23 @@
+# Two commands for a newcomer (see README.md):
+#   make demo   set everything up, then run the demo on the embedded hinged molecule
+#   make test   set everything up, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.cryoformer-setup
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml widgets/pyproject.toml scripts/setup.sh
+	PYTHON=$(PYTHON) bash scripts/setup.sh $(VENV)
+	touch $@
+
+demo: setup
+	$(VENV)/bin/cryoformer demo -o demo_out
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf demo_out .pytest_cache

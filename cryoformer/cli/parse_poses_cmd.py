@@ -1,0 +1,41 @@
+"""``cryoformer parse-poses``: RELION ``.star`` / cryoSPARC ``.cs`` poses → cryoDRGN pose ``.pkl``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "parse-poses",
+        help="convert poses from a RELION .star or cryoSPARC .cs to a cryoDRGN pose .pkl",
+        description=(
+            "Write a cryoDRGN-format pose pickle (rotation matrices [N,3,3], translations [N,2] as "
+            "fractions of the box) from a RELION 3.0/3.1/5 .star or a cryoSPARC .cs file, with the "
+            "same meaning cryoDRGN's parse_pose_star / parse_pose_csparc give them."
+        ),
+    )
+    p.add_argument("input", help="RELION .star or cryoSPARC .cs")
+    p.add_argument("-D", type=int, dest="box",
+                   help="box size in pixels of the images the poses refer to (default: from the file)")
+    p.add_argument("--Apix", type=float,
+                   help="pixel size in Å/px, to convert shifts stored in Å (default: from the file)")
+    p.add_argument("-o", "--out", required=True, help="output pose .pkl")
+    return p
+
+
+def run(args) -> int:
+    from cryoformer.io.cryodrgn import write_poses_pkl
+    from cryoformer.io.dispatch import load_poses
+    from cryoformer.metadata import Poses
+
+    poses = load_poses(args.input, box_size=args.box, pixel_size_angstrom=args.Apix)
+    if args.box:
+        poses = Poses(poses.rotations, poses.shifts_px, args.box)
+    if poses.box_size is None:
+        from cryoformer.errors import InputError
+
+        raise InputError(args.input, "box size", "not found in the file; pass -D BOX")
+    write_poses_pkl(poses, args.out)
+    print(f"wrote {len(poses)} poses (D={poses.box_size}) to {args.out}")
+    return 0

@@ -1,0 +1,229 @@
+"""cryoSPARC ``.cs`` particle files (numpy structured arrays saved with ``np.save``).
+
+Fields used (units as cryoSPARC stores them)
+--------------------------------------------
+* ``alignments3D/pose`` ``[N, 3]``: axis-angle vector (rad) of ``Rᵀ``; cryoDRGN's
+  ``parse_pose_csparc`` converts it and transposes, and so do we, so the rotation matches
+  SPEC §2. ``alignments3D/shift`` ``[N, 2]``: shift in pixels of the refinement box (= ``s``).
+* ``ctf/df1_A``, ``ctf/df2_A`` (Å), ``ctf/df_angle_rad``, ``ctf/accel_kv``, ``ctf/cs_mm``,
+  ``ctf/amp_contrast``, ``ctf/phase_shift_rad``, optional ``ctf/bfactor`` (Å²).
+* ``blob/path`` (bytes), ``blob/idx`` (0-based), ``blob/shape`` ``[N, 2]`` (px),
+  ``blob/psize_A`` (Å/px).
+
+Functions taking ``cs`` accept a structured array or a path; with a path, errors name the file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from cryoformer.errors import InputError, PathLike, require_file
+from cryoformer.io._rotations import axis_angle_to_matrix, matrix_to_axis_angle
+from cryoformer.io.atomic import atomic_open
+from cryoformer.metadata import CtfParameters, Poses
+
+__all__ = ["read_cs", "poses_from_cs", "ctf_from_cs", "write_cs", "cs_image_locations"]
+
+CsLike = Union[np.ndarray, PathLike]
+
+
+def read_cs(path: PathLike) -> np.ndarray:
+    """Load a ``.cs`` file as a numpy structured array ``[N]`` (no pickled objects allowed)."""
+    path = require_file(path, "cryoSPARC file")
+    try:
+        cs = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(path, None, f"not a readable cryoSPARC .cs file ({exc})") from exc
+    if not isinstance(cs, np.ndarray) or cs.dtype.names is None or cs.ndim != 1:
+        raise InputError(path, None, "not a cryoSPARC .cs file: expected a 1-D numpy structured array")
+    return cs
+
+
+def _load(cs: CsLike) -> Tuple[np.ndarray, Optional[str]]:
+    if isinstance(cs, np.ndarray):
+        if cs.dtype.names is None:
+            raise InputError(None, None, "not a cryoSPARC table: expected a numpy structured array")
+        return cs, None
+    path = os.fspath(cs)
+    return read_cs(path), path
+
+
+def _field(cs: np.ndarray, path: Optional[str], name: str, width: Optional[int] = None) -> np.ndarray:
+    """Numeric field ``name`` as float64, ``[N]`` or ``[N, width]``; InputError if missing/bad."""
+    if name not in cs.dtype.names:
+        raise InputError(path, name, "required field is missing")
+    values = np.asarray(cs[name])
+    if not np.issubdtype(values.dtype, np.number):
+        raise InputError(path, name, f"expected numbers, found dtype {values.dtype}")
+    values = values.astype(np.float64)
+    expected = (len(cs),) if width is None else (len(cs), width)
+    if values.shape != expected:
+        raise InputError(path, name, f"expected shape {list(expected)}, found {list(values.shape)}")
+    if not np.all(np.isfinite(values)):
+        raise InputError(path, name, "contains NaN or infinite values")
+    return values
+
+
+def _box(cs: np.ndarray, path: Optional[str], override: Optional[int], required: bool) -> Optional[int]:
+    if override is not None:
+        return int(override)
+    if "blob/shape" not in cs.dtype.names:
+        if required:
+            raise InputError(path, "blob/shape", "box size not found; pass the box size (-D) explicitly")
+        return None
+    shapes = np.unique(_field(cs, path, "blob/shape", 2))
+    if shapes.size != 1:
+        raise InputError(path, "blob/shape", f"expected one square box size, found {shapes.tolist()}")
+    return int(shapes[0])
+
+
+def poses_from_cs(cs: CsLike, box_size: Optional[int] = None) -> Poses:
+    """Poses from ``alignments3D/pose`` (transposed Rodrigues matrix) and ``alignments3D/shift`` (px).
+
+    ``box_size`` overrides ``blob/shape``; it is only recorded in the result.
+    """
+    cs, path = _load(cs)
+    rotations = np.swapaxes(axis_angle_to_matrix(_field(cs, path, "alignments3D/pose", 3)), -1, -2)
+    shifts = _field(cs, path, "alignments3D/shift", 2)
+    return Poses(rotations, shifts, _box(cs, path, box_size, required=False))
+
+
+def ctf_from_cs(cs: CsLike, box_size: Optional[int] = None, pixel_size_angstrom: Optional[float] = None,
+                voltage_kv: Optional[float] = None, spherical_aberration_mm: Optional[float] = None,
+                amplitude_contrast: Optional[float] = None, phase_shift_deg: Optional[float] = None,
+                ) -> CtfParameters:
+    """CTF parameters as cryoDRGN's ``parse_ctf_csparc`` builds them; overrides replace file values."""
+    cs, path = _load(cs)
+    n = len(cs)
+
+    def value(override, name, scale=1.0):
+        if override is not None:
+            return np.full(n, float(override))
+        return _field(cs, path, name) * scale
+
+    deg = 180.0 / np.pi
+    bfactor = _field(cs, path, "ctf/bfactor") if "ctf/bfactor" in cs.dtype.names else None
+    return CtfParameters.from_columns(
+        n,
+        bfactor_angstrom2=bfactor,
+        box_size=_box(cs, path, box_size, required=True),
+        pixel_size_angstrom=value(pixel_size_angstrom, "blob/psize_A"),
+        defocus_u_angstrom=_field(cs, path, "ctf/df1_A"),
+        defocus_v_angstrom=_field(cs, path, "ctf/df2_A"),
+        astigmatism_angle_deg=_field(cs, path, "ctf/df_angle_rad") * deg,
+        voltage_kv=value(voltage_kv, "ctf/accel_kv"),
+        spherical_aberration_mm=value(spherical_aberration_mm, "ctf/cs_mm"),
+        amplitude_contrast=value(amplitude_contrast, "ctf/amp_contrast"),
+        phase_shift_deg=value(phase_shift_deg, "ctf/phase_shift_rad", deg),
+    )
+
+
+def write_cs(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParameters],
+             blob_path: Union[str, Sequence[str]], blob_idx: Sequence[int],
+             pixel_size_angstrom: Optional[float] = None) -> None:
+    """Write a cryoSPARC-style ``.cs`` table atomically.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Output file; the name is kept as given (``np.save`` writes to an open file object).
+    poses : Poses or None
+        Written as ``alignments3D/pose`` (axis-angle of ``Rᵀ``) and ``alignments3D/shift`` (px).
+    ctf : CtfParameters or None
+        Written to the ``ctf/`` fields (angles in radians).
+    blob_path : str or sequence of str
+        Stack file of every particle (one string for all, or one per particle).
+    blob_idx : sequence of int
+        0-based index of each particle in its stack.
+    pixel_size_angstrom : float, optional
+        ``blob/psize_A``; defaults to the CTF pixel size (one of the two is required).
+    """
+    idx = np.asarray(blob_idx, dtype=np.int64).reshape(-1)
+    n = idx.shape[0]
+    paths = [blob_path] * n if isinstance(blob_path, (str, bytes, os.PathLike)) else list(blob_path)
+    paths = [p if isinstance(p, bytes) else os.fspath(p).encode() for p in paths]
+    if len(paths) != n:
+        raise ValueError(f"{len(paths)} blob paths for {n} blob indices")
+    for what, obj in (("poses", poses), ("ctf", ctf)):
+        if obj is not None and len(obj) != n:
+            raise ValueError(f"{what} has {len(obj)} rows but blob_idx has {n}")
+    if pixel_size_angstrom is None:
+        if ctf is None:
+            raise ValueError("pixel_size_angstrom is required when no CTF is given")
+        pixel_size_angstrom = ctf.pixel_size_angstrom
+    box = poses.box_size if poses is not None and poses.box_size is not None else (
+        ctf.box_size if ctf is not None else None)
+    if box is None:
+        raise ValueError("the box size is unknown (poses.box_size is None and no CTF is given)")
+
+    fields = [("uid", "<u8"), ("blob/path", f"S{max(len(p) for p in paths) if paths else 1}"),
+              ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4")]
+    if poses is not None:
+        fields += [("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)),
+                   ("alignments3D/psize_A", "<f4")]
+    ctf_fields = ["accel_kv", "cs_mm", "amp_contrast", "df1_A", "df2_A", "df_angle_rad", "phase_shift_rad"]
+    if ctf is not None:
+        fields += [(f"ctf/{f}", "<f4") for f in ctf_fields]
+        if ctf.bfactor_angstrom2 is not None:
+            fields.append(("ctf/bfactor", "<f4"))
+    out = np.zeros(n, dtype=np.dtype(fields))
+    # cryoSPARC uids are random 64-bit integers; sequential ones are unique, which is what matters.
+    out["uid"] = np.arange(n, dtype=np.uint64)
+    out["blob/path"] = paths
+    out["blob/idx"] = idx
+    out["blob/shape"] = int(box)
+    out["blob/psize_A"] = pixel_size_angstrom
+    if poses is not None:
+        out["alignments3D/pose"] = matrix_to_axis_angle(np.swapaxes(poses.rotations, -1, -2))
+        out["alignments3D/shift"] = poses.shifts_px
+        out["alignments3D/psize_A"] = pixel_size_angstrom
+    if ctf is not None:
+        rad = np.pi / 180.0
+        out["ctf/accel_kv"] = ctf.column("voltage_kv")
+        out["ctf/cs_mm"] = ctf.column("spherical_aberration_mm")
+        out["ctf/amp_contrast"] = ctf.column("amplitude_contrast")
+        out["ctf/df1_A"] = ctf.column("defocus_u_angstrom")
+        out["ctf/df2_A"] = ctf.column("defocus_v_angstrom")
+        out["ctf/df_angle_rad"] = ctf.column("astigmatism_angle_deg") * rad
+        out["ctf/phase_shift_rad"] = ctf.column("phase_shift_deg") * rad
+        if ctf.bfactor_angstrom2 is not None:
+            out["ctf/bfactor"] = ctf.bfactor_angstrom2
+    with atomic_open(path, "wb") as handle:
+        np.save(handle, out, allow_pickle=False)
+
+
+def cs_image_locations(cs: CsLike, datadir: Optional[PathLike] = None,
+                       cs_path: Optional[PathLike] = None) -> List[Tuple[str, int]]:
+    """``[(absolute stack path, 0-based index), ...]`` from ``blob/path`` and ``blob/idx``.
+
+    Relative paths are resolved against ``datadir`` (falling back to the base name inside it,
+    as for star files), else against the directory of the ``.cs`` file. cryoSPARC marks some
+    imported paths with a leading ``>``, which is dropped (as cryoDRGN does).
+    """
+    cs, path = _load(cs)
+    path = path or (None if cs_path is None else os.fspath(cs_path))
+    for name in ("blob/path", "blob/idx"):
+        if name not in cs.dtype.names:
+            raise InputError(path, name, "required field is missing")
+    if datadir is not None:
+        base = os.path.abspath(os.fspath(datadir))
+    elif path is not None:
+        base = os.path.dirname(os.path.abspath(path))
+    else:
+        base = os.getcwd()
+    resolved = {}
+    out = []
+    for raw, index in zip(cs["blob/path"], cs["blob/idx"]):
+        if raw not in resolved:
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            name = name[1:] if name.startswith(">") else name
+            candidate = os.path.abspath(os.path.join(base, name))
+            if datadir is not None and not os.path.exists(candidate):
+                fallback = os.path.join(base, os.path.basename(name))
+                candidate = fallback if os.path.exists(fallback) else candidate
+            resolved[raw] = candidate
+        out.append((resolved[raw], int(index)))
+    return out

@@ -1,0 +1,362 @@
+"""RELION ``.star`` particle files: reading (3.0, 3.1, 5), poses, CTF, image locations, writing.
+
+Layouts handled by :func:`read_star`
+------------------------------------
+* RELION 3.0: one ``data_`` block (any name), every column per particle, as a loop or a
+  single-row key/value block. Pixel size is ``rlnDetectorPixelSize`` (µm) · 1e4 /
+  ``rlnMagnification`` unless ``rlnPixelSize`` / ``rlnImagePixelSize`` is given.
+* RELION 3.1 and 5: ``data_optics`` + ``data_particles`` (either order; ``data_`` +
+  ``data_optics`` is accepted too). Particles reference their optics group through
+  ``rlnOpticsGroup``; the optics columns are merged into every particle row, so a file with
+  two optics groups of different pixel sizes gives each particle its own pixel size.
+  RELION 5 extras (``rlnImageDimensionality``, tomography columns, further blocks) are kept
+  and ignored.
+
+Column names are normalised to ``rlnName`` (no leading underscore) whatever the ``starfile``
+version does; error messages name them as they appear in the file (``_rlnName``).
+
+Units: origins ``rlnOriginX/Y`` in pixels (3.0) or ``rlnOriginX/YAngst`` in Å (3.1+), Euler
+angles in degrees (RELION's ZYZ ``rot, tilt, psi``), defocus in Å, Cs in mm, voltage in kV.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from cryoformer.errors import InputError, PathLike, require_file
+from cryoformer.io._rotations import euler_to_matrix, matrix_to_euler
+from cryoformer.io.atomic import atomic_path
+from cryoformer.metadata import CtfParameters, Poses
+
+__all__ = [
+    "RelionStar", "read_star", "poses_from_star", "ctf_from_star", "write_star", "image_locations",
+]
+
+
+@dataclass(frozen=True)
+class RelionStar:
+    """A parsed particle ``.star`` file.
+
+    Attributes
+    ----------
+    particles : pandas.DataFrame
+        One row per particle, columns ``rlnName`` (no underscore), optics columns merged in.
+    optics : pandas.DataFrame or None
+        The ``data_optics`` block (RELION 3.1+), else ``None``.
+    version : str
+        ``"3.0"`` (single block) or ``"3.1+"`` (optics block present).
+    path : str
+        Absolute path of the file (relative image paths are resolved against its directory).
+    """
+
+    particles: pd.DataFrame
+    optics: Optional[pd.DataFrame]
+    version: str
+    path: str
+
+    def __len__(self) -> int:
+        return len(self.particles)
+
+    def has(self, column: str) -> bool:
+        """Whether the particles table has ``column`` (``rlnName`` or ``_rlnName``)."""
+        return column.lstrip("_") in self.particles.columns
+
+
+def _normalise(block) -> pd.DataFrame:
+    """A starfile block (DataFrame, or dict for a key/value block) as a DataFrame ``rlnName``."""
+    df = pd.DataFrame([block]) if isinstance(block, dict) else block.copy()
+    df.columns = [str(c).lstrip("_") for c in df.columns]
+    return df.reset_index(drop=True)
+
+
+def _pick_particles_block(blocks: Dict[str, pd.DataFrame], path: str) -> pd.DataFrame:
+    if "particles" in blocks:
+        return blocks["particles"]
+    others = {name: df for name, df in blocks.items() if name != "optics"}
+    with_images = [name for name, df in others.items() if "rlnImageName" in df.columns]
+    if len(with_images) == 1:
+        return others[with_images[0]]
+    if len(others) == 1:
+        return next(iter(others.values()))
+    if not others:
+        raise InputError(path, None, "no particle data block found (expected data_particles or data_)")
+    names = ", ".join(f"data_{n}" for n in others)
+    raise InputError(path, None, f"cannot tell which data block holds the particles among {names}")
+
+
+def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame, path: str) -> pd.DataFrame:
+    """Copy each particle's optics-group values into its row (particle values win)."""
+    if "rlnOpticsGroup" not in optics.columns:
+        raise InputError(path, "_rlnOpticsGroup", "the data_optics block has no rlnOpticsGroup column")
+    if "rlnOpticsGroup" not in particles.columns:
+        if len(optics) != 1:
+            raise InputError(path, "_rlnOpticsGroup", f"particles do not say which of the {len(optics)} "
+                             "optics groups they belong to")
+        particles = particles.assign(rlnOpticsGroup=optics["rlnOpticsGroup"].iloc[0])
+    # Compare as strings: one block may parse the group ids as int, the other as str.
+    table = optics.assign(_key=optics["rlnOpticsGroup"].astype(str)).set_index("_key")
+    keys = particles["rlnOpticsGroup"].astype(str)
+    unknown = sorted(set(keys) - set(table.index))
+    if unknown:
+        raise InputError(path, "_rlnOpticsGroup", f"particles reference optics group(s) {unknown[:5]} "
+                         "that data_optics does not define")
+    merged = particles.copy()
+    for column in table.columns:
+        if column not in merged.columns and column != "rlnOpticsGroup":
+            merged[column] = keys.map(table[column]).to_numpy()
+    return merged
+
+
+def read_star(path: PathLike) -> RelionStar:
+    """Read a RELION 3.0, 3.1 or 5 particle ``.star`` file.
+
+    Raises
+    ------
+    InputError
+        Missing file, unparsable text, no particle block, or particles referencing an optics
+        group that is not defined.
+    """
+    path = os.path.abspath(require_file(path, "star file"))
+    try:
+        raw = starfile.read(path, always_dict=True, parse_as_string=["rlnImageName", "rlnMicrographName"])
+    except Exception as exc:  # the parser raises assorted errors on malformed text
+        raise InputError(path, None, f"not a readable STAR file ({type(exc).__name__}: {exc})") from exc
+    blocks = {str(name): _normalise(block) for name, block in raw.items()}
+    if not blocks:
+        raise InputError(path, None, "not a STAR file: no data_ block found")
+    optics = blocks.get("optics")
+    particles = _pick_particles_block(blocks, path)
+    if optics is not None:
+        particles = _merge_optics(particles, optics, path)
+    return RelionStar(particles, optics, "3.0" if optics is None else "3.1+", path)
+
+
+def _column(star: RelionStar, name: str, dtype=np.float64) -> np.ndarray:
+    """Numeric column ``name`` as ``[N]`` array; InputError naming it if missing or non-numeric."""
+    if name not in star.particles.columns:
+        raise InputError(star.path, f"_{name}", "required column is missing")
+    try:
+        values = pd.to_numeric(star.particles[name], errors="raise").to_numpy(dtype=dtype)
+    except (ValueError, TypeError) as exc:
+        raise InputError(star.path, f"_{name}", f"expected numbers ({exc})") from exc
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
+        raise InputError(star.path, f"_{name}", "contains NaN or infinite values")
+    return values
+
+
+def _optional(star: RelionStar, name: str, default=None):
+    return _column(star, name) if name in star.particles.columns else default
+
+
+def star_pixel_size(star: RelionStar, override: Optional[float] = None) -> np.ndarray:
+    """Per-particle pixel size ``[N]`` in Å: override, rlnImagePixelSize, rlnPixelSize, or
+    rlnDetectorPixelSize (µm) · 1e4 / rlnMagnification (RELION 3.0)."""
+    n = len(star)
+    if override is not None:
+        return np.full(n, float(override))
+    for name in ("rlnImagePixelSize", "rlnPixelSize"):
+        if star.has(name):
+            return _column(star, name)
+    if star.has("rlnDetectorPixelSize") and star.has("rlnMagnification"):
+        return _column(star, "rlnDetectorPixelSize") * 1e4 / _column(star, "rlnMagnification")
+    raise InputError(star.path, "_rlnImagePixelSize", "pixel size not found (no rlnImagePixelSize, rlnPixelSize "
+                     "or rlnDetectorPixelSize + rlnMagnification); pass the pixel size explicitly")
+
+
+def _box_size(star: RelionStar, override: Optional[int], required: bool) -> Optional[int]:
+    if override is not None:
+        return int(override)
+    if not star.has("rlnImageSize"):
+        if required:
+            raise InputError(star.path, "_rlnImageSize", "box size not found; pass the box size (-D) explicitly")
+        return None
+    sizes = np.unique(_column(star, "rlnImageSize"))
+    if sizes.size != 1:
+        raise InputError(star.path, "_rlnImageSize", f"particles have different box sizes {sizes.tolist()}")
+    return int(sizes[0])
+
+
+def poses_from_star(star: RelionStar, box_size: Optional[int] = None,
+                    pixel_size_angstrom: Optional[float] = None) -> Poses:
+    """Poses from Euler angles and origins (SPEC §2: ``s`` = ``rlnOriginX/Y`` in px).
+
+    Parameters
+    ----------
+    star : RelionStar
+    box_size : int, optional
+        Overrides ``rlnImageSize``; recorded in the result (``None`` if neither is known).
+    pixel_size_angstrom : float, optional
+        Overrides the file's pixel size; used only to convert ``rlnOriginX/YAngst`` to pixels.
+
+    Returns
+    -------
+    Poses
+        Rotations from ``rlnAngleRot/Tilt/Psi`` (RELION ZYZ matrix), shifts in pixels (zeros
+        when the file has no origins).
+    """
+    angles = np.stack([_column(star, f"rlnAngle{a}") for a in ("Rot", "Tilt", "Psi")], axis=1)
+    rotations = euler_to_matrix(angles)
+    n = len(star)
+    if star.has("rlnOriginXAngst") or star.has("rlnOriginYAngst"):
+        apix = star_pixel_size(star, pixel_size_angstrom)
+        shifts = np.stack([_column(star, "rlnOriginXAngst"), _column(star, "rlnOriginYAngst")], axis=1)
+        shifts = shifts / apix[:, None]
+    elif star.has("rlnOriginX") or star.has("rlnOriginY"):
+        shifts = np.stack([_column(star, "rlnOriginX"), _column(star, "rlnOriginY")], axis=1)
+    else:
+        shifts = np.zeros((n, 2))
+    return Poses(rotations, shifts, _box_size(star, box_size, required=False))
+
+
+def ctf_from_star(star: RelionStar, box_size: Optional[int] = None, pixel_size_angstrom: Optional[float] = None,
+                  voltage_kv: Optional[float] = None, spherical_aberration_mm: Optional[float] = None,
+                  amplitude_contrast: Optional[float] = None, phase_shift_deg: Optional[float] = None,
+                  ) -> CtfParameters:
+    """CTF parameters as cryoDRGN's ``parse_ctf_star`` builds them.
+
+    Every given override replaces the file's values for all particles. Required unless
+    overridden: ``rlnImageSize``, a pixel size (see :func:`star_pixel_size`), ``rlnVoltage``,
+    ``rlnSphericalAberration``, ``rlnAmplitudeContrast``; always required: ``rlnDefocusU``,
+    ``rlnDefocusV``, ``rlnDefocusAngle``. ``rlnPhaseShift`` defaults to 0; ``rlnCtfBfactor``
+    (Å²) becomes ``bfactor_angstrom2`` when present.
+    """
+    n = len(star)
+
+    def value(override, name, default=None):
+        if override is not None:
+            return np.full(n, float(override))
+        if default is not None and not star.has(name):
+            return np.full(n, float(default))
+        return _column(star, name)
+
+    columns = dict(
+        box_size=_box_size(star, box_size, required=True),
+        pixel_size_angstrom=star_pixel_size(star, pixel_size_angstrom),
+        defocus_u_angstrom=_column(star, "rlnDefocusU"),
+        defocus_v_angstrom=_column(star, "rlnDefocusV"),
+        astigmatism_angle_deg=_column(star, "rlnDefocusAngle"),
+        voltage_kv=value(voltage_kv, "rlnVoltage"),
+        spherical_aberration_mm=value(spherical_aberration_mm, "rlnSphericalAberration"),
+        amplitude_contrast=value(amplitude_contrast, "rlnAmplitudeContrast"),
+        phase_shift_deg=value(phase_shift_deg, "rlnPhaseShift", default=0.0),
+    )
+    return CtfParameters.from_columns(n, bfactor_angstrom2=_optional(star, "rlnCtfBfactor"), **columns)
+
+
+def write_star(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParameters], image_names: Sequence[str],
+               pixel_size_angstrom: float, extra_columns: Optional[Dict[str, Sequence]] = None) -> None:
+    """Write a RELION 3.1 particle file (``data_optics`` + ``data_particles``) atomically.
+
+    Parameters
+    ----------
+    path : str or path-like
+    poses : Poses or None
+        Written as ``rlnAngleRot/Tilt/Psi`` (deg) and ``rlnOriginX/YAngst`` (= shifts_px × pixel size).
+    ctf : CtfParameters or None
+        Voltage, Cs and amplitude contrast go to the optics block (one group per distinct
+        combination); defocus, angle, phase shift and B-factor per particle.
+    image_names : sequence of str
+        ``rlnImageName`` per particle, e.g. ``"000001@particles.mrcs"`` (1-based index).
+    pixel_size_angstrom : float
+        ``rlnImagePixelSize`` (Å/px) of the images.
+    extra_columns : dict, optional
+        Further per-particle columns, named with or without the leading underscore.
+    """
+    names = [str(s) for s in image_names]
+    n = len(names)
+    for what, obj in (("poses", poses), ("ctf", ctf)):
+        if obj is not None and len(obj) != n:
+            raise ValueError(f"{what} has {len(obj)} rows but there are {n} image names")
+    if ctf is not None and not np.allclose(ctf.column("pixel_size_angstrom"), pixel_size_angstrom, rtol=1e-4):
+        raise ValueError("CTF pixel size differs from pixel_size_angstrom")
+    box = poses.box_size if poses is not None and poses.box_size is not None else (
+        ctf.box_size if ctf is not None else None)
+
+    # Optics groups: one per distinct (voltage, Cs, amplitude contrast).
+    if ctf is not None:
+        optics_values = ctf.array[:, 5:8].astype(np.float64)
+        unique, group = np.unique(optics_values, axis=0, return_inverse=True)
+    else:
+        unique, group = np.zeros((1, 0)), np.zeros(n, dtype=int)
+    optics = pd.DataFrame({
+        "rlnOpticsGroupName": [f"opticsGroup{i + 1}" for i in range(len(unique))],
+        "rlnOpticsGroup": np.arange(1, len(unique) + 1),
+        "rlnImagePixelSize": float(pixel_size_angstrom),
+    })
+    if box is not None:
+        optics["rlnImageSize"] = int(box)
+    optics["rlnImageDimensionality"] = 2
+    if ctf is not None:
+        optics["rlnVoltage"], optics["rlnSphericalAberration"], optics["rlnAmplitudeContrast"] = unique.T
+
+    particles = pd.DataFrame({"rlnImageName": names, "rlnOpticsGroup": np.asarray(group).reshape(-1) + 1})
+    if poses is not None:
+        euler = matrix_to_euler(poses.rotations)
+        particles["rlnAngleRot"], particles["rlnAngleTilt"], particles["rlnAnglePsi"] = euler.T
+        origin = poses.shifts_px.astype(np.float64) * float(pixel_size_angstrom)
+        particles["rlnOriginXAngst"], particles["rlnOriginYAngst"] = origin.T
+    if ctf is not None:
+        particles["rlnDefocusU"] = ctf.column("defocus_u_angstrom")
+        particles["rlnDefocusV"] = ctf.column("defocus_v_angstrom")
+        particles["rlnDefocusAngle"] = ctf.column("astigmatism_angle_deg")
+        particles["rlnPhaseShift"] = ctf.column("phase_shift_deg")
+        if ctf.bfactor_angstrom2 is not None:
+            particles["rlnCtfBfactor"] = ctf.bfactor_angstrom2
+    for name, values in (extra_columns or {}).items():
+        values = np.asarray(values)
+        if values.shape != (n,):
+            raise ValueError(f"extra column {name} must have shape ({n},), got {values.shape}")
+        particles[name.lstrip("_")] = values
+
+    with atomic_path(path, suffix=".star") as tmp:
+        starfile.write({"optics": optics, "particles": particles}, tmp, float_format="%.6f")
+
+
+def _parse_image_name(entry: str, star: RelionStar, row: int) -> Tuple[str, int]:
+    """``"000012@stack.mrcs"`` → ``("stack.mrcs", 11)``; a bare file name is image 0."""
+    if "@" not in entry:
+        return entry, 0
+    index, _, name = entry.partition("@")
+    try:
+        index1 = int(index)
+    except ValueError:
+        index1 = 0
+    if index1 < 1 or not name:
+        raise InputError(star.path, "_rlnImageName", f"row {row + 1}: {entry!r} is not of the form "
+                         "<1-based index>@<stack file>")
+    return name, index1 - 1
+
+
+def image_locations(star: RelionStar, datadir: Optional[PathLike] = None) -> List[Tuple[str, int]]:
+    """Where each particle's image is: ``[(absolute stack path, 0-based index), ...]``.
+
+    Relative stack paths are resolved against ``datadir`` when given (falling back to the
+    file's base name inside ``datadir``, as cryoDRGN does), else against the star file's
+    directory. Existence is not required here; :func:`cryoformer.io.open_particles` checks it.
+    """
+    if not star.has("rlnImageName"):
+        raise InputError(star.path, "_rlnImageName", "required column is missing")
+    base = os.path.dirname(star.path) if datadir is None else os.path.abspath(os.fspath(datadir))
+    resolved: Dict[str, str] = {}
+
+    def resolve(name: str) -> str:
+        if name not in resolved:
+            candidate = os.path.abspath(os.path.join(base, name))
+            if datadir is not None and not os.path.exists(candidate):
+                fallback = os.path.join(base, os.path.basename(name))
+                if os.path.exists(fallback):
+                    candidate = fallback
+            resolved[name] = candidate
+        return resolved[name]
+
+    out = []
+    for row, entry in enumerate(star.particles["rlnImageName"].astype(str)):
+        name, index = _parse_image_name(entry.strip(), star, row)
+        out.append((resolve(name), index))
+    return out

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Set up cryoformer in a virtual environment: system packages (when root), the venv, torch, and
+# both distributions (core + widgets) in editable mode with the test and simulation extras.
+#
+#   bash scripts/setup.sh [VENV_DIR]
+#
+# Environment:
+#   CRYOFORMER_TORCH  "cpu" (default without an NVIDIA driver) installs torch==2.13.0, whose CPU
+#                     wheel this project's machines carry; "cuda" installs PyPI's default (CUDA)
+#                     torch; "skip" keeps whatever torch the venv already has.
+#   CRYOFORMER_EXTRAS extras of the core to install (default "dev,sim").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:-.venv}"
+PYTHON="${PYTHON:-python3}"
+EXTRAS="${CRYOFORMER_EXTRAS:-dev,sim}"
+
+# System packages. Only what pip cannot provide; installed when we are root and apt exists.
+APT_PACKAGES=()
+if ! "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1; then
+    APT_PACKAGES+=(python3-venv)
+fi
+if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "setup: apt-get install ${APT_PACKAGES[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PACKAGES[@]}"
+    else
+        echo "setup: please install these system packages first: ${APT_PACKAGES[*]}" >&2
+        exit 1
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+mode="${CRYOFORMER_TORCH:-}"
+if [ -z "$mode" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then mode=cuda; else mode=cpu; fi
+fi
+case "$mode" in
+    cpu)  echo "setup: torch (CPU build, pinned)"; "${PIP[@]}" install -q "torch==2.13.0" ;;
+    cuda) echo "setup: torch (CUDA build)"; "${PIP[@]}" install -q torch ;;
+    skip) echo "setup: keeping the installed torch" ;;
+    *) echo "setup: CRYOFORMER_TORCH must be cpu, cuda or skip" >&2; exit 1 ;;
+esac
+
+echo "setup: cryoformer[$EXTRAS] and cryoformer-widgets (editable)"
+# The torch already installed satisfies the core's requirement, so pip adds no other torch.
+"${PIP[@]}" install -q -e ".[$EXTRAS]" -e ./widgets
+"$VENV/bin/python" -c "import cryoformer, cryoformer_widgets, torch; print('setup: ok, cryoformer', cryoformer.__version__, '| torch', torch.__version__, '| CUDA', torch.cuda.is_available())"
