@@ -123,7 +123,7 @@ def ctf_from_cs(cs: CsLike, box_size: Optional[int] = None, pixel_size_angstrom:
 
 def write_cs(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParameters],
              blob_path: Union[str, Sequence[str]], blob_idx: Sequence[int],
-             pixel_size_angstrom: Optional[float] = None) -> None:
+             pixel_size_angstrom: Optional[float] = None, box_size: Optional[int] = None) -> None:
     """Write a cryoSPARC-style ``.cs`` table atomically.
 
     Parameters
@@ -140,6 +140,8 @@ def write_cs(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParameters
         0-based index of each particle in its stack.
     pixel_size_angstrom : float, optional
         ``blob/psize_A``; defaults to the CTF pixel size (one of the two is required).
+    box_size : int, optional
+        ``blob/shape``; defaults to ``poses.box_size``, else the CTF box size.
     """
     idx = np.asarray(blob_idx, dtype=np.int64).reshape(-1)
     n = idx.shape[0]
@@ -154,10 +156,13 @@ def write_cs(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParameters
         if ctf is None:
             raise ValueError("pixel_size_angstrom is required when no CTF is given")
         pixel_size_angstrom = ctf.pixel_size_angstrom
-    box = poses.box_size if poses is not None and poses.box_size is not None else (
-        ctf.box_size if ctf is not None else None)
+    box = box_size
+    if box is None and poses is not None:
+        box = poses.box_size
+    if box is None and ctf is not None:
+        box = ctf.box_size
     if box is None:
-        raise ValueError("the box size is unknown (poses.box_size is None and no CTF is given)")
+        raise ValueError("the box size is unknown: pass box_size (no poses.box_size and no CTF given)")
 
     fields = [("uid", "<u8"), ("blob/path", f"S{max(len(p) for p in paths) if paths else 1}"),
               ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4")]

@@ -56,7 +56,8 @@ def _open_checked(path: PathLike):
 
 def _check_cubic(path: str, shape: Sequence[int], require_cubic: bool) -> None:
     if require_cubic and len(set(shape)) != 1:
-        dims = "×".join(str(s) for s in shape)
+        # Reported as nx×ny×nz, the order of the MRC header and of viewers such as ChimeraX.
+        dims = "×".join(str(s) for s in reversed(tuple(shape)))
         raise InputError(path, None, f"map is {dims} but a cubic box is required")
 
 

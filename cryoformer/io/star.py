@@ -21,6 +21,7 @@ angles in degrees (RELION's ZYZ ``rot, tilt, psi``), defocus in Å, Cs in mm, vo
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,10 +37,19 @@ from cryoformer.metadata import CtfParameters, Poses
 
 __all__ = [
     "RelionStar", "read_star", "poses_from_star", "ctf_from_star", "write_star", "image_locations",
+    "star_pixel_size",
 ]
 
+# Keep names that look numeric as text. Older starfile releases lack the option; names then
+# still parse (they contain "@"), and image_locations converts them to str anyway.
+_STRING_COLUMNS = (
+    {"parse_as_string": ["rlnImageName", "rlnMicrographName"]}
+    if "parse_as_string" in inspect.signature(starfile.read).parameters
+    else {}
+)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)  # DataFrames have no boolean equality
 class RelionStar:
     """A parsed particle ``.star`` file.
 
@@ -101,6 +111,8 @@ def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame, path: str) -> p
         particles = particles.assign(rlnOpticsGroup=optics["rlnOpticsGroup"].iloc[0])
     # Compare as strings: one block may parse the group ids as int, the other as str.
     table = optics.assign(_key=optics["rlnOpticsGroup"].astype(str)).set_index("_key")
+    if table.index.has_duplicates:
+        raise InputError(path, "_rlnOpticsGroup", "data_optics defines the same optics group twice")
     keys = particles["rlnOpticsGroup"].astype(str)
     unknown = sorted(set(keys) - set(table.index))
     if unknown:
@@ -124,7 +136,7 @@ def read_star(path: PathLike) -> RelionStar:
     """
     path = os.path.abspath(require_file(path, "star file"))
     try:
-        raw = starfile.read(path, always_dict=True, parse_as_string=["rlnImageName", "rlnMicrographName"])
+        raw = starfile.read(path, always_dict=True, **_STRING_COLUMNS)
     except Exception as exc:  # the parser raises assorted errors on malformed text
         raise InputError(path, None, f"not a readable STAR file ({type(exc).__name__}: {exc})") from exc
     blocks = {str(name): _normalise(block) for name, block in raw.items()}
@@ -338,7 +350,9 @@ def image_locations(star: RelionStar, datadir: Optional[PathLike] = None) -> Lis
 
     Relative stack paths are resolved against ``datadir`` when given (falling back to the
     file's base name inside ``datadir``, as cryoDRGN does), else against the star file's
-    directory. Existence is not required here; :func:`cryoformer.io.open_particles` checks it.
+    directory and, failing that, its parent directories: RELION writes paths relative to the
+    project directory, which is usually two levels above ``Job/job012/particles.star``.
+    Existence is not required here; :func:`cryoformer.io.open_particles` checks it.
     """
     if not star.has("rlnImageName"):
         raise InputError(star.path, "_rlnImageName", "required column is missing")
@@ -352,6 +366,13 @@ def image_locations(star: RelionStar, datadir: Optional[PathLike] = None) -> Lis
                 fallback = os.path.join(base, os.path.basename(name))
                 if os.path.exists(fallback):
                     candidate = fallback
+            elif datadir is None and not os.path.exists(candidate):
+                parent = os.path.abspath(base)
+                for _ in range(3):  # the RELION project directory, at most three levels up
+                    parent = os.path.dirname(parent)
+                    if os.path.exists(os.path.join(parent, name)):
+                        candidate = os.path.join(parent, name)
+                        break
             resolved[name] = candidate
         return resolved[name]
 

@@ -1,0 +1,105 @@
+"""Choose the reader for poses and CTF parameters by file extension.
+
+``.pkl`` → cryoDRGN pickle, ``.star`` → RELION, ``.cs`` → cryoSPARC. Anything else is an
+:class:`InputError`, never a guess.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from cryoformer.errors import InputError, PathLike, require_file
+from cryoformer.metadata import CTF_COLUMNS, CtfParameters, Poses
+
+__all__ = ["load_poses", "load_ctf", "check_counts"]
+
+_KNOWN = (".pkl", ".star", ".cs")
+
+
+def _extension(path: str, what: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _KNOWN:
+        raise InputError(path, None, f"unknown {what} file extension {ext or '(none)'!r}; expected "
+                         ".pkl (cryoDRGN), .star (RELION) or .cs (cryoSPARC)")
+    return ext
+
+
+def load_poses(path: PathLike, box_size: Optional[int] = None,
+               pixel_size_angstrom: Optional[float] = None) -> Poses:
+    """Read poses from a cryoDRGN ``.pkl``, RELION ``.star`` or cryoSPARC ``.cs`` file.
+
+    Parameters
+    ----------
+    path : str or path-like
+    box_size : int, optional
+        Box size ``D`` (px): needed for cryoDRGN fractional translations; overrides the
+        file's value for ``.star`` / ``.cs``.
+    pixel_size_angstrom : float, optional
+        Overrides the star file's pixel size (used to convert ``rlnOriginX/YAngst`` to px);
+        ignored for ``.pkl`` and ``.cs`` (their shifts are already in px or box fractions).
+
+    Returns
+    -------
+    Poses
+        Rotations ``[N, 3, 3]`` and shifts in pixels ``[N, 2]`` (SPEC §2).
+    """
+    path = require_file(path, "pose file")
+    ext = _extension(path, "pose")
+    if ext == ".pkl":
+        from cryoformer.io.cryodrgn import read_poses_pkl
+
+        return read_poses_pkl(path, box_size=box_size)
+    if ext == ".star":
+        from cryoformer.io.star import poses_from_star, read_star
+
+        return poses_from_star(read_star(path), box_size=box_size, pixel_size_angstrom=pixel_size_angstrom)
+    from cryoformer.io.cryosparc import poses_from_cs
+
+    return poses_from_cs(path, box_size=box_size)
+
+
+def load_ctf(path: PathLike, box_size: Optional[int] = None, pixel_size_angstrom: Optional[float] = None,
+             voltage_kv: Optional[float] = None, spherical_aberration_mm: Optional[float] = None,
+             amplitude_contrast: Optional[float] = None, phase_shift_deg: Optional[float] = None,
+             ) -> CtfParameters:
+    """Read CTF parameters from a cryoDRGN ``.pkl``, RELION ``.star`` or cryoSPARC ``.cs`` file.
+
+    Every override given replaces the corresponding value for all particles (as cryoDRGN's
+    ``parse_ctf_star`` / ``parse_ctf_csparc`` options do), for ``.pkl`` files too.
+
+    Returns
+    -------
+    CtfParameters
+        ``[N, 9]`` in the cryoDRGN column order.
+    """
+    path = require_file(path, "CTF file")
+    ext = _extension(path, "CTF")
+    overrides = dict(voltage_kv=voltage_kv, spherical_aberration_mm=spherical_aberration_mm,
+                     amplitude_contrast=amplitude_contrast, phase_shift_deg=phase_shift_deg)
+    if ext == ".star":
+        from cryoformer.io.star import ctf_from_star, read_star
+
+        return ctf_from_star(read_star(path), box_size, pixel_size_angstrom, **overrides)
+    if ext == ".cs":
+        from cryoformer.io.cryosparc import ctf_from_cs
+
+        return ctf_from_cs(path, box_size, pixel_size_angstrom, **overrides)
+    from cryoformer.io.cryodrgn import read_ctf_pkl
+
+    ctf = read_ctf_pkl(path)
+    columns = dict(box_size=box_size, pixel_size_angstrom=pixel_size_angstrom, **overrides)
+    if all(v is None for v in columns.values()):
+        return ctf
+    array = ctf.array.copy()
+    for name, value in columns.items():
+        if value is not None:
+            array[:, CTF_COLUMNS.index(name)] = value
+    return CtfParameters(array, ctf.bfactor_angstrom2)
+
+
+def check_counts(n_images: int, n_meta: int, image_path: PathLike, meta_path: PathLike) -> None:
+    """Raise :class:`InputError` unless the image stack and a metadata file list as many particles."""
+    if int(n_images) != int(n_meta):
+        raise InputError(meta_path, None, f"has {n_meta} particles but {os.fspath(image_path)} holds "
+                         f"{n_images} images; they must match one to one")

@@ -1,0 +1,314 @@
+"""Lazy, memory-mapped particle image sources and an atomic chunked stack writer.
+
+An :class:`ImageSource` maps particle ``i`` to ``(stack file, index in stack)`` and reads
+images on demand through ``mrcfile.mmap`` (read-only), so stacks larger than memory can be
+used for training. Stack headers are read once when the source is opened, which is where
+missing stacks, non-square images and out-of-range indices are reported. At most
+:data:`MAX_OPEN_STACKS` stacks are kept mapped at a time (a RELION project can have one stack
+per micrograph, more than the open-file limit).
+
+Images are returned as ``[n, D, D]`` float32 ``[y, x]`` arrays (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections import OrderedDict
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import mrcfile
+import numpy as np
+
+from cryoformer.errors import InputError, PathLike, require_file
+from cryoformer.io.atomic import atomic_path
+
+__all__ = ["ImageSource", "open_particles", "StackWriter", "write_stack", "MAX_OPEN_STACKS"]
+
+MAX_OPEN_STACKS = 64
+
+
+def _stack_header(path: str, referenced_by: Optional[str], field: Optional[str]) -> Tuple[int, int, float]:
+    """``(n_images, D, pixel size Å)`` of a stack from its header; InputError if unusable."""
+    who, what = (path, None) if referenced_by is None else (referenced_by, field)
+    if not os.path.isfile(path):
+        raise InputError(who, what, f"image stack {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with mrcfile.open(path, mode="r", permissive=False, header_only=True) as mrc:
+                h = mrc.header
+                nx, ny, nz, mode = int(h.nx), int(h.ny), int(h.nz), int(h.mode)
+                apix = float(mrc.voxel_size.x)
+                data_bytes = os.path.getsize(path) - mrc.header.nbytes - int(h.nsymbt)
+    except (ValueError, OSError) as exc:
+        raise InputError(path, None, f"not a readable MRC image stack ({exc})") from exc
+    if nx != ny:
+        raise InputError(path, None, f"images are {nx}×{ny} pixels but square images are required")
+    itemsize = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}.get(mode)
+    if itemsize is None:
+        raise InputError(path, "mode", f"MRC mode {mode} is not a real-valued image stack")
+    if data_bytes < nx * ny * nz * itemsize:
+        raise InputError(path, None, f"file is truncated: the header promises {nz} images of {nx}×{ny} "
+                         f"but only {max(data_bytes, 0)} data bytes are present")
+    return nz, nx, apix
+
+
+class ImageSource:
+    """Particle images from one or more MRC stacks, read lazily.
+
+    Use :func:`open_particles` to build one. Picklable (open maps are not carried over), so it
+    can be handed to ``torch.utils.data.DataLoader`` workers.
+
+    Attributes
+    ----------
+    box_size : int
+        Image size ``D`` in pixels.
+    pixel_size_angstrom : float or None
+        Å/px from the metadata (star/cs) or the first stack header; ``None`` if unrecorded.
+    """
+
+    def __init__(self, files: Sequence[str], file_of: np.ndarray, index_in_file: np.ndarray,
+                 box_size: int, pixel_size_angstrom: Optional[float]):
+        self.files = list(files)
+        self._file_of = np.asarray(file_of, dtype=np.int64)
+        self._index = np.asarray(index_in_file, dtype=np.int64)
+        self.box_size = int(box_size)
+        self.pixel_size_angstrom = pixel_size_angstrom
+        self._open: "OrderedDict[int, object]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self._file_of.shape[0])
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+    def _data(self, file_id: int) -> np.ndarray:
+        """The mapped ``[n, D, D]`` data of stack ``file_id`` (LRU cache of open maps)."""
+        if file_id in self._open:
+            self._open.move_to_end(file_id)
+        else:
+            if len(self._open) >= MAX_OPEN_STACKS:
+                _, oldest = self._open.popitem(last=False)
+                oldest.close()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self._open[file_id] = mrcfile.mmap(self.files[file_id], mode="r", permissive=False)
+        data = self._open[file_id].data
+        return data.reshape((-1,) + data.shape[-2:])
+
+    def images(self, indices: Sequence[int]) -> np.ndarray:
+        """Images ``indices`` (any order, repeats allowed) as ``[n, D, D]`` float32, in that order."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"image index out of range for {n} images")
+        idx = idx % max(n, 1)
+        out = np.empty((idx.size, self.box_size, self.box_size), dtype=np.float32)
+        files = self._file_of[idx]
+        for file_id in np.unique(files):
+            where = np.nonzero(files == file_id)[0]
+            local = self._index[idx[where]]
+            # Read each needed image once, in increasing order (sequential on disk).
+            uniq, inverse = np.unique(local, return_inverse=True)
+            out[where] = np.asarray(self._data(int(file_id))[uniq], dtype=np.float32)[inverse]
+        return out
+
+    def chunks(self, chunk_size: int = 1024) -> Iterator[Tuple[int, np.ndarray]]:
+        """Yield ``(start, images[start:start + chunk_size])`` over the whole source in order."""
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        for start in range(0, len(self), chunk_size):
+            yield start, self.images(np.arange(start, min(start + chunk_size, len(self))))
+
+    def close(self) -> None:
+        """Unmap every open stack (reading again reopens them)."""
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _from_locations(locations: Sequence[Tuple[str, int]], meta_path: str, field: str,
+                    pixel_size_angstrom: Optional[float]) -> ImageSource:
+    """Build a source from ``(file, index)`` pairs, validating every referenced stack."""
+    files: List[str] = []
+    file_ids = {}
+    file_of = np.empty(len(locations), dtype=np.int64)
+    index = np.empty(len(locations), dtype=np.int64)
+    for i, (name, k) in enumerate(locations):
+        if name not in file_ids:
+            file_ids[name] = len(files)
+            files.append(name)
+        file_of[i], index[i] = file_ids[name], k
+    if not files:
+        raise InputError(meta_path, field, "no particles listed")
+    headers = [_stack_header(f, meta_path, field) for f in files]
+    sizes = {h[1] for h in headers}
+    if len(sizes) != 1:
+        raise InputError(meta_path, field, f"stacks have different image sizes {sorted(sizes)}")
+    counts = np.array([h[0] for h in headers])
+    bad = np.nonzero((index < 0) | (index >= counts[file_of]))[0]
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(meta_path, field, f"particle {i + 1} asks for image {index[i] + 1} of "
+                         f"{files[file_of[i]]}, which holds {counts[file_of[i]]} images")
+    if pixel_size_angstrom is None and headers[0][2] > 0:
+        pixel_size_angstrom = headers[0][2]
+    return ImageSource(files, file_of, index, sizes.pop(), pixel_size_angstrom)
+
+
+def _read_txt(path: str, datadir: Optional[PathLike]) -> List[str]:
+    base = os.path.dirname(os.path.abspath(path)) if datadir is None else os.fspath(datadir)
+    with open(path, "r", encoding="utf-8") as handle:
+        lines = [line.strip() for line in handle]
+    return [os.path.abspath(os.path.join(base, line)) for line in lines if line and not line.startswith("#")]
+
+
+def open_particles(path: PathLike, datadir: Optional[PathLike] = None) -> ImageSource:
+    """Open particle images lazily.
+
+    Parameters
+    ----------
+    path : str or path-like
+        ``.mrcs`` / ``.mrc`` stack; ``.txt`` list of stacks (one per line, relative to the
+        ``.txt`` or to ``datadir``); ``.star`` (``rlnImageName``); ``.cs`` (``blob/path``,
+        ``blob/idx``).
+    datadir : str or path-like, optional
+        Directory to resolve relative stack paths of ``.txt``/``.star``/``.cs`` against.
+
+    Raises
+    ------
+    InputError
+        Unknown extension, missing or unreadable stack, non-square images, or an index
+        beyond the end of its stack (naming the metadata file and field).
+    """
+    path = require_file(path, "particle file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".mrcs", ".mrc", ".st", ".map"):
+        n, box, apix = _stack_header(path, None, None)
+        return ImageSource([os.path.abspath(path)], np.zeros(n, np.int64), np.arange(n), box,
+                           apix if apix > 0 else None)
+    if ext == ".txt":
+        stacks = _read_txt(path, datadir)
+        locations = []
+        for stack in stacks:
+            n = _stack_header(stack, path, None)[0]
+            locations.extend((stack, k) for k in range(n))
+        return _from_locations(locations, path, None, None)
+    if ext == ".star":
+        from cryoformer.io.star import image_locations, read_star, star_pixel_size
+
+        star = read_star(path)
+        try:
+            apix = float(star_pixel_size(star)[0])
+        except InputError:
+            apix = None
+        return _from_locations(image_locations(star, datadir), star.path, "_rlnImageName", apix)
+    if ext == ".cs":
+        from cryoformer.io.cryosparc import cs_image_locations, read_cs
+
+        cs = read_cs(path)
+        apix = float(cs["blob/psize_A"][0]) if "blob/psize_A" in cs.dtype.names and len(cs) else None
+        return _from_locations(cs_image_locations(cs, datadir, cs_path=path), path, "blob/path", apix)
+    raise InputError(path, None, f"unknown particle file extension {ext!r} (expected .mrcs, .mrc, .txt, .star or .cs)")
+
+
+class StackWriter:
+    """Write an ``[n, D, D]`` float32 MRC stack chunk by chunk, atomically.
+
+    The stack is memory-mapped on a temporary name beside ``path`` and renamed onto ``path``
+    when the ``with`` block ends without error and every image was written; otherwise the
+    temporary file is removed and ``path`` is untouched.
+
+    Examples
+    --------
+    >>> with StackWriter("out.mrcs", n_images=len(src), box_size=D, pixel_size_angstrom=1.3) as w:
+    ...     for start, chunk in src.chunks():
+    ...         w.write(chunk, start)
+    """
+
+    def __init__(self, path: PathLike, n_images: int, box_size: int, pixel_size_angstrom: float):
+        if n_images < 1 or box_size < 1:
+            raise ValueError("n_images and box_size must be positive")
+        self.path = os.fspath(path)
+        self.n_images, self.box_size = int(n_images), int(box_size)
+        self.pixel_size_angstrom = float(pixel_size_angstrom)
+        self._written = np.zeros(self.n_images, dtype=bool)
+        self._next = 0
+        self._stats = [np.inf, -np.inf, 0.0, 0.0]  # min, max, sum, sum of squares (float64)
+
+    def __enter__(self) -> "StackWriter":
+        self._atomic = atomic_path(self.path, suffix=os.path.splitext(self.path)[1])
+        tmp = self._atomic.__enter__()
+        try:
+            self._mrc = mrcfile.new_mmap(tmp, shape=(self.n_images, self.box_size, self.box_size),
+                                         mrc_mode=2, overwrite=True)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, images: np.ndarray, start: Optional[int] = None) -> None:
+        """Write ``images`` ``[k, D, D]`` at ``start`` (default: after the previous write)."""
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim == 2:
+            images = images[None]
+        start = self._next if start is None else int(start)
+        stop = start + images.shape[0]
+        if images.shape[1:] != (self.box_size, self.box_size) or start < 0 or stop > self.n_images:
+            raise ValueError(f"cannot write images of shape {images.shape} at {start} into a stack of "
+                             f"{self.n_images}×{self.box_size}×{self.box_size}")
+        self._mrc.data[start:stop] = images
+        self._written[start:stop] = True
+        self._next = stop
+        if images.size:
+            s = self._stats
+            s[0], s[1] = min(s[0], float(images.min())), max(s[1], float(images.max()))
+            s[2] += float(images.sum(dtype=np.float64))
+            s[3] += float(np.square(images, dtype=np.float64).sum())
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None and not self._written.all():
+                missing = int((~self._written).sum())
+                raise RuntimeError(f"{self.path}: {missing} of {self.n_images} images were never written")
+            if exc_type is None:
+                self._finish_header()
+            self._mrc.close()
+        except BaseException:
+            self._mrc.close()
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        # Renames on success; on error removes the temporary file and re-raises the exception.
+        return bool(self._atomic.__exit__(exc_type, exc, tb))
+
+    def _finish_header(self) -> None:
+        # Statistics come from the running sums: recomputing them would read the whole stack.
+        h = self._mrc.header
+        count = self.n_images * self.box_size * self.box_size
+        mean = self._stats[2] / count
+        h.dmin, h.dmax, h.dmean = self._stats[0], self._stats[1], mean
+        h.rms = float(np.sqrt(max(self._stats[3] / count - mean * mean, 0.0)))
+        # ispg 0 (a stack of 2-D images, as RELION writes .mrcs) before the voxel size, which
+        # sets the cell from mx, my, mz and set_image_stack changes mz.
+        self._mrc.set_image_stack()
+        self._mrc.voxel_size = self.pixel_size_angstrom
+        self._mrc.flush()
+
+
+def write_stack(path: PathLike, images: np.ndarray, pixel_size_angstrom: float) -> None:
+    """Write ``images`` ``[n, D, D]`` as a float32 MRC stack atomically."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be [n, D, D], got shape {images.shape}")
+    with StackWriter(path, images.shape[0], images.shape[1], pixel_size_angstrom) as writer:
+        for start in range(0, images.shape[0], 4096):
+            writer.write(images[start:start + 4096], start)
