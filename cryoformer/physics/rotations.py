@@ -83,12 +83,13 @@ def matrix_to_euler_relion(R: torch.Tensor) -> torch.Tensor:
     -------
     torch.Tensor
         ``[..., 3]`` ``(rot, tilt, psi)`` in degrees, ``tilt ∈ [0, 180]``, ``rot, psi ∈
-        (-180, 180]``. At gimbal lock (``sin(tilt)`` below ``sqrt(eps)`` of the dtype) only
+        [-180, 180]``. At gimbal lock (``sin(tilt)`` below ``sqrt(eps)`` of the dtype) only
         ``rot + psi`` (tilt 0) or ``psi - rot`` (tilt 180) is defined; ``rot = 0`` is returned
         there, as RELION's ``Euler_matrix2angles`` does.
     """
     R = _as_float_tensor(R)
-    sb = torch.hypot(R[..., 0, 2], R[..., 1, 2])  # |sin tilt|; tilt ∈ [0, π] makes it ≥ 0
+    # |sin tilt| (tilt ∈ [0, π] makes it ≥ 0); the clamp keeps the sqrt's gradient finite at 0.
+    sb = torch.sqrt((R[..., 0, 2] ** 2 + R[..., 1, 2] ** 2).clamp(min=torch.finfo(R.dtype).tiny))
     tilt = torch.atan2(sb, R[..., 2, 2])
     # Below sqrt(eps) the generic formulas divide rounding noise by sin(tilt); the
     # gimbal-lock formulas are then more accurate (their error is O(sin tilt)).
