@@ -44,7 +44,7 @@ def run(args) -> int:
         with tqdm(total=n, desc="downsample", unit="img") as bar:
             for start, chunk in source.chunks(args.chunk_size):
                 small = fourier_crop(torch.from_numpy(chunk), args.box)  # [n, box, box]
-                writer.write(start, small.numpy())
+                writer.write(small.numpy(), start)
                 bar.update(chunk.shape[0])
     print(f"wrote {n} images {D}→{args.box} px ({apix:.4g} Å/px) to {args.out}")
     return 0

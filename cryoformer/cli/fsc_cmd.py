@@ -28,11 +28,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    import numpy as np
-
-    from cryoformer.io.atomic import atomic_open
     from cryoformer.io.mrc import read_volume
-    from cryoformer.metrics.fsc import au_fsc, fsc, plot_fsc, resolution_at
+    from cryoformer.metrics.fsc import FscResult, plot_fsc
 
     vol_a, apix_a = read_volume(args.map_a)
     vol_b, _ = read_volume(args.map_b)
@@ -48,22 +45,13 @@ def run(args) -> int:
     apix = args.Apix or apix_a
     if not apix or apix <= 0:
         raise InputError(args.map_a, "voxel size", "header has no voxel size; pass --Apix")
-    freq, curve = fsc(vol_a, vol_b, mask=mask)
-    freq, curve = np.asarray(freq), np.asarray(curve)
-    res05 = resolution_at(freq, curve, 0.5, apix)
-    res0143 = resolution_at(freq, curve, 0.143, apix)
-    area = au_fsc(freq, curve)
-    with atomic_open(args.out, "w") as fh:
-        fh.write(f"# FSC {args.map_a} vs {args.map_b}; pixel size {apix:g} A\n")
-        fh.write("# frequency_cycles_per_px  resolution_angstrom  fsc\n")
-        for f, c in zip(freq, curve):
-            res = f"{apix / f:.4f}" if f > 0 else "inf"
-            fh.write(f"{f:.6f} {res} {c:.6f}\n")
-    print(f"FSC=0.5:   {res05:.2f} Å")
-    print(f"FSC=0.143: {res0143:.2f} Å")
-    print(f"AU-FSC:    {area:.4f}")
-    print(f"curve: {args.out}")
+    result = FscResult.compute(vol_a, vol_b, apix, mask=mask, label=f"{args.map_a} vs {args.map_b}")
+    result.to_text(args.out)
+    print(f"FSC=0.5:   {result.resolution(0.5):.2f} Å")
+    print(f"FSC=0.143: {result.resolution(0.143):.2f} Å")
+    print(f"AU-FSC:    {result.au_fsc:.4f}")
+    print(f"curve: {args.out}  (columns: frequency in cycles/px, FSC)")
     if args.plot and args.plot.lower() != "none":
-        plot_fsc(freq, curve, args.plot, pixel_size_angstrom=apix, label=f"{args.map_a} vs {args.map_b}")
+        plot_fsc(result, args.plot)
         print(f"plot:  {args.plot}")
     return 0

@@ -227,7 +227,7 @@ def render_particle_stack(
                 noise = noise_std * torch.randn(signal.shape, generator=gen)  # [n, D, D]
                 noise_sq += float((noise.double() ** 2).sum())
                 signal = signal + noise
-            writer.write(start, signal.numpy())
+            writer.write(signal.numpy(), start)
             bar.update(sl.stop - sl.start)
     bar.close()
     measured_snr = None

@@ -60,36 +60,41 @@ def maps_from_volumes(paths: Sequence[str]) -> StateMaps:
     return StateMaps(np.stack(vols), float(apix0), f"volumes: {', '.join(map(str, paths))}")
 
 
-def _render_states(states, box_size, pixel_size_angstrom, bfactor_angstrom2):
-    """Render ``[(positions, elements), ...]`` centred on the first state's centroid."""
-    from cryoformer.simulation.density import atoms_to_volume
+def _render_states(states, box_size, pixel_size_angstrom, bfactor_angstrom2, centre: bool = True):
+    """Render ``[(positions, elements), ...]`` with one common centring (the first state's centroid).
 
-    centre = states[0][0].mean(axis=0)
-    vols = [
-        atoms_to_volume(pos - centre, el, box_size, pixel_size_angstrom, bfactor_angstrom2=bfactor_angstrom2)
+    Returns the ``[K, D, D, D]`` maps and the motion map between the first and last state
+    (``None`` when the atoms of those states do not correspond one to one).
+    """
+    from cryoformer.simulation.density import atoms_to_volume, displacement_map
+
+    # One offset for all states, so the motion between states is kept.
+    offset = states[0][0].mean(axis=0) if centre else np.zeros(3)
+    vols = np.stack([
+        atoms_to_volume(pos - offset, el, box_size, pixel_size_angstrom, bfactor_angstrom2=bfactor_angstrom2)
         for pos, el in states
-    ]
-    return np.stack(vols).astype(np.float32)
+    ]).astype(np.float32)
+    (first, elements), (last, _) = states[0], states[-1]
+    motion = None
+    if len(states) > 1 and first.shape == last.shape:
+        motion = displacement_map(first - offset, last - offset, elements, box_size, pixel_size_angstrom,
+                                  bfactor_angstrom2=bfactor_angstrom2)
+    return vols, motion
 
 
 def maps_from_atomic_models(
     paths: Sequence[str], box_size: int, pixel_size_angstrom: float, bfactor_angstrom2: float = 20.0
 ) -> StateMaps:
     """One state per model file (or per model of a single multi-model file)."""
-    import gemmi
-
-    from cryoformer.simulation.density import read_atomic_model
+    from cryoformer.simulation.density import read_atomic_model, read_atomic_models
 
     _check_box(box_size, pixel_size_angstrom)
-    states = []
     if len(paths) == 1:
-        n_models = len(gemmi.read_structure(str(paths[0])))
-        states = [read_atomic_model(paths[0], model_index=i) for i in range(n_models)]
+        states = read_atomic_models(paths[0])
     else:
         states = [read_atomic_model(p) for p in paths]
-    vols = _render_states(states, box_size, pixel_size_angstrom, bfactor_angstrom2)
-    return StateMaps(vols, pixel_size_angstrom, f"atomic models: {', '.join(map(str, paths))}",
-                     _displacement_map(states, box_size, pixel_size_angstrom))
+    vols, motion = _render_states(states, box_size, pixel_size_angstrom, bfactor_angstrom2)
+    return StateMaps(vols, pixel_size_angstrom, f"atomic models: {', '.join(map(str, paths))}", motion)
 
 
 def maps_from_trajectory(
@@ -106,9 +111,10 @@ def maps_from_trajectory(
 
     _check_box(box_size, pixel_size_angstrom)
     states = load_trajectory_states(topology, trajectory, n_states=n_states, selection=selection)
-    vols = _render_states(states, box_size, pixel_size_angstrom, bfactor_angstrom2)
+    # load_trajectory_states has already aligned and centred the frames on frame 0.
+    vols, motion = _render_states(states, box_size, pixel_size_angstrom, bfactor_angstrom2, centre=False)
     return StateMaps(vols, pixel_size_angstrom, f"trajectory: {topology} {trajectory or ''} ({n_states} states)",
-                     _displacement_map(states, box_size, pixel_size_angstrom))
+                     motion)
 
 
 def maps_from_hinged_molecule(n_states: int, box_size: int, pixel_size_angstrom: float) -> StateMaps:
@@ -121,21 +127,6 @@ def maps_from_hinged_molecule(n_states: int, box_size: int, pixel_size_angstrom:
     motion = motion_map(box_size, pixel_size_angstrom, cfg)
     return StateMaps(np.asarray(vols, np.float32), pixel_size_angstrom,
                      f"embedded hinged molecule ({n_states} states)", motion)
-
-
-def _displacement_map(states, box_size, pixel_size_angstrom) -> Optional[np.ndarray]:
-    """Per-voxel atom displacement (Å) between first and last state, when atoms correspond."""
-    first, last = states[0][0], states[-1][0]
-    if len(states) < 2 or first.shape != last.shape:
-        return None
-    disp = np.linalg.norm(last - first, axis=1)  # [N_atoms] Å
-    centre = first.mean(axis=0)
-    idx = np.rint((first - centre) / pixel_size_angstrom).astype(int) + box_size // 2  # [N_atoms, 3] (x,y,z)
-    keep = np.all((idx >= 0) & (idx < box_size), axis=1)
-    out = np.zeros((box_size,) * 3, np.float32)
-    # Max displacement of the atoms falling in each voxel, indexed [z, y, x].
-    np.maximum.at(out, (idx[keep, 2], idx[keep, 1], idx[keep, 0]), disp[keep].astype(np.float32))
-    return out
 
 
 def _check_box(box_size: int, pixel_size_angstrom: float) -> None:
