@@ -103,9 +103,10 @@ def run(args) -> int:
     freq, curve = fsc(maps.volumes[0], maps.volumes[-1])
     freq, curve = np.asarray(freq), np.asarray(curve)
     res05 = resolution_at(freq, curve, 0.5, args.Apix)
-    moving = (maps.motion_map > 1.0).mean() if maps.motion_map is not None else float("nan")
+    support = maps.volumes.max(axis=0) > 0.05 * maps.volumes.max()  # voxels the molecule ever occupies
+    moving = (maps.motion_map[support] > 5.0).mean()
     print(f"      FSC(state 0, state 9) = 0.5 at {res05:.1f} Å (Nyquist {2 * args.Apix:.1f} Å); "
-          f"{100 * moving:.1f} % of the box moves by more than 1 Å")
+          f"{100 * moving:.0f} % of the molecule's voxels move by more than 5 Å")
     figure = os.path.join(args.outdir, "overview.png")
     _overview_figure(figure, maps.volumes, particles, (freq, curve), args.Apix, res05)
 
