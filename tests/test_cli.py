@@ -205,3 +205,35 @@ def test_debug_shows_traceback(tmp_path, capsys):
     rc = main(["fsc", str(tmp_path / "a.mrc"), str(tmp_path / "b.mrc"), "--debug"])
     assert rc == EXIT_INPUT_ERROR
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def hinged_pdb(tmp_path_factory):
+    """The hinged molecule at three hinge angles as a multi-model PDB (a tiny 'trajectory')."""
+    from cryoformer.simulation.hinged import hinged_molecule_structure
+
+    path = tmp_path_factory.mktemp("pdb") / "hinged.pdb"
+    hinged_molecule_structure([0.0, 0.5, 1.0]).write_pdb(str(path))
+    return path
+
+
+def test_simulate_from_atomic_model(hinged_pdb, tmp_path):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--atomic-model", str(hinged_pdb), "-o", str(out), "-n", "16", "-D", "32",
+                 "--Apix", "5", "--snr", "inf", "--no-ctf"]) == 0
+    maps = [read_volume(out / "gt" / f"state_{k:03d}.mrc")[0] for k in range(3)]
+    # Same atoms in every model: the total scattering potential is conserved, the shape is not.
+    assert maps[0].sum() == pytest.approx(maps[2].sum(), rel=1e-3)
+    assert np.abs(maps[0] - maps[2]).max() > 0.1 * maps[0].max()
+    motion = read_volume(out / "gt" / "motion.mrc")[0]
+    assert motion.max() > 20.0  # the arm tip swings by tens of Å
+    assert not (out / "ctf.pkl").exists()
+
+
+def test_simulate_from_trajectory(hinged_pdb, tmp_path):
+    pytest.importorskip("MDAnalysis")
+    out = tmp_path / "sim"
+    assert main(["simulate", "--trajectory", str(hinged_pdb), "--n-states", "3", "--selection", "all",
+                 "-o", str(out), "-n", "16", "-D", "32", "--Apix", "5", "--snr", "1"]) == 0
+    labels = np.load(out / "gt" / "state.npy")
+    assert labels.max() <= 2 and (out / "gt" / "state_002.mrc").exists()
