@@ -29,6 +29,11 @@ _COMMAND_MODULES = (
     "cryoformer.cli.parse_ctf_cmd",
     "cryoformer.cli.downsample_cmd",
     "cryoformer.cli.fsc_cmd",
+    "cryoformer.cli.train_cmd",
+    "cryoformer.cli.analyze_cmd",
+    "cryoformer.cli.eval_vol_cmd",
+    "cryoformer.cli.evaluate_cmd",
+    "cryoformer.cli.export_cmd",
     "cryoformer.cli.demo_cmd",
 )
 

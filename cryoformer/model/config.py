@@ -147,10 +147,15 @@ class ModelConfig:
         return self.feature_grid_resolution or self.box_size
 
     def hash_grid_for_box(self) -> HashGridConfig:
-        """Hash-grid config with ``finest_resolution`` filled in (default ``D``, SPEC §3)."""
+        """Hash-grid config with ``finest_resolution`` filled in (default ``D``, SPEC §3).
+
+        For boxes smaller than ``base_resolution`` the finest resolution is the base one
+        (a single-resolution grid), since tcnn's growth factor must be ``≥ 1``.
+        """
         if self.hash_grid.finest_resolution is not None:
             return self.hash_grid
-        return dataclasses.replace(self.hash_grid, finest_resolution=self.box_size)
+        finest = max(self.box_size, self.hash_grid.base_resolution)
+        return dataclasses.replace(self.hash_grid, finest_resolution=finest)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (for checkpoints); inverse of :meth:`from_dict`."""

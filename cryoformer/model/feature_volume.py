@@ -80,13 +80,23 @@ class FeatureVolume(nn.Module):
         """
         dev = next(self.parameters()).device
         pts = grid_points_unit(resolution, device=dev)  # [G³, 3]
-        feats = self.forward(pts, chunk_size=chunk_size)  # [G³, K, C]
+        feats = self(pts, chunk_size=chunk_size)  # [G³, K, C]
         return feats.reshape(resolution, resolution, resolution, self.n_tokens, self.token_dim)
 
     def parameter_version(self) -> tuple:
-        """A key that changes whenever a parameter is replaced or modified in place.
+        """A key that changes whenever a parameter is replaced or modified.
 
-        Optimiser steps and ``load_state_dict`` bump ``Tensor._version``; ``.to()`` replaces
-        the storage (``data_ptr``). Used to invalidate cached feature grids.
+        Storage pointer (``.to()``, re-assignment) and autograd version counter (in-place
+        ops, ``load_state_dict``, most optimisers) — plus a float64 fingerprint (sum and sum
+        of squares) because some updates bypass the version counter: ``Adam(fused=True)``
+        does, as do writes through ``.data``. Costs two reductions over the parameters (about
+        a millisecond for the paper's 2^15-entry tables). Used to invalidate cached grids.
         """
-        return tuple((p.data_ptr(), p._version, p.device.type) for p in self.parameters())
+        params = list(self.parameters())
+        with torch.no_grad():
+            flat = [p.reshape(-1) for p in params]
+            fingerprint = torch.stack([torch.stack([f.sum(dtype=torch.float64),
+                                                    torch.dot(f, f).double()])
+                                       for f in flat]).flatten().tolist()
+        meta = tuple((p.data_ptr(), p._version, str(p.device)) for p in params)
+        return meta + tuple(fingerprint)

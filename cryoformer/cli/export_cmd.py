@@ -1,0 +1,84 @@
+"""``cryoformer export``: chosen particles back to RELION / cryoSPARC / cryoDRGN."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from cryoformer.errors import InputError
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from cryoformer.cli.analyze_cmd import add_run_arguments
+
+    p = sub.add_parser(
+        "export",
+        help="write chosen particles (K-means clusters or a selection) as .star, cryoSPARC index or "
+             "cryoDRGN index",
+        description=(
+            "Choose particles by K-means cluster (from `cryoformer analyze`) or by a selection file "
+            "and write them for another tool. Indices always refer to the ORIGINAL particle stack "
+            "(the run's --ind subset is mapped back). star: a RELION file; when the training input "
+            "(or --particles-star) is a .star its rows are copied verbatim, every column kept, else "
+            "a RELION 3.1 file is written from the run's poses (origins in Å), CTF and stack (pixel "
+            "size in Å/px). cs-index: a .npy of 0-based indices, plus the filtered .cs when the "
+            "input (or --particles-cs) is a .cs. pkl: a cryoDRGN index pickle for --ind."
+        ),
+    )
+    add_run_arguments(p, device=False)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--clusters", help="comma-separated K-means cluster ids, e.g. 1,3")
+    which.add_argument("--selection", help="rows of the run's particles (order of z.npy): .npy of int "
+                                           "indices or a bool mask, or a cryoDRGN .pkl")
+    p.add_argument("--format", required=True, choices=("star", "cs-index", "pkl"), help="output format")
+    p.add_argument("--particles-star", help="RELION .star of the original particles to copy rows from")
+    p.add_argument("--particles-cs", help="cryoSPARC .cs of the original particles to filter")
+    p.add_argument("-o", "--out", required=True, help="output file (.star, .npy or .pkl)")
+    return p
+
+
+def _rows(args, n_particles: int):
+    import numpy as np
+
+    from cryoformer.analysis.analyze import analysis_dir
+    from cryoformer.analysis.export import load_selection, select_clusters
+
+    if args.selection:
+        return load_selection(args.selection, n_particles)
+    try:
+        clusters = [int(c) for c in args.clusters.replace(" ", "").split(",") if c]
+    except ValueError as exc:
+        raise InputError(None, "--clusters", f"expected comma-separated integers, got {args.clusters!r}") from exc
+    if not clusters:
+        raise InputError(None, "--clusters", "no cluster given")
+    path = os.path.join(analysis_dir(args.run_dir, args.epoch), "kmeans_labels.npy")
+    if not os.path.isfile(path):
+        raise InputError(path, None, "no K-means labels; run `cryoformer analyze "
+                         f"{args.run_dir}{'' if args.epoch is None else f' --epoch {args.epoch}'}` first")
+    labels = np.load(path, allow_pickle=False)
+    if labels.shape != (n_particles,):
+        raise InputError(path, None, f"{labels.size} labels but the run has {n_particles} particles; "
+                         "re-run `cryoformer analyze`")
+    return select_clusters(labels, clusters, path)
+
+
+def run(args) -> int:
+    from cryoformer.analysis.export import export_run
+    from cryoformer.cli.analyze_cmd import open_run
+
+    if args.particles_star and args.particles_cs:
+        raise InputError(None, "--particles-star", "give --particles-star or --particles-cs, not both")
+    source = args.particles_star or args.particles_cs
+    if args.particles_star and args.format != "star":
+        raise InputError(None, "--particles-star", "only used with --format star")
+    if args.particles_cs and args.format != "cs-index":
+        raise InputError(None, "--particles-cs", "only used with --format cs-index")
+    if source and not os.path.isfile(source):
+        raise InputError(source, None, "file does not exist")
+    loaded = open_run(args)
+    rows = _rows(args, len(loaded.particle_indices))
+    if rows.size == 0:
+        raise InputError(args.selection, "--clusters" if args.clusters else None, "selects no particles")
+    info = export_run(loaded, rows, args.format, args.out, source)
+    print(f"exported {info['n_particles']} particles ({info['how']}): {', '.join(info['files'])}")
+    return 0

@@ -1,0 +1,166 @@
+"""``cryoformer train``: train a CryoFormer model on particles with poses and CTF.
+
+Multi-GPU / multi-node: ``torchrun --nproc_per_node=K -m cryoformer train ...`` (the global
+batch size stays ``--batch-size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import sys
+
+from cryoformer.errors import InputError
+
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+def _defaults() -> dict:
+    from cryoformer.trainer.config import TrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)
+            if f.default is not dataclasses.MISSING}
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from cryoformer.model import PRESETS
+    from cryoformer.trainer.config import DEFAULT_PRESET
+
+    d = _defaults()
+    p = sub.add_parser(
+        "train",
+        help="train a CryoFormer model (heterogeneous reconstruction) on particles with poses and CTF",
+        description=(
+            "Train on particle images with given poses (and CTF), writing a run directory: "
+            "config.yaml, log.csv, checkpoints/epoch_XXX.pt and last.pt, latents/epoch_XXX.npy "
+            "([N, zdim] mean latents), and poses/epoch_XXX.pkl with --refine-poses. Images are "
+            "read memory-mapped. Ctrl-C or SIGTERM stops after the current step with a checkpoint; "
+            "--resume continues. Several GPUs/nodes: torchrun --nproc_per_node=K -m cryoformer train ..."
+        ),
+    )
+    p.add_argument("particles", nargs="?",
+                   help="particles: .mrcs/.mrc stack, .txt list of stacks, RELION .star or cryoSPARC .cs "
+                        "(optional with --resume)")
+    p.add_argument("-o", "--outdir", required=True, help="run directory to write")
+    p.add_argument("--poses", help="poses .pkl (cryoDRGN)/.star/.cs; shifts in px (default: PARTICLES if .star/.cs)")
+    p.add_argument("--ctf", help="CTF .pkl/.star/.cs (default: PARTICLES if .star/.cs, else no CTF)")
+    p.add_argument("--datadir", help="directory of the stacks named in a .txt/.star/.cs")
+    p.add_argument("--ind", help="subset: .npy/.pkl of 0-based particle indices")
+    p.add_argument("--uninvert-data", dest="invert_data", action="store_false", default=None,
+                   help="do not multiply images by -1. By default images are inverted, as RELION/cryoSPARC "
+                        "particles (and `cryoformer simulate --contrast relion`) are -(projection*CTF); "
+                        "use this flag for cryoDRGN-convention data (+projection*CTF) and for CTF-free "
+                        "images with positive (white) density")
+    p.add_argument("--box", dest="box_size", type=int,
+                   help="train at this box size in px (even, <= D), Fourier-cropping on the fly; shifts and "
+                        "the CTF pixel size (Å/px) are rescaled (default: the stack's D)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"training epochs (default {d['epochs']})")
+    g.add_argument("-b", "--batch-size", type=int,
+                   help=f"global batch size in images, split over DDP processes (default {d['batch_size']})")
+    g.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d['lr']:g})")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d['weight_decay']:g})")
+    g.add_argument("--kl-weight", type=float,
+                   help=f"KL weight (per image / D² px) for --variational models (default {d['kl_weight']:g})")
+    g.add_argument("--seed", type=int, help=f"random seed (default {d['seed']})")
+    g.add_argument("--max-minutes", type=float,
+                   help="wall-clock budget in minutes; stops cleanly with a checkpoint and latents")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto (default): CUDA when available")
+    g.add_argument("--num-workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=None,
+                   help="no bf16 autocast on CUDA (never used on CPU)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in -o from checkpoints/last.pt (same data/options; "
+                        "--epochs, --max-minutes, --device, --num-workers may change)")
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", choices=sorted(PRESETS), help=f"architecture preset (default {DEFAULT_PRESET})")
+    m.add_argument("--zdim", type=int, help="latent dimension (default 8)")
+    m.add_argument("--feature-grid", type=int, metavar="G",
+                   help="evaluate the spatial features F_S on a G³ grid (px of the training box) and "
+                        "upsample; smaller is faster (default: the trainer's tuned value)")
+    m.add_argument("--variational", action="store_true", default=None,
+                   help="variational latent (KL term, as cryoDRGN) instead of a deterministic one")
+    r = p.add_argument_group("pose refinement (paper §3.2)")
+    r.add_argument("--refine-poses", action="store_true", default=None,
+                   help="learn poses with the orientation encoder: pose-only pre-training, then image "
+                        "loss + λ·pose loss; refined poses go to RUN/poses/epoch_XXX.pkl")
+    r.add_argument("--pose-pretrain-epochs", type=int,
+                   help=f"passes of pose-only pre-training (default {d['pose_pretrain_epochs']})")
+    r.add_argument("--pose-weight", type=float, help=f"λ, weight of the pose loss (default {d['pose_weight']:g})")
+    r.add_argument("--pose-search", action="store_true", default=None,
+                   help="refine poses by local projection matching against the model's own volumes "
+                        "after each epoch (coarse-to-fine rotations 0.08→0.01 rad, shifts 0.5→0.06 px); "
+                        "training continues at the refined poses. Works on a CPU budget, unlike the "
+                        "orientation encoder; exclusive with --refine-poses")
+    r.add_argument("--pose-search-start", type=int,
+                   help=f"first epoch after which --pose-search runs (default {d['pose_search_start']})")
+    r.add_argument("--gt-poses", help="ground-truth poses (.pkl/.star/.cs) to log rotation (rad) and shift "
+                                      "(px) errors per epoch; never used for training")
+    return p
+
+
+_TRAIN_FIELDS = ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_poses", "box_size",
+                 "invert_data", "epochs", "batch_size", "lr", "weight_decay", "kl_weight", "seed",
+                 "max_minutes", "device", "num_workers", "refine_poses", "pose_pretrain_epochs",
+                 "pose_weight", "pose_search", "pose_search_start", "amp")
+_MODEL_OPTIONS = ("preset", "zdim", "feature_grid", "variational")
+
+
+def build_configs(args):
+    """``(TrainConfig, ModelConfig or None)`` from parsed arguments; None = from the checkpoint."""
+    from cryoformer.trainer import outputs
+    from cryoformer.trainer.checkpoint import load_checkpoint
+    from cryoformer.trainer.config import TrainConfig, default_model_config
+
+    given = {k: getattr(args, k) for k in _TRAIN_FIELDS if getattr(args, k) is not None}
+    if args.resume:
+        if any(getattr(args, k) is not None for k in _MODEL_OPTIONS):
+            raise InputError(None, "--resume", "model options (--preset, --zdim, --feature-grid, "
+                             "--variational) come from the run being resumed and cannot be given")
+        saved = load_checkpoint(outputs.last_checkpoint(os.path.abspath(args.outdir)))["train_config"]
+        saved.update(given)
+        return TrainConfig.from_dict(saved), None
+    if args.particles is None:
+        raise InputError(None, "PARTICLES", "the particle file is required (unless --resume)")
+    config = TrainConfig(**given)
+    from cryoformer.io.particles import open_particles
+
+    box = config.box_size or open_particles(config.particles, datadir=config.datadir).box_size
+    overrides = {}
+    if args.feature_grid is not None:
+        overrides["feature_grid_resolution"] = args.feature_grid
+    if args.variational:
+        overrides["variational"] = True
+    kwargs = {"zdim": args.zdim} if args.zdim is not None else {}
+    if args.preset is not None:
+        kwargs["preset"] = args.preset
+    if box % 2 or box < 8:
+        raise InputError(config.particles, "box size", f"training box must be even and >= 8, got {box}")
+    return config, default_model_config(box, refine_poses=config.refine_poses, **kwargs, **overrides)
+
+
+def run(args) -> int:
+    from cryoformer.trainer import TrainingDiverged, train
+
+    config, model_config = build_configs(args)
+    command = " ".join(shlex.quote(a) for a in ["cryoformer"] + sys.argv[1:])
+    try:
+        result = train(config, model_config, resume=args.resume, command_line=command)
+    except TrainingDiverged as err:
+        print(f"cryoformer train: error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
+        return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
+    where = f"{result.run_dir} (last epoch with outputs: {result.epoch}, {result.step} steps)"
+    if result.stopped == "interrupted":
+        print(f"cryoformer train: interrupted; checkpoint written, continue with --resume: {where}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if result.stopped == "time":
+        print(f"stopped at the --max-minutes budget; continue with --resume: {where}")
+        return 0
+    print(f"training finished: {where}")
+    return 0

@@ -1,0 +1,300 @@
+"""The CryoFormer network (paper Fig. 1): encoders, feature volume, transformer, renderer.
+
+Training forward pass (images → predicted images)::
+
+    z        = DeformationEncoder(image)                  # [B, zdim]       §3.2
+    F_D      = DeformationTokens(z)                       # [B, M, C]
+    Q'       = DeformationTransformer.condition(F_D)      # [B, N, C]       §3.4 (DDB)
+    σ̂(x)     = head(GetQuery_{Q'}(x), F_S(x))            # eq. 5, F_S = V_Θ(x) (eq. 3)
+    Î        = CTF ⋆ shift(Σ_z σ̂(R̂ᵀ p))                  # eq. 6
+
+Decoding needs only ``z`` (paper §3.2 footnote): :meth:`CryoFormer.decode_volume`. ``F_S`` on
+the decoding grid does not depend on ``z`` and is cached, so decoding many latents runs only
+the decoder blocks (``N`` queries) and the per-voxel head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .deformation_transformer import DeformationTransformer
+from .encoders import DeformationEncoder, DeformationTokens, OrientationEncoder
+from .feature_volume import FeatureVolume
+from .renderer import make_renderer
+from .sampling import (grid_unit_coords, interpolation_matrix, pixel_to_unit,
+                       resolution_ratio_grid, sample_block_volume, separable_resample)
+
+
+class CryoFormer(nn.Module):
+    """CryoFormer model; also the density *field* its renderers evaluate.
+
+    Parameters
+    ----------
+    config : ModelConfig
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.box_size = config.box_size
+        self.feature_volume = FeatureVolume(config.hash_grid_for_box(), config.n_spatial_tokens,
+                                            config.token_dim, config.feature_mlp_hidden,
+                                            backend=config.hash_backend)
+        self.deformation_encoder = DeformationEncoder(
+            config.box_size, config.zdim, config.encoder_hidden, config.encoder_layers,
+            config.variational, config.image_normalisation)
+        self.orientation_encoder = (
+            OrientationEncoder(config.box_size, config.encoder_hidden, config.encoder_layers,
+                               config.image_normalisation)
+            if config.use_orientation_encoder else None)
+        self.deformation_tokens = DeformationTokens(config.zdim, config.n_deformation_tokens,
+                                                    config.token_dim)
+        self.transformer = DeformationTransformer(config)
+        self.renderer = make_renderer(config.renderer, config.box_size)
+        self._feature_cache: dict[str, Any] = {}
+        # Voxels per chunk of the grid evaluator (bounds temporary memory); None picks 2^18
+        # on CPU (cache-sized) and 2^22 on GPUs (a 128³ decode in two launches' worth).
+        self.chunk_points: int | None = None
+
+    # ------------------------------------------------------------------ conditioning
+    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Deformation encoding: images [B, D, D] → dict(z, mu, logvar), each [B, zdim]."""
+        return self.deformation_encoder(images)
+
+    def conditioned_queries(self, z: torch.Tensor) -> torch.Tensor:
+        """Structure queries after the decoder blocks: z [B, zdim] → [B, N, C]."""
+        return self.transformer.condition(self.deformation_tokens(z))
+
+    def query_table(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-block table read by ``GetQuery``: z [B, zdim] → [B, n, n, n, T]."""
+        return self.transformer.query_table(self.conditioned_queries(z))
+
+    # ------------------------------------------------------------------ field protocol
+    def density_at_points(self, points_px: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Density at arbitrary points (direct renderer).
+
+        Parameters
+        ----------
+        points_px : Tensor [B, P, 3]
+            ``(x, y, z)`` in pixels relative to the box centre.
+        table : Tensor [B, n, n, n, T]
+            From :meth:`query_table`.
+
+        Returns
+        -------
+        Tensor [B, P]
+        """
+        u = pixel_to_unit(points_px, self.box_size)  # [B, P, 3]
+        feats = self.feature_volume(u)  # [B, P, K, C]
+        q = sample_block_volume(table, u, self.config.get_query)  # [B, P, T]
+        return self.transformer.density(q, feats)[0]
+
+    def density_on_grid(self, table: torch.Tensor, resolution: int,
+                        voxel_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Density on the voxels of a ``resolution³`` grid spanning the box (canonical renderer).
+
+        Returns
+        -------
+        Tensor [B, S] (``S`` = ``len(voxel_index)`` or ``resolution³``)
+        """
+        return self._grid_eval(table, resolution, voxel_index, want_weights=False)[0]
+
+    # ------------------------------------------------------------------ grid evaluation
+    def feature_grid(self, resolution: int, use_cache: bool) -> torch.Tensor:
+        """``F_S`` on a ``resolution³`` grid, ``[G, G, G, K·C]``; cached when ``use_cache``.
+
+        The cache key is :meth:`FeatureVolume.parameter_version` (storage pointers, version
+        counters and a fingerprint of the values), so an optimiser step (fused ones
+        included), ``load_state_dict`` or ``.to()`` invalidates it; ``train()``/``eval()``
+        and :meth:`invalidate_cache` clear it too. One resolution is cached at a time.
+        """
+        chunk = self._chunk(next(self.parameters()).device)
+        if not use_cache:
+            return self.feature_volume.on_grid(resolution, chunk).flatten(-2)
+        key = (resolution, self.feature_volume.parameter_version())
+        if self._feature_cache.get("key") != key:
+            with torch.no_grad():
+                grid = self.feature_volume.on_grid(resolution, chunk).flatten(-2)
+            self._feature_cache = {"key": key, "grid": grid}
+        return self._feature_cache["grid"]
+
+    def _chunk(self, device: torch.device) -> int:
+        return self.chunk_points or (1 << 22 if device.type == "cuda" else 1 << 18)
+
+    def invalidate_cache(self) -> None:
+        """Drop the cached feature grid (frees its memory; the next decode rebuilds it)."""
+        self._feature_cache = {}
+
+    def train(self, mode: bool = True) -> "CryoFormer":
+        self.invalidate_cache()
+        return super().train(mode)
+
+    def _grid_eval(self, table: torch.Tensor, resolution: int,
+                   voxel_index: torch.Tensor | None, want_weights: bool,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head on grid voxels, in z-slabs; returns density [B, S] and weights [B, S, K]."""
+        cfg = self.config
+        b, n, t = table.shape[0], table.shape[1], table.shape[-1]
+        r = resolution
+        g = resolution_ratio_grid(cfg.box_size, r, cfg.grid_resolution)
+        # F_S does not depend on the image: with gradients it is computed once per call and
+        # shared by the batch; without (decoding, evaluation) it comes from the cache.
+        feats = self.feature_grid(g, use_cache=not torch.is_grad_enabled())  # [G³ grid, K·C]
+        kc = feats.shape[-1]
+        u = grid_unit_coords(r, device=table.device)
+        m_feat = None if g == r else interpolation_matrix(u, g, "trilinear", centred=False)
+        if cfg.get_query == "block":
+            bid = torch.floor(u * n).long().clamp(0, n - 1)  # [r] block id along an axis
+            m_query = None
+        else:
+            m_query = interpolation_matrix(u, n, "trilinear", centred=True)  # [r, n]
+        flat_table = table.reshape(b, n ** 3, t)
+        slab = max(1, self._chunk(table.device) // (r * r))
+        dens_out, w_out = [], []
+        for z0 in range(0, r, slab):
+            z1 = min(r, z0 + slab)
+            local = None
+            if voxel_index is not None:
+                lo, hi = torch.searchsorted(voxel_index, torch.tensor(
+                    [z0 * r * r, z1 * r * r], device=voxel_index.device)).tolist()
+                if hi == lo:
+                    continue
+                local = voxel_index[lo:hi] - z0 * r * r
+            # Spatial features of the slab, trilinearly upsampled from G when G < r.
+            if m_feat is None:
+                f = feats[z0:z1].reshape(-1, kc)
+            else:
+                f = separable_resample(feats, m_feat[z0:z1], m_feat, m_feat).reshape(-1, kc)
+            # GetQuery on the slab: block lookup (paper) or trilinear blend of block centres.
+            if m_query is None:
+                ids = ((bid[z0:z1, None, None] * n + bid[None, :, None]) * n
+                       + bid[None, None, :]).reshape(-1)
+                q = flat_table[:, ids if local is None else ids[local]]  # [B, P, T]
+            else:
+                q = separable_resample(table, m_query[z0:z1], m_query, m_query).reshape(b, -1, t)
+                q = q if local is None else q[:, local]
+            if local is not None:
+                f = f[local]
+            d, w = self.transformer.density(q, f.reshape(f.shape[0], cfg.n_spatial_tokens, -1))
+            dens_out.append(d)
+            if want_weights and w is not None:
+                w_out.append(w)
+        dens = torch.cat(dens_out, dim=1)
+        return dens, (torch.cat(w_out, dim=1) if w_out else None)
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, images: torch.Tensor, rotations: torch.Tensor | None = None,
+                shifts_px: torch.Tensor | None = None, ctf: torch.Tensor | None = None,
+                pose_source: str = "auto") -> dict[str, torch.Tensor | None]:
+        """Encode images and render their predictions (paper eq. 6).
+
+        Parameters
+        ----------
+        images : Tensor [B, D, D]
+            Observed particle images.
+        rotations : Tensor [B, 3, 3] or None
+            Given (initial) rotations ``R₀`` (SPEC §2 convention).
+        shifts_px : Tensor [B, 2] or None
+            Given shifts ``t₀`` in pixels (None = no shift).
+        ctf : Tensor [B, 9] or [B, D, D] or None
+            cryoDRGN CTF rows or CTF images; None = no CTF.
+        pose_source : {"auto", "given", "predicted"}
+            Pose used for rendering. ``"auto"``: the orientation encoder's prediction when it
+            exists (paper §3.2: the image loss refines it; regularise with
+            :func:`~cryoformer.model.encoders.pose_loss` against the given pose), else the
+            given pose.
+
+        Returns
+        -------
+        dict
+            ``pred_images`` [B, D, D]; ``z``, ``mu`` [B, zdim]; ``logvar`` [B, zdim] or None;
+            ``rotations`` [B, 3, 3] and ``shifts_px`` [B, 2] or None (pose used);
+            ``pred_rotations`` [B, 3, 3], ``pred_shifts_px`` [B, 2] (None without encoder).
+        """
+        enc = self.encode(images)
+        pred_r = pred_t = None
+        if self.orientation_encoder is not None and pose_source != "given":
+            pred_r, pred_t = self.orientation_encoder(images)
+        if pose_source == "predicted" or (pose_source == "auto" and pred_r is not None):
+            if pred_r is None:
+                raise ValueError("pose_source='predicted' needs use_orientation_encoder=True")
+            rot, shifts = pred_r, pred_t
+        elif pose_source in ("auto", "given"):
+            if rotations is None:
+                raise ValueError("rotations are required without an orientation encoder")
+            rot, shifts = rotations, shifts_px
+        else:
+            raise ValueError(f"unknown pose_source {pose_source!r}")
+        table = self.query_table(enc["z"])
+        pred = self.renderer(self, table, rot, shifts, ctf)
+        return {"pred_images": pred, "z": enc["z"], "mu": enc["mu"], "logvar": enc["logvar"],
+                "rotations": rot, "shifts_px": shifts,
+                "pred_rotations": pred_r, "pred_shifts_px": pred_t}
+
+    # ------------------------------------------------------------------ decoding API
+    def _as_latent(self, z: Any) -> tuple[torch.Tensor, bool]:
+        dev = next(self.parameters()).device
+        z = torch.as_tensor(np.asarray(z, dtype=np.float32) if not torch.is_tensor(z) else z)
+        z = z.to(device=dev, dtype=torch.float32)
+        single = z.dim() == 1
+        z = z.unsqueeze(0) if single else z
+        if z.dim() != 2 or z.shape[1] != self.config.zdim:
+            raise ValueError(f"z must be [zdim] or [B, zdim] with zdim={self.config.zdim}, "
+                             f"got shape {tuple(z.shape)}")
+        return z, single
+
+    @torch.no_grad()
+    def decode_volume(self, z: Any, D: int | None = None) -> torch.Tensor:
+        """Density volume at a latent, without any image (paper §3.2 footnote).
+
+        Parameters
+        ----------
+        z : array-like [zdim] or [B, zdim]
+        D : int, optional
+            Output edge in voxels (even); default the training box size. The volume always
+            spans the training box, so its voxel size is ``box_size / D`` training pixels.
+
+        Returns
+        -------
+        Tensor [D, D, D] or [B, D, D, D], float32, axes ``[z, y, x]``, on the model's device.
+        """
+        z, single = self._as_latent(z)
+        r = int(D or self.box_size)
+        dens, _ = self._grid_eval(self.query_table(z), r, None, want_weights=False)
+        vol = dens.reshape(z.shape[0], r, r, r)
+        return vol[0] if single else vol
+
+    @torch.no_grad()
+    def attention_volumes(self, z: Any, D: int | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """3-D attention maps (paper §4.4) at a latent.
+
+        Parameters
+        ----------
+        z : array-like [zdim] or [B, zdim]
+        D : int, optional
+            Edge of the weight volume; default the box size.
+
+        Returns
+        -------
+        queries_volume : Tensor [n, n, n, C] (or [B, ...])
+            Conditioned structure queries arranged as their blocks (axes z, y, x).
+        attention_weights : Tensor [D, D, D, K] (or [B, ...]) or None
+            Per-voxel softmax weights of eq. 5 over the ``K`` spatial tokens; None for the
+            no-RSCA ablation, which has no attention.
+        """
+        z, single = self._as_latent(z)
+        r = int(D or self.box_size)
+        n = self.config.blocks_per_axis
+        q = self.conditioned_queries(z)  # [B, N, C]
+        _, w = self._grid_eval(self.transformer.query_table(q), r, None, want_weights=True)
+        qv = q.reshape(z.shape[0], n, n, n, -1)
+        wv = None if w is None else w.reshape(z.shape[0], r, r, r, -1)
+        if single:
+            return qv[0], (None if wv is None else wv[0])
+        return qv, wv

@@ -1,0 +1,198 @@
+"""Training configuration: one frozen dataclass, validated on construction.
+
+:class:`TrainConfig` holds what the data, the optimiser and the schedule need; the network is
+described by a separate :class:`~cryoformer.model.ModelConfig`. Both are saved as plain dicts
+in ``RUN/config.yaml`` and in every checkpoint, so a run directory fully describes itself.
+
+Units are in the names: ``*_px`` pixels, ``*_angstrom`` Å, ``max_minutes`` minutes of wall
+clock. Paths are stored absolute, so a run directory can be analysed from anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from cryoformer.errors import InputError
+from cryoformer.model import ModelConfig, model_config_from_preset
+
+DEVICES = ("auto", "cpu", "cuda")
+
+# Fields that change the result of training: a resumed run must agree on them with the
+# checkpoint it continues (the others — schedule length, time budget, device, workers — may
+# change between the pieces of a run).
+RESUME_MUST_MATCH = (
+    "particles", "poses", "ctf", "ind", "datadir", "box_size", "invert_data", "batch_size",
+    "lr", "weight_decay", "seed", "refine_poses", "pose_pretrain_epochs", "pose_weight",
+    "kl_weight", "pose_search", "pose_search_start",
+)
+
+
+def _abs(path: Optional[str]) -> Optional[str]:
+    return None if path is None else os.path.abspath(os.fspath(path))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What ``cryoformer train`` does, apart from the network architecture.
+
+    Parameters
+    ----------
+    particles : str
+        Particle images: ``.mrcs``/``.mrc`` stack, ``.txt`` list of stacks, RELION ``.star`` or
+        cryoSPARC ``.cs``.
+    outdir : str
+        Run directory (see :mod:`cryoformer.trainer.run_dir` for its layout).
+    poses : str or None
+        Poses (``.pkl``/``.star``/``.cs``); None = taken from ``particles`` when it is a
+        ``.star``/``.cs``, else an error.
+    ctf : str or None
+        CTF parameters (``.pkl``/``.star``/``.cs``); None = from ``particles`` when it is a
+        ``.star``/``.cs``, else no CTF is applied.
+    datadir : str or None
+        Directory the stacks named in a ``.txt``/``.star``/``.cs`` are relative to.
+    ind : str or None
+        ``.npy`` or ``.pkl`` array of particle indices (0-based, into the full stack) to train on.
+    gt_poses : str or None
+        Ground-truth poses, only to report pose errors per epoch (never used for training).
+    box_size : int or None
+        Train at this box (px, even, ≤ the stack's ``D``), Fourier-cropping images on the fly;
+        None = the stack's box.
+    invert_data : bool
+        Multiply images by −1 before training (default True): RELION/cryoSPARC particles are
+        contrast-inverted relative to the model's ``projection ⊛ CTF`` (SPEC §2). False
+        (``--uninvert-data``) for data already in cryoDRGN's convention.
+    epochs : int
+        Training epochs (passes over the particles with the image loss); the pose
+        pre-training of ``refine_poses`` comes on top.
+    batch_size : int
+        Global batch size in images (split across DDP ranks; must be divisible by their number).
+    lr : float
+        AdamW learning rate.
+    weight_decay : float
+        AdamW decoupled weight decay.
+    kl_weight : float
+        Weight of the KL term (per image, divided by ``D²`` like the per-pixel MSE); only used
+        when the model is variational.
+    seed : int
+        Seeds the model initialisation, the data order and every random draw.
+    max_minutes : float or None
+        Wall-clock budget; training stops cleanly at the first step past it, writing a
+        checkpoint (and the latents of the partial epoch). None = no budget.
+    device : {"auto", "cpu", "cuda"}
+        ``auto`` uses CUDA when available.
+    num_workers : int or None
+        DataLoader worker processes; None = 0 on CPU (the cores are busy training), 4 on CUDA.
+    refine_poses : bool
+        Train the orientation encoder (paper §3.2): pose-only pre-training, then joint training
+        with image loss + ``pose_weight`` · pose loss, rendering at the predicted poses.
+    pose_pretrain_epochs : int
+        Passes of pose-only pre-training (cheap: no rendering).
+    pose_weight : float
+        ``λ`` of the joint loss ``MSE + λ · L_pose`` (paper eq. 2 with per-image mean).
+    pose_search : bool
+        Refine poses by local projection matching after each epoch from ``pose_search_start``
+        on (:mod:`cryoformer.trainer.pose_search`); training then uses the refined poses.
+        Exclusive with ``refine_poses``.
+    pose_search_start : int
+        First epoch after which the search runs (the volume must be roughly right first).
+    log_every_steps : int
+        Rows of ``log.csv`` are written every this many optimiser steps (and at epoch end).
+    amp : bool
+        bf16 autocast on CUDA (never on CPU, where it is slower and less accurate).
+    """
+
+    particles: str
+    outdir: str
+    poses: Optional[str] = None
+    ctf: Optional[str] = None
+    datadir: Optional[str] = None
+    ind: Optional[str] = None
+    gt_poses: Optional[str] = None
+    box_size: Optional[int] = None
+    invert_data: bool = True
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    kl_weight: float = 1.0
+    seed: int = 0
+    max_minutes: Optional[float] = None
+    device: str = "auto"
+    num_workers: Optional[int] = None
+    refine_poses: bool = False
+    pose_pretrain_epochs: int = 50
+    pose_weight: float = 1.0
+    pose_search: bool = False
+    pose_search_start: int = 2
+    log_every_steps: int = 20
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_poses"):
+            object.__setattr__(self, name, _abs(getattr(self, name)))
+
+        def bad(option: str, message: str) -> InputError:
+            return InputError(None, option, message)
+
+        if self.epochs < 0:
+            raise bad("--epochs", f"must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise bad("--batch-size", f"must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise bad("--lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.kl_weight < 0 or self.pose_weight < 0:
+            raise bad("--weight-decay/--kl-weight/--pose-weight", "weights must be >= 0")
+        if self.box_size is not None and (self.box_size < 8 or self.box_size % 2):
+            raise bad("--box", f"must be even and >= 8, got {self.box_size}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise bad("--max-minutes", f"must be > 0, got {self.max_minutes}")
+        if self.device not in DEVICES:
+            raise bad("--device", f"must be one of {DEVICES}, got {self.device!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise bad("--num-workers", f"must be >= 0, got {self.num_workers}")
+        if self.pose_pretrain_epochs < 0:
+            raise bad("--pose-pretrain-epochs", f"must be >= 0, got {self.pose_pretrain_epochs}")
+        if self.refine_poses and self.pose_search:
+            raise bad("--pose-search", "choose one of --refine-poses (orientation encoder) and "
+                      "--pose-search (local projection matching)")
+        if self.pose_search_start < 1:
+            raise bad("--pose-search-start", f"must be >= 1, got {self.pose_search_start}")
+        if self.log_every_steps < 1:
+            raise bad("log_every_steps", "must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML / checkpoint); inverse of :meth:`from_dict`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
+        """Names of result-changing fields that differ from a checkpoint's saved config."""
+        mine = self.to_dict()
+        return [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != mine[k]]
+
+
+# Architecture used when the caller gives none (tuned on CPU, see docs/benchmarks.md).
+DEFAULT_PRESET = "n512"
+DEFAULT_MODEL_OVERRIDES: dict[str, Any] = {}
+
+
+def default_model_config(box_size: int, preset: str = DEFAULT_PRESET, zdim: int = 8,
+                         refine_poses: bool = False, **overrides: Any) -> ModelConfig:
+    """The trainer's default :class:`ModelConfig` for a training box of ``box_size`` px.
+
+    ``preset`` is a key of :data:`cryoformer.model.PRESETS`; ``overrides`` replace any field
+    (after :data:`DEFAULT_MODEL_OVERRIDES`).
+    """
+    kwargs = {**DEFAULT_MODEL_OVERRIDES, **overrides, "zdim": zdim,
+              "use_orientation_encoder": refine_poses}
+    try:
+        return model_config_from_preset(preset, box_size, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise InputError(None, "--preset/model options", str(exc)) from None

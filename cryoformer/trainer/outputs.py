@@ -1,0 +1,132 @@
+"""Files of a run directory: names, ``config.yaml``, per-epoch latents and poses.
+
+Layout (rank 0 writes everything, each file atomically)::
+
+    RUN/config.yaml                 version, command line, TrainConfig, ModelConfig, data
+    RUN/particle_indices.npy        [N] int64 rows of the original stack (the --ind subset)
+    RUN/log.csv                     losses, lr, images/s, elapsed (see trainlog)
+    RUN/pose_errors.csv             with --gt-poses: errors of input / refined poses
+    RUN/checkpoints/epoch_XXX.pt    after epoch XXX (1-based; 000 = after pose pre-training)
+    RUN/checkpoints/last.pt         latest state, also written on Ctrl-C / SIGTERM
+    RUN/latents/epoch_XXX.npy       [N, zdim] float32 mean latents, particle order of the subset
+    RUN/poses/epoch_XXX.pkl         with --refine-poses: refined poses (cryoDRGN .pkl, box D₀)
+    RUN/tensorboard/                TensorBoard events, when tensorboard is installed
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+from cryoformer import __version__
+from cryoformer.io.atomic import atomic_open, atomic_path
+from cryoformer.io.cryodrgn import write_poses_pkl
+from cryoformer.metadata import Poses
+
+CONFIG_NAME = "config.yaml"
+INDICES_NAME = "particle_indices.npy"
+CHECKPOINT_DIR = "checkpoints"
+LATENT_DIR = "latents"
+POSE_DIR = "poses"
+LAST_NAME = "last.pt"
+
+CONTRAST_NOTE = ("images were multiplied by -1 before training (default; RELION/cryoSPARC "
+                 "particles, i.e. images = -(projection * CTF)); --uninvert-data trains on the "
+                 "images as they are (cryoDRGN convention: images = projection * CTF)")
+
+
+def epoch_file(run_dir: str, kind: str, epoch: int) -> str:
+    """Path of a per-epoch file: ``kind`` in {"checkpoints", "latents", "poses"}."""
+    ext = {CHECKPOINT_DIR: ".pt", LATENT_DIR: ".npy", POSE_DIR: ".pkl"}[kind]
+    return os.path.join(run_dir, kind, f"epoch_{epoch:03d}{ext}")
+
+
+def last_checkpoint(run_dir: str) -> str:
+    return os.path.join(run_dir, CHECKPOINT_DIR, LAST_NAME)
+
+
+def is_run_dir(run_dir: str) -> bool:
+    """True when ``run_dir`` holds a training run (its config or any checkpoint)."""
+    return (os.path.isfile(os.path.join(run_dir, CONFIG_NAME))
+            or os.path.isdir(os.path.join(run_dir, CHECKPOINT_DIR)))
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def data_summary(data, config) -> dict[str, Any]:
+    """The data section of ``config.yaml`` / checkpoints (plain types only)."""
+    return {
+        "particles": config.particles, "poses": config.poses or config.particles,
+        "ctf": config.ctf or (config.particles if config.particles.lower().endswith((".star", ".cs"))
+                              else None),
+        "datadir": config.datadir, "ind": config.ind, "gt_poses": config.gt_poses,
+        "n_particles": len(data), "original_box": int(data.original_box),
+        "box_size": int(data.box_size),
+        "pixel_size_angstrom": None if data.pixel_size_angstrom is None else float(data.pixel_size_angstrom),
+        "training_pixel_size_angstrom": (None if data.training_pixel_size_angstrom is None
+                                         else float(data.training_pixel_size_angstrom)),
+        "image_scale": float(data.image_scale), "invert_data": bool(data.invert),
+        "has_ctf": data.ctf is not None,
+    }
+
+
+def write_config_yaml(run_dir: str, train_config, model_config, data_info: dict[str, Any],
+                      command_line: Optional[str], world_size: int, resumed: bool) -> None:
+    """Write ``RUN/config.yaml``; on resume keep the original and append to ``resumes``."""
+    path = os.path.join(run_dir, CONFIG_NAME)
+    previous: dict[str, Any] = {}
+    if resumed and os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            previous = yaml.safe_load(handle) or {}
+    doc = previous if previous else {
+        "cryoformer_version": __version__,
+        "created": _now(),
+        "command": command_line,
+        "world_size": world_size,
+        "train_config": train_config.to_dict(),
+        "model_config": model_config.to_dict(),
+        "data": data_info,
+        "contrast": CONTRAST_NOTE if data_info["invert_data"] else
+        "images were used as they are (--uninvert-data: cryoDRGN convention, projection * CTF)",
+    }
+    if resumed:
+        doc.setdefault("resumes", []).append({
+            "time": _now(), "cryoformer_version": __version__, "command": command_line,
+            "world_size": world_size, "train_config": train_config.to_dict()})
+    with atomic_open(path, "w") as handle:
+        yaml.safe_dump(doc, handle, sort_keys=False, allow_unicode=True)
+
+
+def write_indices(run_dir: str, indices: np.ndarray) -> None:
+    with atomic_open(os.path.join(run_dir, INDICES_NAME), "wb") as handle:
+        np.save(handle, np.asarray(indices, dtype=np.int64))
+
+
+def write_latents(run_dir: str, epoch: int, z: np.ndarray) -> str:
+    path = epoch_file(run_dir, LATENT_DIR, epoch)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_open(path, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(z, dtype=np.float32))
+    return path
+
+
+def write_refined_poses(run_dir: str, epoch: int, rotations: np.ndarray, shifts_px: np.ndarray,
+                        original_box: int) -> str:
+    """Refined poses as a cryoDRGN ``.pkl`` (shifts already in pixels of ``original_box``)."""
+    path = epoch_file(run_dir, POSE_DIR, epoch)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_poses_pkl(Poses(rotations, shifts_px, original_box), path)
+    return path
+
+
+def copy_atomic(src: str, dst: str) -> None:
+    """Copy ``src`` onto ``dst`` so that ``dst`` is never seen half-written."""
+    with atomic_path(dst, suffix=os.path.splitext(dst)[1]) as tmp:
+        shutil.copyfile(src, tmp)

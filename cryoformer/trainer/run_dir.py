@@ -1,0 +1,183 @@
+"""Read a training run directory back (for analysis, evaluation, export, widgets).
+
+>>> run = load_run("RUN/")               # latest epoch
+>>> run.latents.shape                    # [N, zdim], particle order of the --ind subset
+>>> vol = run.model.decode_volume(run.latents.mean(0))   # [D, D, D], voxel run.pixel_size_angstrom
+
+Weights are read with ``torch.load(..., weights_only=True)``; the layout is described in
+:mod:`cryoformer.trainer.outputs`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from cryoformer.errors import InputError
+from cryoformer.model import CryoFormer, ModelConfig
+
+from . import outputs
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+
+_EPOCH_RE = re.compile(r"^epoch_(\d{3,})\.pt$")
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """One epoch of a training run, ready to decode.
+
+    Attributes
+    ----------
+    model : CryoFormer
+        In eval mode, on the requested device.
+    model_config : ModelConfig
+    train_config : TrainConfig
+    epoch : int
+        The epoch loaded (0 = after pose pre-training only).
+    epoch_complete : bool
+        False when the run stopped inside this epoch (``--max-minutes``).
+    latents : np.ndarray [N, zdim] float32
+        Mean latent of every trained particle, in the order of ``particle_indices``.
+    particle_indices : np.ndarray [N] int64
+        Rows of the original particle stack (the ``--ind`` subset, else ``arange``).
+    box_size : int
+        Training box ``D`` in px: the model's box and default decoding size.
+    pixel_size_angstrom : float or None
+        Å/px at ``box_size``: the voxel size of ``model.decode_volume(z)``.
+    original_box_size : int
+        Box of the particle stack (px) (``box_size`` differs with ``--box``).
+    original_pixel_size_angstrom : float or None
+    paths : dict
+        Absolute input paths: ``particles``, ``poses``, ``ctf``, ``datadir``, ``ind``,
+        ``gt_poses`` (None where not used).
+    run_dir : str
+    refined_poses_path : str or None
+        ``poses/epoch_XXX.pkl`` of this epoch when poses were refined.
+    data : dict
+        The checkpoint's data summary (image scale, inversion, counts).
+    """
+
+    model: CryoFormer
+    model_config: ModelConfig
+    train_config: TrainConfig
+    epoch: int
+    epoch_complete: bool
+    latents: np.ndarray
+    particle_indices: np.ndarray
+    box_size: int
+    pixel_size_angstrom: Optional[float]
+    original_box_size: int
+    original_pixel_size_angstrom: Optional[float]
+    paths: dict[str, Optional[str]]
+    run_dir: str
+    refined_poses_path: Optional[str] = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_particles(self) -> int:
+        return int(self.latents.shape[0])
+
+
+def _require_run(run_dir: str) -> str:
+    run_dir = os.path.abspath(os.fspath(run_dir))
+    if not os.path.isdir(run_dir):
+        raise InputError(run_dir, None, "run directory does not exist")
+    if not outputs.is_run_dir(run_dir):
+        raise InputError(run_dir, None, "not a cryoformer training run (no config.yaml or checkpoints/)")
+    return run_dir
+
+
+def list_epochs(run_dir: str) -> list[int]:
+    """Epochs of ``run_dir`` that have both a checkpoint and latents, ascending.
+
+    Raises
+    ------
+    InputError
+        ``run_dir`` is not a training run.
+    """
+    run_dir = _require_run(run_dir)
+    ckpt_dir = os.path.join(run_dir, outputs.CHECKPOINT_DIR)
+    found = []
+    for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
+        m = _EPOCH_RE.match(name)
+        if m and os.path.isfile(outputs.epoch_file(run_dir, outputs.LATENT_DIR, int(m.group(1)))):
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def resolve_device(device: Any) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(None, "--device", str(exc)) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "--device", "cuda requested but torch sees no CUDA device")
+    return dev
+
+
+def load_run(run_dir: str, epoch: Optional[int] = None, device: Any = "cpu") -> TrainedRun:
+    """Load the model and latents of one epoch of a training run.
+
+    Parameters
+    ----------
+    run_dir : str
+        Directory written by ``cryoformer train``.
+    epoch : int, optional
+        Epoch to load (see :func:`list_epochs`); default the latest.
+    device : str or torch.device
+        Where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``).
+
+    Raises
+    ------
+    InputError
+        Not a run directory, no finished epoch yet, a missing epoch, or unreadable files.
+    """
+    run_dir = _require_run(run_dir)
+    epochs = list_epochs(run_dir)
+    if not epochs:
+        raise InputError(run_dir, None, "no epoch has finished yet (no checkpoints/epoch_XXX.pt "
+                         "with latents/epoch_XXX.npy)")
+    if epoch is None:
+        epoch = epochs[-1]
+    elif epoch not in epochs:
+        raise InputError(run_dir, "epoch", f"epoch {epoch} not found; available: "
+                         f"{', '.join(str(e) for e in epochs)}")
+    dev = resolve_device(device)
+    state = load_checkpoint(outputs.epoch_file(run_dir, outputs.CHECKPOINT_DIR, epoch), map_location=dev)
+    model_config = ModelConfig.from_dict(state["model_config"])
+    model = CryoFormer(model_config)
+    model.load_state_dict(state["model"])
+    model.to(dev).eval()
+    latent_path = outputs.epoch_file(run_dir, outputs.LATENT_DIR, epoch)
+    latents = np.load(latent_path, allow_pickle=False)
+    indices_path = os.path.join(run_dir, outputs.INDICES_NAME)
+    if os.path.isfile(indices_path):
+        indices = np.load(indices_path, allow_pickle=False)
+    else:
+        indices = np.arange(latents.shape[0], dtype=np.int64)
+    if latents.ndim != 2 or latents.shape[1] != model_config.zdim or latents.shape[0] != indices.shape[0]:
+        raise InputError(latent_path, None, f"latents of shape {latents.shape} do not match "
+                         f"{indices.shape[0]} particles × zdim {model_config.zdim}")
+    data = dict(state["data"])
+    poses_path = outputs.epoch_file(run_dir, outputs.POSE_DIR, epoch)
+    return TrainedRun(
+        model=model, model_config=model_config,
+        train_config=TrainConfig.from_dict(state["train_config"]), epoch=int(epoch),
+        epoch_complete=bool(state["epoch_complete"]) or state["phase"] == "pretrain",
+        latents=latents.astype(np.float32, copy=False), particle_indices=indices.astype(np.int64),
+        box_size=int(data["box_size"]), pixel_size_angstrom=data.get("training_pixel_size_angstrom"),
+        original_box_size=int(data["original_box"]),
+        original_pixel_size_angstrom=data.get("pixel_size_angstrom"),
+        paths={k: data.get(k) for k in ("particles", "poses", "ctf", "datadir", "ind", "gt_poses")},
+        run_dir=run_dir, refined_poses_path=poses_path if os.path.isfile(poses_path) else None,
+        data=data)

@@ -1,0 +1,54 @@
+"""Pose refinement (paper §3.2): pre-training phase, joint phase, per-epoch poses and errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryoformer.io.cryodrgn import read_poses_pkl
+from cryoformer.model import CryoFormer
+from cryoformer.trainer import list_epochs, load_run, train
+
+from test_trainer_helpers import N_PARTICLES, make_dataset, max_param_diff, tiny_model_config, train_config
+
+
+def test_refine_poses_phases_and_outputs(tmp_path):
+    data_dir = make_dataset(tmp_path / "data")
+    cfg = train_config(data_dir, tmp_path / "run", epochs=2, refine_poses=True, pose_pretrain_epochs=3,
+                       pose_weight=0.5, gt_poses=os.path.join(data_dir, "gt", "poses.pkl"))
+    model_cfg = tiny_model_config(use_orientation_encoder=True)
+    result = train(cfg, model_cfg, progress=False)
+    assert result.stopped == "finished" and result.step == (3 + 2) * 6
+    run = tmp_path / "run"
+    assert list_epochs(run) == [0, 1, 2]  # epoch 0 = after pose pre-training
+    for e in (0, 1, 2):
+        poses = read_poses_pkl(run / "poses" / f"epoch_{e:03d}.pkl", box_size=16)
+        assert poses.rotations.shape == (N_PARTICLES, 3, 3) and np.isfinite(poses.shifts_px).all()
+        det = np.linalg.det(poses.rotations)
+        np.testing.assert_allclose(det, 1.0, atol=1e-4)
+    errors = pd.read_csv(run / "pose_errors.csv")
+    assert list(errors.stage) == ["input", "pretrained", "train", "train"]
+    assert list(errors.epoch) == [0, 0, 1, 2]
+    assert errors.rotation_median_rad.iloc[0] < 1e-5  # the input poses are the ground truth here
+    for col in ("rotation_median_rad", "rotation_mean_square_rad2", "shift_median_px", "shift_mean_square_px2"):
+        assert np.isfinite(errors[col]).all()
+    log = pd.read_csv(run / "log.csv")
+    pre = log[(log.kind == "epoch") & (log.phase == "pretrain")]
+    assert list(pre.epoch) == [1, 2, 3] and (pre.mse == 0).all()
+    assert pre.pose_loss.iloc[-1] < pre.pose_loss.iloc[0]  # the encoder learns the input poses
+    joint = log[(log.kind == "epoch") & (log.phase == "train")]
+    assert (joint.mse > 0).all() and (joint.pose_loss > 0).all()
+    assert log[log.kind == "pose"].rotation_median_rad.notna().all()
+
+    # pre-training moved the orientation encoder only
+    pretrained_run = load_run(run, epoch=0)
+    pretrained = pretrained_run.model.state_dict()
+    torch.manual_seed(cfg.seed)  # the trainer's initialisation
+    init = CryoFormer(pretrained_run.model_config).state_dict()
+    enc = {k for k in init if k.startswith("orientation_encoder.")}
+    assert max_param_diff({k: init[k] for k in enc}, {k: pretrained[k] for k in enc}) > 1e-4
+    rest = [k for k in init if k not in enc]
+    assert max_param_diff({k: init[k] for k in rest}, {k: pretrained[k] for k in rest}) == 0
