@@ -24,21 +24,6 @@ import time
 import numpy as np
 
 
-def perturb_poses(rotations: np.ndarray, shifts_px: np.ndarray, sigma_rad: float, shift_px: float,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Paper's perturbation: rotation vector + N(0, σ²) per component; shifts + U(−a, a) px."""
-    import torch
-
-    from cryoformer.physics.rotations import axis_angle_to_matrix, matrix_to_axis_angle
-
-    rng = np.random.default_rng(seed)
-    v = matrix_to_axis_angle(torch.from_numpy(rotations).double()).numpy()  # [N, 3] rad
-    v_noisy = v + rng.normal(0.0, sigma_rad, size=v.shape)
-    r_noisy = axis_angle_to_matrix(torch.from_numpy(v_noisy)).numpy().astype(np.float32)
-    s_noisy = shifts_px + rng.uniform(-shift_px, shift_px, size=shifts_px.shape)
-    return r_noisy, s_noisy.astype(np.float32)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--outdir", default="bench_out/pose_refinement")
@@ -67,7 +52,7 @@ def main(argv=None) -> int:
 
     from cryoformer.cli import main as cli
     from cryoformer.io.cryodrgn import read_poses_pkl, write_poses_pkl
-    from cryoformer.metadata import Poses
+    from cryoformer.simulation.perturb import perturb_poses
 
     os.makedirs(args.outdir, exist_ok=True)
     data = os.path.join(args.outdir, "data")
@@ -78,9 +63,8 @@ def main(argv=None) -> int:
         if rc:
             return rc
     gt = read_poses_pkl(os.path.join(data, "gt", "poses.pkl"), box_size=args.D)
-    rot, shifts = perturb_poses(gt.rotations, gt.shifts_px, args.sigma_rad, args.shift_noise_px, args.seed + 1)
     noisy = os.path.join(args.outdir, "perturbed_poses.pkl")
-    write_poses_pkl(Poses(rot, shifts, args.D), noisy)
+    write_poses_pkl(perturb_poses(gt, args.sigma_rad, args.shift_noise_px, seed=args.seed + 1), noisy)
 
     run = os.path.join(args.outdir, "run")
     if os.path.isdir(run):

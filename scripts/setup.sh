@@ -20,14 +20,22 @@ APT_PACKAGES=()
 if ! "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1; then
     APT_PACKAGES+=(python3-venv)
 fi
+# The widget tests need a virtual X server with the xcb libraries Qt 6 loads (napari's viewer)
+# and Debian's Chromium (the JupyterLab browser test; Playwright drives it, no browser download).
+if [ "${CRYOFORMER_SKIP_GUI_PACKAGES:-0}" != "1" ]; then
+    for pkg in xvfb chromium libegl1 libgl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 \
+               libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 \
+               libxcb-xfixes0 libxcb-cursor0 libdbus-1-3 libfontconfig1; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || APT_PACKAGES+=("$pkg")
+    done
+fi
 if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
         echo "setup: apt-get install ${APT_PACKAGES[*]}"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PACKAGES[@]}"
     else
-        echo "setup: please install these system packages first: ${APT_PACKAGES[*]}" >&2
-        exit 1
+        echo "setup: not root; these system packages are missing (GUI tests will skip): ${APT_PACKAGES[*]}" >&2
     fi
 fi
 
@@ -50,5 +58,5 @@ esac
 
 echo "setup: cryoformer[$EXTRAS] and cryoformer-widgets (editable)"
 # The torch already installed satisfies the core's requirement, so pip adds no other torch.
-"${PIP[@]}" install -q -e ".[$EXTRAS]" -e ./widgets
+"${PIP[@]}" install -q -e ".[$EXTRAS]" -e "./widgets[jupyter,napari,test]"
 "$VENV/bin/python" -c "import cryoformer, cryoformer_widgets, torch; print('setup: ok, cryoformer', cryoformer.__version__, '| torch', torch.__version__, '| CUDA', torch.cuda.is_available())"

@@ -133,7 +133,7 @@ def test_orientation_encoder_outputs_rotations():
     eye = torch.eye(3).expand(5, 3, 3)
     assert torch.allclose(rot @ rot.transpose(1, 2), eye, atol=1e-5)
     assert torch.allclose(torch.linalg.det(rot), torch.ones(5), atol=1e-5)
-    assert len([m for m in enc.net if isinstance(m, torch.nn.Linear)]) == 4  # 3 hidden + out
+    assert len([m for m in enc.net.modules() if isinstance(m, torch.nn.Linear)]) == 4  # 3 hidden + out
 
 
 def test_pose_loss_hand_values():

@@ -53,7 +53,7 @@ def test_tiny_model_overfits_two_states():
     try:
         start = time.perf_counter()
         losses = []
-        for _ in range(150):
+        for _ in range(200):
             pred = model(images, rot)["pred_images"]
             loss = (pred - images).square().mean()  # paper eq. 7 (mean instead of sum)
             opt.zero_grad()

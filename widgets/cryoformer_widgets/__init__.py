@@ -1,7 +1,40 @@
 """cryoformer-widgets: the interactive layer (Jupyter widgets, napari plugin) over cryoformer.
 
-The widgets themselves arrive with the interactive-layer issue; this distribution already
-installs so that set-up scripts and imports are stable.
+Jupyter (``pip install 'cryoformer-widgets[jupyter]'``)
+    ``LatentExplorer(run_dir)``: PCA scatter of the latents, K-means centres, lasso/box
+    selection and export, volumes decoded on demand (slices and isosurface), PC traversal.
+    ``PoseRefinementView(run_dir)``: input vs refined vs true poses per epoch (paper Fig. 6).
+Without a GUI
+    ``ExplorerState`` (the explorer's model), ``DecodeWorker`` / ``VolumeCache`` (background
+    decoding with an LRU cache), ``PoseHistory`` (poses and errors across epochs).
+napari
+    The plugin is found through the ``napari.manifest`` entry point (``napari.yaml``).
+
+Names are imported on first use, so ``import cryoformer_widgets`` needs neither Jupyter nor
+napari/Qt.
 """
 
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "LatentExplorer": "latent_explorer",
+    "PoseRefinementView": "pose_view",
+    "ExplorerState": "state",
+    "DecodeWorker": "decode_worker",
+    "VolumeCache": "decode_worker",
+    "PoseHistory": "pose_data",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,207 @@
+"""LatentExplorer driven from Python, as the front end would drive it (no browser)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("anywidget")
+
+from cryoformer.analysis import load_selection, pc_traversal, to_original_indices  # noqa: E402
+from cryoformer.io import load_pickle, read_star, read_volume  # noqa: E402
+from cryoformer_widgets import LatentExplorer  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def explorer(spread_run, tmp_path):
+    ex = LatentExplorer(spread_run, k=3, output_dir=str(tmp_path / "out"))
+    ex.wait()
+    yield ex
+    ex.close()
+
+
+def decoded(ex, row):
+    return ex.state.run.model.decode_volume(ex.state.latents[row]).cpu().numpy()
+
+
+def test_initial_view_and_traits(explorer, tiny_dataset):
+    ex = explorer
+    n = tiny_dataset.run_rows.size
+    assert ex.n_particles == n == ex.n_drawn and ex.n_pcs == 3
+    assert len(ex.points) == 8 * n and len(ex.point_rows) == 4 * n and len(ex.point_colors) == n
+    np.testing.assert_array_equal(np.frombuffer(ex.points, np.float32).reshape(n, 2),
+                                  ex.state.pca.projections[:, :2])
+    assert len(ex.centers) == 3 and {c["cluster"] for c in ex.centers} == {0, 1, 2}
+    # the first view is the volume at cluster 0's centre
+    row0 = int(ex.state.center_rows[0])
+    assert ex.selected_index == row0 and "cluster 0" in ex.volume_label
+    np.testing.assert_allclose(ex.volume, decoded(ex, row0), atol=1e-6)
+    assert ex.slices_png.startswith(PNG) and ex.iso_png.startswith(PNG)
+    assert ex.marker == pytest.approx(ex.state.pca.projections[row0, :2].tolist(), abs=1e-4)
+    assert ex.error == "" and not ex.busy and "12.00 Å" in ex.volume_info
+
+
+def test_selecting_points_decodes_their_volumes(explorer):
+    ex = explorer
+    lab = ex.state.labels["kmeans"]
+    a, b = int(np.nonzero(lab == 0)[0][0]), int(np.nonzero(lab == 2)[0][0])
+    ex.selected_index = a
+    ex.wait()
+    slices_a, iso_a, vol_a = ex.slices_png, ex.iso_png, ex.volume
+    np.testing.assert_allclose(vol_a, decoded(ex, a), atol=1e-6)
+    ex.selected_index = b
+    ex.wait()
+    np.testing.assert_allclose(ex.volume, decoded(ex, b), atol=1e-6)
+    assert ex.slices_png != slices_a and ex.iso_png != iso_a
+    assert f"particle {b}" in ex.volume_label
+    hits = ex.state.worker.cache.hits
+    ex.selected_index = a  # back: from the cache, shown at once
+    assert ex.state.worker.cache.hits == hits + 1
+    assert ex.slices_png == slices_a and ex.iso_png == iso_a
+
+
+def test_threshold_and_view_change_the_isosurface(explorer):
+    ex = explorer
+    vol, iso, slices = ex.volume, ex.iso_png, ex.slices_png
+    ex.threshold = 0.5
+    assert ex.iso_png != iso and ex.slices_png != slices  # the surface and the slice outline move
+    assert ex.volume is vol
+    iso_low = ex.iso_png
+    ex.azimuth = -60.0
+    assert ex.iso_png != iso_low
+    ex.threshold = 50.0  # above the maximum: nothing left to draw
+    from PIL import Image
+    import io
+
+    img = np.asarray(Image.open(io.BytesIO(ex.iso_png)).convert("L"))
+    assert img.max() == img.min()
+
+
+def test_pc_traversal_slider(explorer):
+    ex = explorer
+    ex.traversal_pc = 2
+    ex.traversal_steps = 5
+    ex.traversal_step = 4
+    ex.wait()
+    z = pc_traversal(ex.state.pca, 2, 5)[4]
+    np.testing.assert_allclose(ex.shown_latent, z, atol=1e-6)
+    np.testing.assert_allclose(ex.volume, ex.state.run.model.decode_volume(z).cpu().numpy(), atol=1e-6)
+    assert ex.selected_index == -1 and ex.volume_label == "PC2 step 5/5"
+    assert ex.marker[0] == pytest.approx(0, abs=1e-4)  # on the PC2 axis: PC1 coordinate 0
+    assert ex.marker[1] == pytest.approx(np.percentile(ex.state.pca.projections[:, 1], 95), rel=1e-4)
+    first = ex.slices_png
+    ex.traversal_step = 0
+    ex.wait()
+    assert ex.slices_png != first
+    ex.selected_index = 0  # clicking a point ends the walk
+    ex.wait()
+    assert ex.traversal_step == -1 and "particle 0" in ex.volume_label
+
+
+def test_box_and_lasso_selection_save_and_export(explorer, tiny_dataset, tmp_path):
+    ex = explorer
+    xy = ex.state.pca.projections
+    ex.pc_x, ex.pc_y = 1, 3
+    rows = ex.select_box(-10, -10, 0, 10)
+    np.testing.assert_array_equal(rows, np.nonzero(xy[:, 0] < 0)[0])
+    assert ex.n_selected == rows.size > 0
+    drawn_rows = np.frombuffer(ex.point_rows, np.int32)
+    np.testing.assert_array_equal(np.frombuffer(ex.point_selected, np.uint8), np.isin(drawn_rows, rows))
+    # a front-end lasso (message), added to the selection
+    ex._on_message(ex, {"type": "polygon", "points": [[0, -10], [10, -10], [10, 10]], "mode": "add"}, [])
+    x, y = xy[:, 0], xy[:, 2]  # inside the triangle (0, −10), (10, −10), (10, 10):
+    lasso = np.nonzero((y > -10) & (x < 10) & (y < 2 * x - 10))[0]
+    np.testing.assert_array_equal(ex.selection, np.union1d(rows, lasso))
+    assert ex.error == "" and "selected" in ex.message
+    ex._on_message(ex, {"type": "clusters", "clusters": [1]}, [])
+    np.testing.assert_array_equal(ex.selection, np.nonzero(ex.state.labels["kmeans"] == 1)[0])
+    chosen = ex.selection.copy()
+    ex._on_message(ex, {"type": "save_selection"}, [])
+    saved = os.path.join(ex.output_dir, f"selection_{chosen.size}.npy")
+    np.testing.assert_array_equal(load_selection(saved, ex.n_particles), chosen)
+    ex._on_message(ex, {"type": "export", "format": "star"}, [])
+    star = read_star(os.path.join(ex.output_dir, f"selection_{chosen.size}.star"))
+    names = list(read_star(tiny_dataset.sim / "particles.star").particles["rlnImageName"])
+    original = to_original_indices(chosen, tiny_dataset.run_rows)
+    assert list(star.particles["rlnImageName"]) == [names[i] for i in original]
+    info = ex.export_selection(str(tmp_path / "sel.pkl"), fmt="pkl")
+    np.testing.assert_array_equal(load_pickle(info["files"][0]), original)
+    ex._on_message(ex, {"type": "clear"}, [])
+    assert ex.n_selected == 0 and not any(ex.point_selected)
+
+
+def test_colour_by_ground_truth_state(explorer, tiny_dataset):
+    ex = explorer
+    gt = np.load(tiny_dataset.sim / "gt" / "state.npy")
+    ex.add_labels("true state", gt)
+    assert ex.label_sets == ["kmeans", "true state"]
+    ex.color_by = "true state"
+    want = gt[tiny_dataset.run_rows]
+    np.testing.assert_array_equal(np.frombuffer(ex.point_colors, np.uint8), want)
+    assert [d["count"] for d in ex.legend] == np.bincount(want).tolist()
+    ex.color_by = "no such labels"
+    assert "unknown colouring" in ex.error
+
+
+def test_save_volume_and_errors_in_the_widget(explorer, tmp_path):
+    ex = explorer
+    ex._on_message(ex, {"type": "save_volume"}, [])
+    files = [f for f in os.listdir(ex.output_dir) if f.endswith(".mrc")]
+    assert len(files) == 1 and files[0].startswith("volume_particle_")
+    vol, apix = read_volume(os.path.join(ex.output_dir, files[0]))
+    np.testing.assert_array_equal(vol, ex.volume)
+    assert apix == pytest.approx(12.0)
+    # failures are reported in the widget, not raised into the front end's handler
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    ex.output_dir = str(blocker)
+    ex._on_message(ex, {"type": "save_volume"}, [])
+    assert ex.error.startswith("save volume:") and "not_a_dir" in ex.error
+    ex.selected_index = 10_000
+    assert "outside" in ex.error
+    ex._on_message(ex, {"type": "export", "format": "star"}, [])  # nothing selected
+    assert "nothing is selected" in ex.error
+
+
+def test_300k_particles_stay_responsive(spread_run, tmp_path):
+    """A run with 300 000 particles: only ≤ 20 000 are drawn, selections cover all of them."""
+    run_dir = tmp_path / "big"
+    shutil.copytree(spread_run, run_dir)
+    latents = sorted((run_dir / "latents").iterdir())[-1]
+    epoch = int(latents.stem.split("_")[1])
+    rng = np.random.default_rng(0)
+    n = 300_000
+    z = rng.normal(size=(n, 3)).astype(np.float32)
+    np.save(latents, z)
+    np.save(run_dir / "particle_indices.npy", np.arange(n, dtype=np.int64))
+    # labels from "cryoformer analyze" are read rather than recomputed
+    os.makedirs(run_dir / "analysis")
+    labels = (z[:, 0] > 0).astype(np.int64) + 2 * (z[:, 1] > 1.5)
+    np.save(run_dir / "analysis" / "kmeans_labels.npy", labels)
+    (run_dir / "analysis" / "analysis.json").write_text(json.dumps({"epoch": epoch}))
+    t0 = time.perf_counter()
+    ex = LatentExplorer(str(run_dir), output_dir=str(tmp_path / "out"))
+    try:
+        build = time.perf_counter() - t0
+        assert ex.n_particles == n and ex.n_drawn <= 20_000
+        assert len(ex.points) == 8 * ex.n_drawn and len(ex.point_selected) == ex.n_drawn
+        assert build < 20, f"building the explorer took {build:.1f} s"
+        t0 = time.perf_counter()
+        ex.select_box(0, 0, 10, 10)
+        assert time.perf_counter() - t0 < 2.0
+        xy = ex.state.pca.projections
+        assert ex.n_selected == int(np.sum((xy[:, 0] > 0) & (xy[:, 1] > 0)))  # all particles, not drawn ones
+        assert ex.n_selected > 10 * np.frombuffer(ex.point_selected, np.uint8).sum() or ex.n_drawn == n
+        drawn_labels = labels[np.frombuffer(ex.point_rows, np.int32)]
+        assert set(drawn_labels.tolist()) == set(labels.tolist())
+        ex.wait()
+        assert ex.volume is not None and ex.error == ""
+    finally:
+        ex.close()

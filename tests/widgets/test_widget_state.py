@@ -1,0 +1,221 @@
+"""The explorer's state without any GUI: LRU cache, background decoding, selections, labels."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cryoformer.analysis import kmeans, load_selection, to_original_indices
+from cryoformer.io import read_star
+from cryoformer.trainer import load_run
+from cryoformer_widgets.decode_worker import DecodeWorker, VolumeCache, latent_key
+from cryoformer_widgets.state import ExplorerState, points_in_polygon, stratified_subsample
+
+
+@pytest.fixture(scope="module")
+def run(spread_run):
+    return load_run(spread_run)
+
+
+def real_decoder(run, calls=None, gate=None):
+    """The model's own decode, optionally counting calls / waiting on a gate (to hold the worker busy)."""
+    import torch
+
+    def decode(z, D):
+        if calls is not None:
+            calls.append(np.array(z))
+        if gate is not None:
+            assert gate.wait(30)
+        with torch.no_grad():
+            return run.model.decode_volume(z, D)
+    return decode
+
+
+def test_volume_cache_is_lru():
+    cache = VolumeCache(max_items=2)
+    a, b, c = (np.full((2, 2, 2), v, np.float32) for v in (1, 2, 3))
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a          # "a" is now the most recently used
+    cache.put("c", c)                   # evicts "b"
+    assert "b" not in cache and cache.get("b") is None
+    assert cache.get("a") is a and cache.get("c") is c
+    assert (cache.hits, cache.misses, len(cache)) == (3, 1, 2)
+    assert not a.flags.writeable        # shared volumes cannot be modified by a caller
+
+
+def test_latent_key_float32_rounding():
+    z64 = np.array([0.1, -2.0, 3.3], np.float64)
+    assert latent_key(z64, 16) == latent_key(z64.astype(np.float32), 16)
+    assert latent_key(z64, 16) != latent_key(z64, 32)
+    assert latent_key(z64, 16) != latent_key(z64 + 1e-3, 16)
+
+
+def test_background_decode_equals_direct_and_cache_hits(run):
+    calls, results, busy = [], [], []
+    worker = DecodeWorker(real_decoder(run, calls), run.box_size, cache_size=4,
+                          on_result=results.append, on_busy=lambda b, m: busy.append(b))
+    try:
+        z = run.latents[3]
+        res = worker.submit(z, tag="p3").result(30)
+        direct = run.model.decode_volume(z).cpu().numpy()
+        assert res.ok and not res.cached and res.tag == "p3" and res.seconds > 0
+        np.testing.assert_allclose(res.volume, direct, rtol=0, atol=1e-6)
+        assert busy == [True, False] and not worker.busy
+        again = worker.submit(z.astype(np.float64), tag="again")  # resolved at once, in this thread
+        assert again.done() and again.result().cached and again.result().volume is res.volume
+        assert len(calls) == 1 and worker.cache.hits == 1
+        assert [r.tag for r in results] == ["p3", "again"]
+        other = worker.submit(run.latents[30]).result(30)
+        assert not other.cached and len(calls) == 2
+        assert np.abs(other.volume - res.volume).max() > 1e-3  # spread latents decode differently
+        np.testing.assert_array_equal(worker.decode_now(run.latents[30]), other.volume)  # cached
+        assert len(calls) == 2
+    finally:
+        worker.shutdown()
+
+
+def test_newest_request_supersedes_waiting_ones(run):
+    gate = threading.Event()
+    calls, results = [], []
+    worker = DecodeWorker(real_decoder(run, calls, gate), run.box_size, on_result=results.append)
+    try:
+        first = worker.submit(run.latents[0], tag=0)
+        time.sleep(0.05)
+        assert worker.busy
+        middle = [worker.submit(run.latents[i], tag=i) for i in (1, 2)]
+        last = worker.submit(run.latents[5], tag=5)
+        gate.set()
+        assert last.result(30).ok
+        assert [f.result(30).superseded for f in middle] == [True, True]
+        assert first.result(30).ok and not first.result(30).superseded  # already running: finished
+        assert [r.tag for r in results] == [0, 5] and len(calls) == 2
+        assert worker.wait(5).tag == 5 and not worker.busy
+    finally:
+        worker.shutdown()
+
+
+def test_decode_errors_are_reported_not_raised(run):
+    results, messages = [], []
+    worker = DecodeWorker(real_decoder(run), run.box_size, on_result=results.append,
+                          on_busy=lambda b, m: messages.append((b, m)))
+    try:
+        bad = worker.submit(np.zeros(run.latents.shape[1] + 2, np.float32)).result(30)  # wrong zdim
+        assert bad.volume is None and "ValueError" in bad.error and "zdim" in bad.error
+        assert worker.last_error == bad.error and results[-1] is bad
+        assert messages[-1] == (False, bad.error)
+        good = worker.submit(run.latents[0]).result(30)  # the worker goes on
+        assert good.ok
+    finally:
+        worker.shutdown()
+
+
+def test_state_kmeans_pca_and_labels(run, tiny_dataset):
+    st = ExplorerState(run, k=3)
+    try:
+        rows = tiny_dataset.run_rows
+        assert st.n_particles == rows.size and st.n_pcs == 3
+        km = kmeans(st.latents, 3, seed=0)
+        np.testing.assert_array_equal(st.labels["kmeans"], km.labels)
+        np.testing.assert_array_equal(st.center_rows, km.center_indices)
+        assert "computed" in st.kmeans_source
+        # ground-truth states given for the whole stack are mapped through the --ind subset
+        gt = np.load(tiny_dataset.sim / "gt" / "state.npy")
+        assert gt.size > rows.size
+        np.testing.assert_array_equal(st.add_labels("true state", gt), gt[rows])
+        # the spread latents form one group per state: K-means finds them
+        pairs = set(zip(st.labels["kmeans"].tolist(), st.labels["true state"].tolist()))
+        assert len(pairs) == 3
+        with pytest.raises(ValueError, match="labels"):
+            st.add_labels("bad", np.arange(5))
+        zs = st.traversal_latents(2, 5)
+        assert zs.shape == (5, 3)
+        assert st.voxel_size_angstrom == pytest.approx(12.0)  # 6 Å × 32 / 16
+    finally:
+        st.close()
+
+
+def test_state_reads_kmeans_labels_of_analyze(spread_run, tmp_path):
+    """``RUN/analysis/kmeans_labels.npy`` (cryoformer analyze) is used when it matches the epoch."""
+    import shutil
+
+    from cryoformer.cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(spread_run, run_dir)
+    assert main(["analyze", str(run_dir), "--k", "2", "--n-traversal", "2"]) == 0
+    st = ExplorerState(str(run_dir), k=5)
+    try:
+        labels = np.load(run_dir / "analysis" / "kmeans_labels.npy")
+        np.testing.assert_array_equal(st.labels["kmeans"], labels)
+        np.testing.assert_array_equal(st.center_rows, np.load(run_dir / "analysis" / "kmeans_center_indices.npy"))
+        assert st.kmeans_source.endswith("kmeans_labels.npy")
+    finally:
+        st.close()
+    info = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    info["epoch"] = 99  # labels of another epoch are not used
+    (run_dir / "analysis" / "analysis.json").write_text(json.dumps(info))
+    st = ExplorerState(str(run_dir), k=3)
+    try:
+        assert "computed" in st.kmeans_source and st.labels["kmeans"].max() == 2
+    finally:
+        st.close()
+
+
+def test_stratified_subsample_keeps_every_cluster():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(4, size=300_000, p=[0.7, 0.25, 0.0499, 0.0001])  # one cluster of ~30
+    t0 = time.perf_counter()
+    rows = stratified_subsample(labels, 20_000, seed=1)
+    assert time.perf_counter() - t0 < 2.0
+    assert rows.size <= 20_000 and rows.size > 19_000
+    assert np.all(np.diff(rows) > 0) and rows.max() < labels.size
+    drawn = np.bincount(labels[rows], minlength=4)
+    full = np.bincount(labels, minlength=4)
+    assert drawn[3] == full[3]                          # the rare cluster is drawn entirely
+    np.testing.assert_allclose(drawn[:2] / rows.size, full[:2] / labels.size, atol=0.01)
+    np.testing.assert_array_equal(rows, stratified_subsample(labels, 20_000, seed=1))
+    np.testing.assert_array_equal(stratified_subsample(labels[:100], 20_000), np.arange(100))
+
+
+def test_points_in_polygon_against_brute_force():
+    xy = np.random.default_rng(2).uniform(-1, 1, (300_000, 2))
+    inside = points_in_polygon(xy, [[-0.5, -0.5], [0.5, -0.5], [0.5, 0.25], [-0.5, 0.25]])
+    expect = np.nonzero((np.abs(xy[:, 0]) < 0.5) & (xy[:, 1] > -0.5) & (xy[:, 1] < 0.25))[0]
+    np.testing.assert_array_equal(inside, expect)
+    with pytest.raises(ValueError, match="at least 3"):
+        points_in_polygon(xy, [[0, 0], [1, 1]])
+
+
+def test_selection_save_and_export_round_trip(run, tmp_path, tiny_dataset):
+    st = ExplorerState(run, k=3)
+    try:
+        rows = st.select_polygon([[-10, -10], [0, -10], [0, 10], [-10, 10]], pcs=(1, 2))
+        xy = st.coords((1, 2))
+        np.testing.assert_array_equal(rows, np.nonzero(xy[:, 0] < 0)[0])
+        st.select_rows([0, 1], mode="add")
+        st.select_rows([1], mode="remove")
+        expect = np.setdiff1d(np.union1d(rows, [0, 1]), [1])
+        np.testing.assert_array_equal(st.selection, expect)
+        path = st.save_selection(tmp_path / "sel" / "chosen.npy")
+        np.testing.assert_array_equal(load_selection(path, st.n_particles), st.selection)
+        info = st.export_selection(tmp_path / "chosen.star", "star")
+        star = read_star(tmp_path / "chosen.star")
+        original = read_star(tiny_dataset.sim / "particles.star")
+        want = to_original_indices(st.selection, run.particle_indices)
+        assert info["n_particles"] == len(star) == st.selection.size
+        names = list(original.particles["rlnImageName"])
+        assert list(star.particles["rlnImageName"]) == [names[i] for i in want]
+        st.clear_selection()
+        with pytest.raises(ValueError, match="nothing is selected"):
+            st.export_selection(tmp_path / "none.star")
+        with pytest.raises(ValueError, match="rows must lie"):
+            st.select_rows([st.n_particles])
+    finally:
+        st.close()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # atomic writes left nothing

@@ -1,0 +1,309 @@
+"""The napari dock widget "Run explorer" (npe2 command ``cryoformer-widgets.run_explorer``).
+
+Open a training run, choose a latent (a K-means cluster centre, a point on PC sliders, or a
+particle), decode it, and look at the density with its attention channels overlaid and the
+isosurface coloured by one channel (paper §4.4, Fig. 5). Layer construction lives in
+:mod:`.napari_layers` and latent choice in :mod:`.napari_latents`; this module only wires
+magicgui controls to them.
+
+Loading and decoding run in a worker thread (``napari.qt.threading.thread_worker``) so the
+viewer stays responsive; while one runs the buttons are disabled and the status line says what
+is happening. A failure (not a run directory, a missing file, a bad level) is shown as one
+napari error notification, never as a traceback. A decode requested while another is running
+is coalesced: the latest request runs when the current one finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Dict, List, Optional
+
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox,
+                              Label, PushButton, RadioButtons, SpinBox)
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error
+
+from .napari_latents import RunSession
+from .napari_layers import (SURFACE_NAME, VOLUME_NAME, add_or_update, attention_layer,
+                            attention_layer_name, isosurface, latent_layers, surface_layer)
+
+__all__ = ["RunExplorerDock"]
+
+log = logging.getLogger(__name__)
+
+MAX_PC_SLIDERS = 3  # more sliders than this crowd the dock; PC4+ stay at the mean
+DEFAULT_VISIBLE_CHANNELS = 3  # the paper's Fig. 5 shows three channels
+NO_SURFACE = "(no surface)"
+SOURCES = ("cluster", "PCs", "particle")
+
+
+@dataclasses.dataclass
+class _Failed:
+    """What a worker returns instead of raising: one line for the notification."""
+
+    message: str
+
+
+@thread_worker(start_thread=False, ignore_errors=True)
+def _guarded(fn: Callable, *args: Any) -> Any:
+    """Run ``fn(*args)`` in a worker thread, turning any exception into :class:`_Failed`.
+
+    Catching here (instead of letting the worker's ``errored`` signal fire) keeps napari from
+    showing a traceback dialog for user errors; the traceback goes to the debug log.
+    """
+    try:
+        return fn(*args)
+    except Exception as exc:  # every failure becomes a notification, bugs included
+        log.debug("cryoformer run explorer: worker failed", exc_info=True)
+        text = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        return _Failed(text)
+
+
+class RunExplorerDock(Container):
+    """Dock widget: open a cryoformer run, choose a latent, show volume + attention maps.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        Injected by napari (``viewer.window.add_plugin_dock_widget("cryoformer-widgets",
+        "Run explorer")``).
+
+    Attributes
+    ----------
+    session : RunSession or None
+        The open run, its PCA and K-means.
+    decoded : DecodedLatent or None
+        The last decoded latent (what the layers show).
+    busy : bool
+        A worker is running.
+    """
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.session: Optional[RunSession] = None
+        self.decoded = None
+        self.busy = False
+        self._pending_decode = False
+        self._requested: Optional[str] = None  # label of the latent shown or being decoded
+        self._closed = False
+        self._channel_boxes: Dict[str, CheckBox] = {}
+
+        self.run_dir = FileEdit(mode="d", label="run directory")
+        self.k = SpinBox(value=10, min=1, max=200, label="K-means k")
+        self.open_button = PushButton(text="Open run")
+        self.info = Label(value="no run open")
+        self.source = RadioButtons(choices=SOURCES, value="cluster", label="latent from",
+                                   orientation="horizontal")
+        # Choices are callables: napari calls reset_choices() on a magicgui dock whenever the
+        # layer list changes, which would reset fixed lists to their initial (empty) value.
+        self.cluster = ComboBox(choices=self._cluster_choices, label="cluster")
+        self.pc_sliders = Container(labels=True, label="PC coordinates")
+        self.particle = SpinBox(value=0, min=0, max=0, label="particle (run order)")
+        self.box = SpinBox(value=16, min=8, max=512, step=2, label="decode box (voxels)")
+        self.rendering = ComboBox(choices=["iso", "mip"], value="iso", label="volume rendering")
+        self.auto_level = CheckBox(value=True, text="automatic isosurface level (Otsu)")
+        self.level = FloatSpinBox(value=0.0, min=-1e9, max=1e9, step=0.001, label="iso level",
+                                  enabled=False)
+        self.surface_channel = ComboBox(choices=self._surface_choices, label="surface colour")
+        self.channels = Container(labels=False, scrollable=True, label="attention channels")
+        self.live = CheckBox(value=False, text="decode when the latent changes")
+        self.decode_button = PushButton(text="Decode", enabled=False)
+        self.status = Label(value="")
+        self.extend([self.run_dir, self.k, self.open_button, self.info, self.source, self.cluster,
+                     self.pc_sliders, self.particle, self.box, self.rendering, self.auto_level,
+                     self.level, self.surface_channel, self.channels, self.live,
+                     self.decode_button, self.status])
+
+        self.open_button.changed.connect(self._on_open_clicked)
+        self.decode_button.changed.connect(self.decode)
+        self.source.changed.connect(self._show_source_widgets)
+        for widget in (self.cluster, self.particle, self.source):
+            widget.changed.connect(self._latent_changed)
+        self.rendering.changed.connect(self._on_rendering)
+        self.surface_channel.changed.connect(self._on_surface_channel)
+        self.auto_level.changed.connect(lambda auto: setattr(self.level, "enabled", not auto))
+        self.level.changed.connect(self._on_level)
+        self._show_source_widgets()
+        # A worker may finish after napari closed the dock: its result must then be dropped.
+        self.native.destroyed.connect(self._on_destroyed)
+
+    def _on_destroyed(self, *_) -> None:
+        self._closed = True
+
+    def _cluster_choices(self, *_) -> List[str]:
+        return self.session.cluster_names() if self.session is not None else []
+
+    def _surface_choices(self, *_) -> List[str]:
+        return [NO_SURFACE] + list(self._channel_boxes)
+
+    # ------------------------------------------------------------------ worker plumbing
+    def _start(self, fn: Callable, args: tuple, on_done: Callable, message: str):
+        self._set_busy(True, message)
+        worker = _guarded(fn, *args)
+        worker.returned.connect(lambda result: self._finish(result, on_done))
+        worker.start()
+        return worker
+
+    def _finish(self, result: Any, on_done: Callable) -> None:
+        if self._closed:
+            return
+        self._set_busy(False, "")
+        if isinstance(result, _Failed):
+            self.status.value = f"error: {result.message}"
+            show_error(f"cryoformer: {result.message}")
+        else:
+            on_done(result)
+        if self._pending_decode and self.session is not None:
+            self._pending_decode = False
+            self.decode()
+
+    def _set_busy(self, busy: bool, message: str) -> None:
+        self.busy = busy
+        self.open_button.enabled = not busy
+        self.decode_button.enabled = not busy and self.session is not None
+        if message:
+            self.status.value = message
+
+    # ------------------------------------------------------------------ opening a run
+    def _on_open_clicked(self, *_):
+        self.open(str(self.run_dir.value))
+
+    def open(self, run_dir: str) -> None:
+        """Load ``run_dir`` (latest epoch), its PCA and K-means, in a worker thread."""
+        if self.busy:
+            self.status.value = "busy: wait for the current task"
+            return
+        self.run_dir.value = run_dir
+        self._start(RunSession.open, (run_dir, int(self.k.value)), self._on_opened, f"opening {run_dir} …")
+
+    def _on_opened(self, session: RunSession) -> None:
+        from cryoformer.analysis import attention_channel_names
+
+        self.session, self.decoded = session, None
+        run = session.run
+        apix = f"{run.pixel_size_angstrom:.3g} Å/px" if run.pixel_size_angstrom else "no pixel size"
+        self.info.value = (f"epoch {run.epoch}: {session.n_particles} particles, zdim "
+                           f"{run.model_config.zdim}, box {run.box_size} px ({apix})")
+        self.cluster.reset_choices()
+        self.cluster.value = self.cluster.choices[0]
+        self.particle.max = session.n_particles - 1
+        self.box.value = run.box_size
+        self.pc_sliders.clear()
+        for pc in range(1, min(session.n_pcs, MAX_PC_SLIDERS) + 1):
+            lo, hi = session.pc_range(pc)
+            hi = hi if hi > lo else lo + 1e-6  # a constant PC still gets a usable slider
+            slider = FloatSlider(value=min(max(0.0, lo), hi), min=lo, max=hi, step=(hi - lo) / 100,
+                                 label=f"PC{pc}")
+            slider.changed.connect(self._latent_changed)
+            self.pc_sliders.append(slider)
+        names = attention_channel_names(run.model)
+        self.channels.clear()
+        self._channel_boxes = {}
+        for i, name in enumerate(names):
+            box = CheckBox(value=i < DEFAULT_VISIBLE_CHANNELS, text=name)
+            box.changed.connect(lambda value, name=name: self._on_channel_toggled(name, value))
+            self._channel_boxes[name] = box
+            self.channels.append(box)
+        with self.surface_channel.changed.blocked():  # nothing decoded yet
+            self.surface_channel.reset_choices()
+        self.surface_channel.value = names[0]
+        self.status.value = f"opened {run.run_dir}"
+        self._set_busy(False, "")
+
+    def _show_source_widgets(self, *_):
+        source = self.source.value
+        self.cluster.visible = source == "cluster"
+        self.pc_sliders.visible = source == "PCs"
+        self.particle.visible = source == "particle"
+
+    # ------------------------------------------------------------------ decoding
+    def current_latent(self):
+        """(latent ``[zdim]``, label) chosen by the controls; ValueError without a run."""
+        if self.session is None:
+            raise ValueError("open a run first")
+        source = self.source.value
+        if source == "cluster":
+            return self.session.from_cluster(self.cluster.choices.index(self.cluster.value))
+        if source == "PCs":
+            return self.session.from_pcs([s.value for s in self.pc_sliders])
+        return self.session.from_particle(int(self.particle.value))
+
+    def _latent_changed(self, *_):
+        # napari re-sets a dock's values when layers change (reset_choices): decode only when
+        # the latent really differs from the one shown or in progress.
+        if self.live.value and self.session is not None and self.current_latent()[1] != self._requested:
+            self.decode()
+
+    def decode(self, *_) -> None:
+        """Decode the chosen latent in a worker thread, then show its layers."""
+        if self.session is None:
+            show_error("cryoformer: open a run first")
+            return
+        if self.busy:
+            self._pending_decode = True  # coalesce: decode the latest choice when free
+            return
+        z, label = self.current_latent()
+        self._requested = label
+        level = None if self.auto_level.value else float(self.level.value)
+        self._start(self.session.decode, (z, int(self.box.value), level, label), self._show,
+                    f"decoding {label} …")
+
+    def _wanted_channels(self) -> List[str]:
+        """Checked channels, plus unchecked ones that already have a layer (kept up to date)."""
+        return [name for name, box in self._channel_boxes.items()
+                if box.value or attention_layer_name(name) in self.viewer.layers]
+
+    def _show(self, dec) -> None:
+        self.decoded = dec
+        surface = self.surface_channel.value
+        layers = latent_layers(dec, channels=self._wanted_channels(),
+                               visible=[n for n, b in self._channel_boxes.items() if b.value],
+                               surface_channel=None if surface == NO_SURFACE else surface,
+                               rendering=self.rendering.value)
+        add_or_update(self.viewer, layers)
+        for name, box in self._channel_boxes.items():  # the check boxes decide visibility
+            layer_name = attention_layer_name(name)
+            if layer_name in self.viewer.layers:
+                self.viewer.layers[layer_name].visible = box.value
+        with self.level.changed.blocked():  # reflect the level used, without re-meshing
+            self.level.step = max(abs(float(dec.volume.max() - dec.volume.min())) / 200, 1e-9)
+            self.level.value = dec.iso_level
+        self.status.value = (f"showing {dec.label}: {dec.box}³ voxels of {dec.voxel_size:.3g} "
+                             f"{'Å' if dec.unit == 'angstrom' else 'px'}, level {dec.iso_level:.3g}")
+
+    # ------------------------------------------------------------------ display changes
+    def _on_channel_toggled(self, name: str, value: bool) -> None:
+        if self.decoded is None:
+            return
+        layer_name = attention_layer_name(name)
+        if layer_name in self.viewer.layers:
+            self.viewer.layers[layer_name].visible = bool(value)
+        elif value:
+            add_or_update(self.viewer, [attention_layer(self.decoded, name, visible=True)])
+
+    def _on_surface_channel(self, channel: str) -> None:
+        if self.decoded is None:
+            return
+        if channel == NO_SURFACE:
+            if SURFACE_NAME in self.viewer.layers:
+                self.viewer.layers.remove(SURFACE_NAME)
+            return
+        add_or_update(self.viewer, [surface_layer(self.decoded, channel)])
+
+    def _on_rendering(self, rendering: str) -> None:
+        if VOLUME_NAME in self.viewer.layers:
+            self.viewer.layers[VOLUME_NAME].rendering = rendering
+
+    def _on_level(self, level: float) -> None:
+        """A new iso level re-meshes the surface in a worker (no re-decoding)."""
+        if self.decoded is None or self.auto_level.value or self.busy:
+            return
+        dec = self.decoded
+
+        def remesh():
+            verts, faces = isosurface(dec.volume, float(level))
+            return dataclasses.replace(dec, iso_level=float(level), vertices=verts, faces=faces)
+
+        self._start(remesh, (), self._show, f"isosurface at {level:.4g} …")

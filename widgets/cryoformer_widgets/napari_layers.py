@@ -1,0 +1,313 @@
+"""napari layer data for a decoded latent: volume, attention channels, attention-coloured surface.
+
+Everything here is plain numpy/torch and returns napari *LayerData tuples*
+``(data, kwargs, layer_type)``, so it runs without a display (against
+``napari.components.ViewerModel``, in a notebook, in a worker thread) and the dock widget only
+wires controls to it. No Qt import.
+
+The three views (paper §4.4, Fig. 5):
+
+* the decoded density as a 3-D image (``rendering="iso"`` at the surface level, or ``"mip"``);
+* one image per chosen attention channel (:func:`cryoformer.analysis.attention_stack`:
+  ``query_c*`` = the conditioned structure query each voxel reads, ``weight_k*`` = its spatial
+  attention weights), each with its own colormap and ``blending="additive"`` so several
+  channels overlay on the density;
+* the paper's Fig. 5 view: the density's isosurface (marching cubes) as a Surface layer whose
+  vertex values are one attention channel, sampled by trilinear interpolation at the vertices.
+
+All layers share ``scale`` = the decoded voxel size in Å (``units="angstrom"``) and voxel
+coordinates ``(z, y, x)``, so they overlay each other and maps opened from ``.mrc`` files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = ["DecodedLatent", "decode_latent", "default_iso_level", "isosurface",
+           "sample_at_vertices", "volume_layer", "attention_layer", "attention_layers",
+           "surface_layer", "latent_layers", "layers_for_latent", "add_or_update",
+           "ATTENTION_COLORMAPS", "VOLUME_NAME", "SURFACE_NAME", "attention_layer_name"]
+
+LayerData = Tuple[object, dict, str]
+Channel = Union[int, str]
+
+VOLUME_NAME = "cryoformer volume"
+SURFACE_NAME = "cryoformer surface"
+# Distinct single-hue maps that add up visibly on a dark canvas; cycled beyond their number.
+ATTENTION_COLORMAPS = ("magenta", "cyan", "yellow", "green", "bop orange", "bop blue", "red",
+                       "bop purple", "I Forest", "I Bordeaux", "I Orange", "I Purple", "I Blue", "blue")
+
+
+def attention_layer_name(channel_name: str) -> str:
+    """Layer name of an attention channel (stable, so re-decoding updates the same layer)."""
+    return f"attention {channel_name}"
+
+
+@dataclass(frozen=True, eq=False)  # arrays have no boolean equality
+class DecodedLatent:
+    """Everything the layers show for one latent, computed once (the expensive part).
+
+    Attributes
+    ----------
+    latent : np.ndarray
+        ``[zdim]`` float32.
+    volume : np.ndarray
+        ``[D, D, D]`` float32 density, axes ``[z, y, x]``.
+    attention : np.ndarray
+        ``[C + K, D, D, D]`` float32 attention channels (``[C, …]`` without RSCA).
+    channel_names : tuple of str
+        Name of each attention channel (``query_c0`` …, ``weight_k0`` …).
+    voxel_size : float
+        Voxel edge in ``unit`` (Å when the run records a pixel size, else training pixels).
+    unit : str
+        ``"angstrom"`` or ``"pixel"``.
+    iso_level : float
+        Density level of the isosurface (density units).
+    vertices : np.ndarray
+        ``[V, 3]`` float32 isosurface vertices in voxel coordinates ``(z, y, x)``.
+    faces : np.ndarray
+        ``[F, 3]`` int32 vertex indices of each triangle.
+    label : str
+        How the latent was chosen (``"cluster 3"``, ``"PC1=0.4, PC2=-1"``, ``"particle 12"``).
+    """
+
+    latent: np.ndarray
+    volume: np.ndarray
+    attention: np.ndarray
+    channel_names: Tuple[str, ...]
+    voxel_size: float
+    unit: str
+    iso_level: float
+    vertices: np.ndarray
+    faces: np.ndarray
+    label: str = ""
+
+    @property
+    def box(self) -> int:
+        return int(self.volume.shape[0])
+
+    def channel_index(self, channel: Channel) -> int:
+        """Index of ``channel`` (an index or a name) in :attr:`attention`; ValueError if absent."""
+        if isinstance(channel, str):
+            if channel not in self.channel_names:
+                raise ValueError(f"no attention channel {channel!r}; channels: {', '.join(self.channel_names)}")
+            return self.channel_names.index(channel)
+        index = int(channel)
+        if not 0 <= index < len(self.channel_names):
+            raise ValueError(f"attention channel index {index} out of range 0…{len(self.channel_names) - 1}")
+        return index
+
+    def metadata(self, **extra) -> dict:
+        """Layer metadata recording where the layer came from (kept by napari, saved nowhere)."""
+        info = {"latent": [float(v) for v in self.latent], "label": self.label,
+                "voxel_size": self.voxel_size, "unit": self.unit, "iso_level": self.iso_level}
+        info.update(extra)
+        return {"cryoformer": info}
+
+
+def default_iso_level(volume: np.ndarray) -> float:
+    """Otsu's threshold of the density: splits molecule from solvent without a user guess."""
+    from skimage.filters import threshold_otsu
+
+    vol = np.asarray(volume, dtype=np.float32)
+    if not float(vol.max()) > float(vol.min()):
+        raise ValueError("the decoded volume is constant: it has no isosurface")
+    return float(threshold_otsu(vol))
+
+
+def isosurface(volume: np.ndarray, level: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Marching-cubes isosurface of ``volume`` ``[D, D, D]`` at ``level``.
+
+    Returns
+    -------
+    vertices : np.ndarray
+        ``[V, 3]`` float32 in voxel coordinates ``(z, y, x)`` (voxel ``i`` at ``i``, as napari).
+    faces : np.ndarray
+        ``[F, 3]`` int32.
+
+    Raises
+    ------
+    ValueError
+        ``level`` outside the open range of the volume's values.
+    """
+    from skimage.measure import marching_cubes
+
+    vol = np.asarray(volume, dtype=np.float32)
+    lo, hi = float(vol.min()), float(vol.max())
+    if not lo < level < hi:
+        raise ValueError(f"isosurface level {level:.4g} is outside the density range ({lo:.4g}, {hi:.4g})")
+    verts, faces, _normals, _values = marching_cubes(vol, level=level)
+    return verts.astype(np.float32), faces.astype(np.int32)
+
+
+def sample_at_vertices(channel: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Trilinear interpolation of a ``[D, D, D]`` map at ``[V, 3]`` voxel coordinates → ``[V]``.
+
+    Marching-cubes vertices lie on voxel edges, so this is exact linear interpolation between
+    the edge's two voxels; coordinates outside the box take the nearest edge value.
+    """
+    from scipy.ndimage import map_coordinates
+
+    verts = np.asarray(vertices, dtype=np.float64)
+    if verts.size == 0:
+        return np.zeros(0, dtype=np.float32)
+    return map_coordinates(np.asarray(channel, np.float32), verts.T, order=1, mode="nearest").astype(np.float32)
+
+
+def decode_latent(run, z, D: Optional[int] = None, iso_level: Optional[float] = None,
+                  label: str = "") -> DecodedLatent:
+    """Decode the density and attention maps at one latent and extract the isosurface.
+
+    Parameters
+    ----------
+    run : TrainedRun
+        From :func:`cryoformer.trainer.run_dir.load_run` (uses ``model``, ``box_size``,
+        ``pixel_size_angstrom``).
+    z : array-like
+        ``[zdim]`` latent.
+    D : int, optional
+        Decoding box in voxels (default the training box); the voxel size scales by ``box / D``.
+    iso_level : float, optional
+        Isosurface level (density units); default :func:`default_iso_level`.
+    label : str
+        Recorded in the layers' metadata and names nothing else.
+
+    Returns
+    -------
+    DecodedLatent
+    """
+    import torch
+
+    from cryoformer.analysis import attention_channel_names, attention_stack, decoded_voxel_size
+
+    D = int(D or run.box_size)
+    latent = np.asarray(z, dtype=np.float32).reshape(-1)
+    with torch.no_grad():
+        volume = run.model.decode_volume(latent, D).float().cpu().numpy()
+    stack = attention_stack(run.model, latent, D)
+    if run.pixel_size_angstrom:
+        voxel, unit = decoded_voxel_size(run.box_size, run.pixel_size_angstrom, D), "angstrom"
+    else:  # no pixel size recorded: keep physical proportions in training pixels
+        voxel, unit = float(run.box_size) / D, "pixel"
+    level = default_iso_level(volume) if iso_level is None else float(iso_level)
+    verts, faces = isosurface(volume, level)
+    return DecodedLatent(latent, volume, stack, tuple(attention_channel_names(run.model)), float(voxel),
+                         unit, level, verts, faces, label)
+
+
+def _spatial(dec: DecodedLatent) -> dict:
+    return {"scale": (dec.voxel_size,) * 3, "units": (dec.unit,) * 3, "axis_labels": ("z", "y", "x")}
+
+
+def _limits(values: np.ndarray) -> Tuple[float, float]:
+    lo, hi = float(np.min(values)), float(np.max(values))
+    return (lo, hi) if hi > lo else (lo, lo + 1e-6)  # napari refuses equal limits
+
+
+def volume_layer(dec: DecodedLatent, rendering: str = "iso", name: str = VOLUME_NAME) -> LayerData:
+    """The decoded density as an image layer (``rendering`` ``"iso"`` at the surface level, or ``"mip"``)."""
+    if rendering not in ("iso", "mip", "attenuated_mip", "translucent", "average"):
+        raise ValueError(f"unknown rendering {rendering!r}")
+    kwargs = dict(_spatial(dec), name=name, colormap="gray", rendering=rendering,
+                  iso_threshold=dec.iso_level, contrast_limits=_limits(dec.volume),
+                  metadata=dec.metadata(kind="volume"))
+    return dec.volume, kwargs, "image"
+
+
+def attention_layer(dec: DecodedLatent, channel: Channel, visible: bool = True,
+                    colormap: Optional[str] = None) -> LayerData:
+    """One attention channel as an additive image overlay (its own colormap, MIP rendering)."""
+    index = dec.channel_index(channel)
+    data = dec.attention[index]
+    kwargs = dict(_spatial(dec), name=attention_layer_name(dec.channel_names[index]),
+                  colormap=colormap or ATTENTION_COLORMAPS[index % len(ATTENTION_COLORMAPS)],
+                  blending="additive", rendering="mip", visible=bool(visible), opacity=0.7,
+                  contrast_limits=_limits(data),
+                  metadata=dec.metadata(kind="attention", channel=dec.channel_names[index]))
+    return data, kwargs, "image"
+
+
+def attention_layers(dec: DecodedLatent, channels: Optional[Sequence[Channel]] = None,
+                     visible: Optional[Sequence[Channel]] = None) -> List[LayerData]:
+    """Attention overlays for ``channels`` (default all); only ``visible`` ones shown (default all)."""
+    chosen = [dec.channel_index(c) for c in (range(len(dec.channel_names)) if channels is None else channels)]
+    shown = set(chosen) if visible is None else {dec.channel_index(c) for c in visible}
+    return [attention_layer(dec, i, visible=i in shown) for i in chosen]
+
+
+def surface_layer(dec: DecodedLatent, channel: Channel, colormap: str = "turbo",
+                  name: str = SURFACE_NAME) -> LayerData:
+    """The isosurface coloured by one attention channel sampled at its vertices (paper Fig. 5).
+
+    The contrast limits are the channel's range over the whole box, so colours mean the same
+    as in the channel's image overlay.
+    """
+    index = dec.channel_index(channel)
+    values = sample_at_vertices(dec.attention[index], dec.vertices)
+    kwargs = dict(_spatial(dec), name=name, colormap=colormap, shading="smooth",
+                  contrast_limits=_limits(dec.attention[index]),
+                  metadata=dec.metadata(kind="surface", channel=dec.channel_names[index]))
+    return (dec.vertices, dec.faces, values), kwargs, "surface"
+
+
+def latent_layers(dec: DecodedLatent, channels: Optional[Sequence[Channel]] = None,
+                  visible: Optional[Sequence[Channel]] = None, surface_channel: Optional[Channel] = 0,
+                  rendering: str = "iso") -> List[LayerData]:
+    """Volume, attention overlays and (unless ``surface_channel`` is None) the coloured surface."""
+    layers = [volume_layer(dec, rendering)] + attention_layers(dec, channels, visible)
+    if surface_channel is not None:
+        layers.append(surface_layer(dec, surface_channel))
+    return layers
+
+
+def layers_for_latent(run, z, D: Optional[int] = None, channels: Optional[Sequence[Channel]] = None,
+                      visible: Optional[Sequence[Channel]] = None, surface_channel: Optional[Channel] = 0,
+                      rendering: str = "iso", iso_level: Optional[float] = None,
+                      label: str = "") -> List[LayerData]:
+    """:func:`decode_latent` then :func:`latent_layers`: a run and a latent → napari layer data."""
+    dec = decode_latent(run, z, D, iso_level, label)
+    return latent_layers(dec, channels, visible, surface_channel, rendering)
+
+
+# Properties refreshed on an existing layer; the others (visibility, colormap, opacity,
+# blending, rendering) are the user's choices in napari and are kept across re-decoding.
+_REFRESH = {"image": ("scale", "units", "contrast_limits", "iso_threshold", "metadata"),
+            "surface": ("scale", "units", "contrast_limits", "metadata")}
+
+
+def add_or_update(viewer, layer_data: Sequence[LayerData]) -> list:
+    """Put layer data into a viewer, updating layers of the same name and type in place.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer or napari.components.ViewerModel
+    layer_data : sequence of (data, kwargs, layer_type)
+
+    Returns
+    -------
+    list of napari layers, in the order of ``layer_data``.
+    """
+    from napari.layers import Image, Layer, Surface
+
+    classes = {"image": Image, "surface": Surface}
+    out = []
+    for data, kwargs, layer_type in layer_data:
+        name = kwargs["name"]
+        existing = viewer.layers[name] if name in viewer.layers else None
+        # isinstance, not type(): a dock widget gets the viewer through napari's proxy.
+        if existing is not None and isinstance(existing, classes.get(layer_type, ())):
+            existing.data = data
+            for key in _REFRESH.get(layer_type, ()):
+                if key in kwargs:
+                    setattr(existing, key, kwargs[key])
+            out.append(existing)
+            continue
+        if existing is not None:  # same name, another type (a user's layer): replace it
+            viewer.layers.remove(existing)
+        layer = Layer.create(data, dict(kwargs), layer_type)
+        viewer.add_layer(layer)
+        out.append(layer)
+    return out
