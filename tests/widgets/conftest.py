@@ -5,14 +5,15 @@
 2 px), trained at box 16 on rows 4…39 (an ``--ind`` subset, so rows of the run differ from
 indices of the stack) with ``--refine-poses`` (1 pose-only pre-training epoch, then 1 joint
 epoch) from *perturbed* input poses, with ``--gt-poses`` so that ``pose_errors.csv`` is written.
-About 10–20 s on two CPU cores.
+A few seconds on two CPU cores.
 
 ``tiny_dataset`` describes the data: paths and the exact perturbation applied to the input poses.
-``spread_run`` is a copy of ``tiny_run`` whose latents are spread out (see its docstring).
+``spread_run`` is a copy of ``tiny_run`` whose latents form three known groups (see its docstring).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,19 @@ class TinyDataset:
     shift_offsets_px: np.ndarray  # [N_STACK, 2] shift perturbation (px)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread while building fixtures (the CI machine's two cores are shared)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _rotation_about(axis: np.ndarray, angle: float) -> np.ndarray:
     """Rodrigues' formula: rotation by ``angle`` (rad) about unit ``axis``."""
     x, y, z = axis / np.linalg.norm(axis)
@@ -45,17 +59,15 @@ def _rotation_about(axis: np.ndarray, angle: float) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> TinyDataset:
     """Simulated particles with ground truth, and input poses perturbed by known amounts."""
-    import torch
-
     from cryoformer.cli import main
     from cryoformer.io import read_poses_pkl, write_poses_pkl
     from cryoformer.metadata import Poses
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("widgets_tiny")
     sim = root / "sim"
-    assert main(["simulate", "-o", str(sim), "-n", str(N_STACK), "-D", "32", "--Apix", "6", "--n-states", "3",
-                 "--snr", "1", "--shift-range", "2", "--seed", "0"]) == 0
+    with _one_thread():
+        assert main(["simulate", "-o", str(sim), "-n", str(N_STACK), "-D", "32", "--Apix", "6",
+                     "--n-states", "3", "--snr", "1", "--shift-range", "2", "--seed", "0"]) == 0
     truth = read_poses_pkl(sim / "gt" / "poses.pkl", box_size=32)
     rng = np.random.default_rng(7)
     angles = rng.uniform(0.05, 0.5, N_STACK)          # rad
@@ -74,11 +86,12 @@ def tiny_run(tiny_dataset) -> str:
     from cryoformer.cli import main
 
     run_dir = tiny_dataset.root / "run"
-    assert main(["train", str(tiny_dataset.sim / "particles.star"), "-o", str(run_dir),
-                 "--poses", str(tiny_dataset.input_poses), "--ind", str(tiny_dataset.ind),
-                 "--gt-poses", str(tiny_dataset.sim / "gt" / "poses.pkl"),
-                 "--refine-poses", "--pose-pretrain-epochs", "1", "--epochs", "1", "-b", "12",
-                 "--box", "16", "--zdim", "3", "--seed", "0", "--device", "cpu"]) == 0
+    with _one_thread():
+        assert main(["train", str(tiny_dataset.sim / "particles.star"), "-o", str(run_dir),
+                     "--poses", str(tiny_dataset.input_poses), "--ind", str(tiny_dataset.ind),
+                     "--gt-poses", str(tiny_dataset.sim / "gt" / "poses.pkl"),
+                     "--refine-poses", "--pose-pretrain-epochs", "1", "--epochs", "1", "-b", "12",
+                     "--box", "16", "--zdim", "3", "--seed", "0", "--device", "cpu"]) == 0
     return str(run_dir)
 
 
@@ -86,11 +99,11 @@ def tiny_run(tiny_dataset) -> str:
 def spread_run(tiny_run, tiny_dataset, tmp_path_factory) -> str:
     """``tiny_run`` with its latest latents replaced by three well-separated groups.
 
-    One epoch on 36 particles learns almost no heterogeneity: the particles' latents then lie
-    within ~1e-3 of each other and decode to volumes that differ far below what an 8-bit image
-    shows. The widget tests need points that decode to *visibly* different volumes, so this
-    copy gives each particle the latent ``c_s + 0.3·noise`` of its true state ``s`` (centres
-    ``c_s`` two units apart). The model and every other file are the real run's.
+    What a one-epoch model puts in its latents is arbitrary; the explorer tests need latents
+    with a known structure (clusters K-means must find, boxes with a known content, points far
+    enough apart to decode to visibly different volumes). This copy gives each particle the
+    latent ``c_s + 0.3·noise`` of its true state ``s`` (centres ``c_s`` two units apart). The
+    model and every other file are the real run's.
     """
     from cryoformer.trainer import list_epochs
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
@@ -45,7 +45,15 @@ def _notebook(run_dir: str, out_dir: str) -> dict:
 
 
 @pytest.fixture
-def jupyterlab(spread_run, tmp_path):
+def sync_api():
+    """Playwright's sync API, skipping visibly without Chromium or Playwright."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    return pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture
+def jupyterlab(sync_api, spread_run, tmp_path):
     """A JupyterLab server on a free port, serving a notebook that shows the explorer."""
     pytest.importorskip("jupyterlab")
     pytest.importorskip("anywidget")
@@ -88,10 +96,7 @@ def jupyterlab(spread_run, tmp_path):
         log.close()
 
 
-def test_click_in_explorer_changes_the_volume(jupyterlab, tmp_path):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+def test_click_in_explorer_changes_the_volume(sync_api, jupyterlab, spread_run):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -128,11 +133,29 @@ def test_click_in_explorer_changes_the_volume(jupyterlab, tmp_path):
                 " return i.complete && i.naturalWidth > 0; }")
             page.wait_for_timeout(300)
             after = page.locator("img.cfx-slices").screenshot()
+            assert title.inner_text().startswith(f"particle {target['row']} ")
+            assert after != before, "the slice image did not change after clicking a cluster centre"
+
+            # the threshold slider re-renders the isosurface
+            iso_before = page.locator("img.cfx-iso").screenshot()
+            page.locator(".cfx-root input[type=range]").first.fill("3")
+            page.wait_for_function("() => document.querySelector('.cfx-value').textContent.startsWith('3.0')")
+            page.wait_for_timeout(1500)  # throttled sync, render in the kernel, image reload
+            assert page.locator("img.cfx-iso").screenshot() != iso_before
+
+            # a box drag over the whole plot selects every particle (counted in Python)
+            page.locator("button.cfx-mode", has_text="box").click()
+            box = canvas.bounding_box()
+            page.mouse.move(box["x"] + 2, box["y"] + 2)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=4)
+            page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] - 2, steps=4)
+            page.mouse.up()
+            n = len(np.load(Path(spread_run) / "particle_indices.npy"))
+            page.wait_for_function(f"() => document.querySelector('.cfx-nsel').textContent.startsWith('{n} selected')")
+            assert page.locator(".cfx-error").count() == 0
             shot = ARTIFACTS / "latent_explorer.png"
             page.screenshot(path=str(shot), full_page=True)
             print(f"screenshot: {shot}")
-            assert title.inner_text().startswith(f"particle {target['row']} ")
-            assert after != before, "the slice image did not change after clicking a cluster centre"
-            assert page.locator(".cfx-error").count() == 0
         finally:
             browser.close()

@@ -18,6 +18,7 @@ pytest.importorskip("napari")
 pytest.importorskip("qtpy")
 pytest.importorskip("pytestqt")
 
+from cryoformer_widgets.napari_dock import NO_SURFACE, RunExplorerDock  # noqa: E402
 from cryoformer_widgets.napari_layers import SURFACE_NAME, VOLUME_NAME, attention_layer_name  # noqa: E402
 
 pytestmark = pytest.mark.napari
@@ -37,8 +38,6 @@ def dock(run_dir, make_napari_viewer, qtbot):
     # run_dir first: training imports triton (through torch.optim), and loading triton's LLVM
     # after Mesa's software OpenGL (llvmpipe, what Xvfb gives napari) has loaded its own LLVM
     # crashes the process. The plugin itself never imports triton on CPU.
-    from cryoformer_widgets.napari_dock import RunExplorerDock
-
     viewer = make_napari_viewer()
     _dock_widget, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
     assert isinstance(widget, RunExplorerDock)
@@ -120,6 +119,8 @@ def test_open_and_decode_adds_layers(dock, qtbot, run_dir):
     qtbot.waitUntil(lambda: not widget.busy and widget.decoded.label.startswith("PC1"), timeout=WAIT_MS)
     assert viewer.layers[VOLUME_NAME] is volume and not np.allclose(volume.data, before)
     assert not viewer.layers[attention_layer_name("query_c0")].visible  # the user's toggle holds
+    widget.surface_channel.value = NO_SURFACE
+    assert SURFACE_NAME not in viewer.layers
 
 
 def test_a_bad_run_directory_is_a_notification(dock, qtbot, tmp_path, notifications):

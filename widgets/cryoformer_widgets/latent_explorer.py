@@ -10,8 +10,9 @@
 The front end (``static/latent_explorer.js``) draws a canvas scatter of at most ``max_drawn``
 particles (a stratified subsample; the data are never subsampled) and sends clicks, lasso and
 box selections back; everything else happens here, in Python, so every feature can also be
-driven from code. Failures (an unwritable file, a decoding error) are shown in the widget's
-status line (trait ``error``) and never raised into the notebook's event loop.
+driven from code. Failures of what the front end triggers (an unwritable file, a decoding
+error, a bad trait value) are shown in the widget's status line (trait ``error``) and never
+raised into the notebook's event loop; methods called from code raise as usual.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import os
 import pathlib
 import threading
-import time
 from typing import Any, Optional, Sequence
 
 import anywidget
@@ -312,10 +312,11 @@ class LatentExplorer(anywidget.AnyWidget):
         self.marker = [float(coords[self.pc_x - 1]), float(coords[self.pc_y - 1])]
 
     def _on_busy(self, busy: bool, message: str) -> None:
+        """Worker: decoding started / stopped (decoding errors arrive through ``_on_result``)."""
         self.busy = bool(busy)
         if message.startswith(("decoded", "decoding")):
             self.message = message
-        elif message:
+        elif message.startswith("error"):
             self.error = message
 
     def _on_result(self, result: DecodeResult) -> None:
@@ -342,10 +343,8 @@ class LatentExplorer(anywidget.AnyWidget):
             vol = self._volume
             if vol is None:
                 return
-            t0 = time.perf_counter()
             self.slices_png = slices_png(vol, self.threshold)
             self.iso_png = isosurface_png(vol, self.threshold, self.azimuth, self.elevation)
-            self._render_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ front-end messages
     def _on_message(self, widget: Any, content: Any, buffers: Any) -> None:

@@ -298,6 +298,7 @@ class RunExplorerDock(Container):
 
     def _on_level(self, level: float) -> None:
         """A new iso level re-meshes the surface in a worker (no re-decoding)."""
+        # While busy, nothing is lost: the next decode reads the level from the spin box.
         if self.decoded is None or self.auto_level.value or self.busy:
             return
         dec = self.decoded

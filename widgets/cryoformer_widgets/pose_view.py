@@ -97,8 +97,9 @@ def pose_figure_png(history: PoseHistory, epoch: Optional[int], max_points: int 
         ax.set_xlabel("epoch (0 = after pose-only pre-training)", fontsize=8)
         ax.set_ylabel(f"median {name} error ({unit})", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
-        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7, loc="lower right")
+        top = np.nanmax(np.r_[curves[col].to_numpy(dtype=float), 0.0])
+        ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)
 
     for j, (attr, unit, scale, name) in enumerate([("rotation_rad", "°", 180 / np.pi, "rotation"),
                                                    ("shift_px", "px", 1.0, "shift")]):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -123,6 +124,8 @@ class ExplorerState:
         Where the model decodes (``"cpu"``, ``"cuda"``, ``"auto"``).
     k : int
         K-means clusters when no ``RUN/analysis/kmeans_labels.npy`` matches (capped at N).
+        Computing them takes seconds for 10⁵ particles; ``cryoformer analyze`` writes them
+        once for every later session.
     seed : int
         Seed of K-means and of the drawn subsample.
     decode_box : int, optional
@@ -155,8 +158,6 @@ class ExplorerState:
                  seed: int = 0, decode_box: Optional[int] = None, cache_size: int = 32,
                  on_result: Optional[Callable[[DecodeResult], None]] = None,
                  on_busy: Optional[Callable[[bool, str], None]] = None) -> None:
-        import threading
-
         self.run: TrainedRun = run if isinstance(run, TrainedRun) else load_run(run, epoch=epoch, device=device)
         self.latents = np.asarray(self.run.latents, dtype=np.float32)
         self.seed = int(seed)

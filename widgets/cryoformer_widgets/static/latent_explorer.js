@@ -150,11 +150,12 @@ function render({ model, el }) {
       ctx.fillStyle = palette[cols[i]] || "#555";
       ctx.fillRect(px - r, py - r, 2 * r, 2 * r);
     }
-    ctx.globalAlpha = 1; ctx.fillStyle = "#000";
-    for (let i = 0; i < n; i++) {
+    ctx.globalAlpha = 1; ctx.strokeStyle = "#000"; ctx.lineWidth = 1;
+    const rs = Math.max(r + 1, 2.5);
+    for (let i = 0; i < n; i++) {  // selected particles: a black outline, colour kept
       if (!sel[i]) continue;
       const [px, py] = toPx(pts[2 * i], pts[2 * i + 1]);
-      ctx.fillRect(px - r * 0.8, py - r * 0.8, 1.6 * r, 1.6 * r);
+      ctx.strokeRect(px - rs, py - rs, 2 * rs, 2 * rs);
     }
     const placed = [];
     for (const c of model.get("centers") || []) {
