@@ -115,7 +115,7 @@ class TrainConfig:
     invert_data: bool = True
     epochs: int = 20
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     kl_weight: float = 1.0
     seed: int = 0
@@ -180,7 +180,9 @@ class TrainConfig:
 
 # Architecture used when the caller gives none (tuned on CPU, see docs/benchmarks.md).
 DEFAULT_PRESET = "n512"
-DEFAULT_MODEL_OVERRIDES: dict[str, Any] = {}
+# A 32-wide density head instead of 64: the head runs per image on every voxel, so its width
+# sets the training cost; 32 trains 1.8x faster at D = 64 on CPU (docs/benchmarks.md).
+DEFAULT_MODEL_OVERRIDES: dict[str, Any] = {"density_head_hidden": 32}
 
 
 def default_model_config(box_size: int, preset: str = DEFAULT_PRESET, zdim: int = 8,
