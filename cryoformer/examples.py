@@ -123,7 +123,7 @@ def _finished(run_dir: str) -> bool:
         return False
 
 
-def example_run(out_dir: str, minutes: float = 1.0, refine_poses: bool = False,
+def example_run(out_dir: str, minutes: float = 4.0, refine_poses: bool = False,
                 n_particles: int = 2000, train_box: int = 32, epochs: int = 100,
                 seed: int = 0, progress: bool = False, dataset: Optional[ExampleDataset] = None) -> str:
     """A trained run on the example dataset (made, or reused when it exists).
