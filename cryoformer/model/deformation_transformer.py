@@ -135,7 +135,7 @@ class RegionWiseSpatialHead(nn.Module):
         self.dim = dim
         self.query_proj = nn.Linear(dim, dim)   # = W_kᵀ W_q (folded)
         self.value_proj = nn.Linear(dim, dim)   # = W_o W_v (folded)
-        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True),
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1))
         small_output_init(self.ffn[-1])
 
@@ -191,7 +191,7 @@ class ConcatDensityHead(nn.Module):
         self.dim = dim
         self.from_query = nn.Linear(dim, hidden)
         self.from_features = nn.Linear(n_tokens * dim, hidden, bias=False)
-        self.out = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+        self.out = nn.Sequential(nn.ReLU(), nn.Linear(hidden, 1))
         small_output_init(self.out[-1])
 
     @property

@@ -43,7 +43,7 @@ class FeatureVolume(nn.Module):
         self.encoding = HashGridEncoding(hash_config, backend=backend)
         self.mlp = nn.Sequential(
             nn.Linear(self.encoding.output_dim, hidden),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Linear(hidden, n_tokens * token_dim),
         )
 
