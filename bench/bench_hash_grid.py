@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import platform
 import statistics
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model  # noqa: E402
+
 from cryoformer.model import hash_grid_tcnn, hash_grid_triton
 from cryoformer.model.hash_grid import HashGridConfig, HashGridEncoding
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn, device: torch.device, repeats: int) -> list[float]:

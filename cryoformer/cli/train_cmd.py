@@ -81,6 +81,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--feature-grid", type=int, metavar="G",
                    help="evaluate the spatial features F_S on a G³ grid (px of the training box) and "
                         "upsample; smaller is faster (default: the trainer's tuned value)")
+    m.add_argument("--get-query", choices=("trilinear", "block"),
+                   help="how a point reads the structure queries: trilinear blend of the neighbouring "
+                        "blocks' queries (default; smoother maps) or the query of its block (the paper)")
     m.add_argument("--variational", action="store_true", default=None,
                    help="variational latent (KL term, as cryoDRGN) instead of a deterministic one")
     r = p.add_argument_group("pose refinement (paper §3.2)")
@@ -106,7 +109,7 @@ _TRAIN_FIELDS = ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_po
                  "invert_data", "epochs", "batch_size", "lr", "weight_decay", "kl_weight", "seed",
                  "max_minutes", "device", "num_workers", "refine_poses", "pose_pretrain_epochs",
                  "pose_weight", "pose_search", "pose_search_start", "amp")
-_MODEL_OPTIONS = ("preset", "zdim", "feature_grid", "variational")
+_MODEL_OPTIONS = ("preset", "zdim", "feature_grid", "get_query", "variational")
 
 
 def build_configs(args):
@@ -132,6 +135,8 @@ def build_configs(args):
     overrides = {}
     if args.feature_grid is not None:
         overrides["feature_grid_resolution"] = args.feature_grid
+    if args.get_query is not None:
+        overrides["get_query"] = args.get_query
     if args.variational:
         overrides["variational"] = True
     kwargs = {"zdim": args.zdim} if args.zdim is not None else {}
