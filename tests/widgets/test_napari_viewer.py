@@ -139,7 +139,9 @@ def test_level_live_decoding_and_3d_view(dock, qtbot, run_dir):
     qtbot.waitUntil(lambda: widget.decoded is not None and not widget.busy, timeout=WAIT_MS)
     surface, volume = viewer.layers[SURFACE_NAME], viewer.layers[VOLUME_NAME]
     auto_level, n_vertices = widget.decoded.iso_level, len(surface.data[0])
-    assert widget.level.value == pytest.approx(auto_level, rel=1e-3)
+    # the spin box shows the level used to its own precision (decimals follow its step)
+    shown = 10.0 ** -widget.level.native.decimals()
+    assert widget.level.value == pytest.approx(auto_level, rel=1e-3, abs=shown)
 
     # A manual level re-meshes the surface (no decoding) and moves the iso threshold with it.
     widget.auto_level.value = False

@@ -19,6 +19,8 @@ import dataclasses
 import logging
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
+
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox,
                               Label, PushButton, RadioButtons, SpinBox)
 from napari.qt.threading import thread_worker
@@ -247,7 +249,19 @@ class RunExplorerDock(Container):
         z, label = self.current_latent()
         self._requested = label
         level = None if self.auto_level.value else float(self.level.value)
-        self._start(self.session.decode, (z, int(self.box.value), level, label), self._show,
+        session = self.session
+
+        def decode_with_level(z, box, level, label):
+            # A manual level set on one latent's volume may lie outside another's values;
+            # then this volume gets its automatic level (the status line shows the one used).
+            try:
+                return session.decode(z, box, level, label)
+            except ValueError as exc:
+                if level is None or "isosurface level" not in str(exc):
+                    raise
+                return session.decode(z, box, None, label)
+
+        self._start(decode_with_level, (z, int(self.box.value), level, label), self._show,
                     f"decoding {label} …")
 
     def _wanted_channels(self) -> List[str]:
@@ -268,7 +282,11 @@ class RunExplorerDock(Container):
             if layer_name in self.viewer.layers:
                 self.viewer.layers[layer_name].visible = box.value
         with self.level.changed.blocked():  # reflect the level used, without re-meshing
-            self.level.step = max(abs(float(dec.volume.max() - dec.volume.min())) / 200, 1e-9)
+            # magicgui derives the spin box's decimals from its step: a power of ten a thousandth
+            # of the density range keeps ~4 significant digits, so the shown level (and one
+            # typed or set from code) is not rounded out of the volume's range.
+            span = max(abs(float(dec.volume.max() - dec.volume.min())), 1e-12)
+            self.level.step = 10.0 ** np.floor(np.log10(span / 1000))
             self.level.value = dec.iso_level
         self.status.value = (f"showing {dec.label}: {dec.box}³ voxels of {dec.voxel_size:.3g} "
                              f"{'Å' if dec.unit == 'angstrom' else 'px'}, level {dec.iso_level:.3g}")
