@@ -23,6 +23,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def single_thread():
+    """Run a test on one torch thread, restoring the count afterwards.
+
+    Tiny tensors are dominated by OpenMP synchronisation: on a loaded 2-core machine one
+    thread is both faster and steadier than two.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def rng():
     """A seeded numpy generator, so failures reproduce."""
     return np.random.default_rng(1234)

@@ -9,13 +9,8 @@ from cryoformer.model import PRESETS, CryoFormer, ModelConfig, model_config_from
 from cryoformer.model.hash_grid import HashGridConfig
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one thread avoids OpenMP synchronisation stalls on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread avoids OpenMP stalls on a loaded 2-core box (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("name, n, c", [("paper-eccv", 16, 8), ("n512", 8, 8), ("n64-c64", 4, 64)])

@@ -13,13 +13,8 @@ from cryoformer.physics import fourier, projector
 from cryoformer.physics.rotations import random_rotations
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one thread avoids OpenMP synchronisation stalls on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread avoids OpenMP stalls on a loaded 2-core box (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 D = 24
