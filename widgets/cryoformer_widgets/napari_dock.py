@@ -27,8 +27,9 @@ from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error
 
 from .napari_latents import RunSession
-from .napari_layers import (SURFACE_NAME, VOLUME_NAME, add_or_update, attention_layer,
-                            attention_layer_name, isosurface, latent_layers, surface_layer)
+from .napari_layers import (SURFACE_NAME, VOLUME_NAME, IsoLevelError, add_or_update,
+                            attention_layer, attention_layer_name, isosurface, latent_layers,
+                            surface_layer)
 
 __all__ = ["RunExplorerDock"]
 
@@ -256,8 +257,8 @@ class RunExplorerDock(Container):
             # then this volume gets its automatic level (the status line shows the one used).
             try:
                 return session.decode(z, box, level, label)
-            except ValueError as exc:
-                if level is None or "isosurface level" not in str(exc):
+            except IsoLevelError:
+                if level is None:
                     raise
                 return session.decode(z, box, None, label)
 

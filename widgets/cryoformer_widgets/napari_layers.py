@@ -118,6 +118,10 @@ def default_iso_level(volume: np.ndarray) -> float:
     return float(threshold_otsu(vol))
 
 
+class IsoLevelError(ValueError):
+    """An isosurface level outside the open range of a volume's values."""
+
+
 def isosurface(volume: np.ndarray, level: float) -> Tuple[np.ndarray, np.ndarray]:
     """Marching-cubes isosurface of ``volume`` ``[D, D, D]`` at ``level``.
 
@@ -130,7 +134,7 @@ def isosurface(volume: np.ndarray, level: float) -> Tuple[np.ndarray, np.ndarray
 
     Raises
     ------
-    ValueError
+    IsoLevelError (a ValueError)
         ``level`` outside the open range of the volume's values.
     """
     from skimage.measure import marching_cubes
@@ -138,7 +142,7 @@ def isosurface(volume: np.ndarray, level: float) -> Tuple[np.ndarray, np.ndarray
     vol = np.asarray(volume, dtype=np.float32)
     lo, hi = float(vol.min()), float(vol.max())
     if not lo < level < hi:
-        raise ValueError(f"isosurface level {level:.4g} is outside the density range ({lo:.4g}, {hi:.4g})")
+        raise IsoLevelError(f"isosurface level {level:.4g} is outside the density range ({lo:.4g}, {hi:.4g})")
     verts, faces, _normals, _values = marching_cubes(vol, level=level)
     return verts.astype(np.float32), faces.astype(np.int32)
 
