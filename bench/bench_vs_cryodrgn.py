@@ -10,7 +10,12 @@ the mean latent of that state's particles and compared with the state's map (SPE
 resolution (Å) and AU-FSC, averaged over states. cryoDRGN runs from its own virtual
 environment (created here from PyPI when missing, with the CPU torch pinned).
 
-    python bench/bench_vs_cryodrgn.py --budget-minutes 30 -o bench_out/vs_cryodrgn
+Smaller budgets are read off the same runs (``--eval-minutes 10,20,30``): each tool is scored
+at the last epoch it had written by then (file times from the start of its process) — for
+cryoformer, the epoch with the lowest held-out image loss among those, i.e. what
+``cryoformer analyze`` would have used had the run been stopped there.
+
+    python bench/bench_vs_cryodrgn.py --budget-minutes 30 --eval-minutes 10,20,30 -o bench_out/vs_cryodrgn
 
 Prints a markdown row per tool for docs/benchmarks.md and writes ``results.json``.
 """
@@ -98,70 +103,124 @@ def state_means(z: np.ndarray, labels: np.ndarray) -> dict:
     return {int(k): z[labels == k].mean(axis=0) for k in np.unique(labels)}
 
 
-def run_cryodrgn(exe: str, data: str, out: str, budget_min: float, zdim: int, extra) -> dict:
-    import pickle
+def finished_by(paths_by_epoch: dict, t0: float, budget_min: float):
+    """Epochs whose output file was written within ``budget_min`` minutes of ``t0`` (file mtime)."""
+    return sorted(e for e, path in paths_by_epoch.items() if os.path.getmtime(path) - t0 <= 60 * budget_min)
 
+
+def train_cryodrgn(exe: str, data: str, out: str, budget_min: float, zdim: int, extra) -> dict:
     os.makedirs(out, exist_ok=True)
     cmd = [exe, "train_vae", os.path.join(data, "particles.mrcs"), "--poses", os.path.join(data, "poses.pkl"),
            "--ctf", os.path.join(data, "ctf.pkl"), "--zdim", zdim, "-n", 10000, "-o", out, "--no-analysis"] + extra
     t0 = time.time()
     sh(cmd, timeout=budget_min * 60, log=os.path.join(out, "stdout.log"))
-    wall = time.time() - t0
-    weights = sorted(glob.glob(os.path.join(out, "weights.*.pkl")), key=lambda p: int(p.split(".")[-2]))
-    if not weights:
-        return {"error": "cryoDRGN finished no epoch within the budget", "wall_s": wall}
-    epoch = int(weights[-1].split(".")[-2])
+    info = {"t0": t0, "wall_s": time.time() - t0, "command": " ".join(map(str, cmd))}
+    with open(os.path.join(out, "bench_timing.json"), "w") as fh:
+        json.dump(info, fh)
+    return info
+
+
+def score_cryodrgn(exe: str, data: str, out: str, epoch: int) -> dict:
+    """Per-state scores of cryoDRGN's epoch ``epoch`` (its 0-based file numbering)."""
+    import pickle
+
     with open(os.path.join(out, f"z.{epoch}.pkl"), "rb") as fh:  # cryoDRGN's own output
         z = pickle.load(fh)
     z = np.asarray(z[0] if isinstance(z, tuple) else z)
     labels = np.load(os.path.join(data, "gt", "state.npy"))
     means = state_means(z, labels)
-    zfile = os.path.join(out, "zstates.txt")
+    zfile = os.path.join(out, f"zstates.{epoch}.txt")
     np.savetxt(zfile, np.stack([means[k] for k in sorted(means)]))
     voldir = os.path.join(out, f"vols.{epoch}")
-    sh([exe, "eval_vol", weights[-1], "-c", os.path.join(out, "config.yaml"), "--zfile", zfile, "-o", voldir,
-        "--Apix", 1.5])
+    if not os.path.isdir(voldir):
+        sh([exe, "eval_vol", os.path.join(out, f"weights.{epoch}.pkl"), "-c", os.path.join(out, "config.yaml"),
+            "--zfile", zfile, "-o", voldir, "--Apix", 1.5])
     from cryoformer.io.mrc import read_volume
 
-    vols = {}
-    for i, k in enumerate(sorted(means)):
-        path = sorted(glob.glob(os.path.join(voldir, "*.mrc")))[i]
-        vols[k] = read_volume(path)[0]
+    paths = sorted(glob.glob(os.path.join(voldir, "*.mrc")))
+    vols = {k: read_volume(paths[i])[0] for i, k in enumerate(sorted(means))}
     scores = per_state_scores(vols, data)
     # cryoDRGN's map axes may be mirrored relative to ours; score its better hand, to be fair.
     flipped = per_state_scores({k: v[::-1].copy() for k, v in vols.items()}, data)
     if flipped["mean_au_fsc"] > scores["mean_au_fsc"]:
         scores, scores["hand"] = flipped, "flipped"
-    scores.update({"epochs_completed": epoch + 1 if epoch == 0 else epoch, "wall_s": wall,
-                   "command": " ".join(map(str, cmd))})
+    scores["epochs_completed"] = epoch + 1 if epoch == 0 else epoch
     return scores
 
 
-def run_cryoformer(data: str, out: str, budget_min: float, zdim: int, extra) -> dict:
-    import torch
+def cryodrgn_at_budgets(exe, data, out, info, budgets) -> dict:
+    """At each budget, cryoDRGN's last epoch finished by then (what a run stopped there has)."""
+    weights = {int(p.split(".")[-2]): p for p in glob.glob(os.path.join(out, "weights.*.pkl"))}
+    rows = {}
+    for b in budgets:
+        done = finished_by(weights, info["t0"], b)
+        rows[f"{b:g}"] = (score_cryodrgn(exe, data, out, done[-1]) if done
+                          else {"error": "no epoch finished within the budget"})
+    return rows
 
-    from cryoformer.trainer.run_dir import load_run
 
+def train_cryoformer(data: str, out: str, budget_min: float, zdim: int, extra) -> dict:
     cmd = [os.path.join(VENV_BIN, "cryoformer"), "train", os.path.join(data, "particles.star"), "-o", out,
            "--zdim", zdim, "--max-minutes", budget_min, "--epochs", 10000] + extra
     t0 = time.time()
     sh(cmd, log=os.path.join(os.path.dirname(out), "cryoformer_stdout.log"))
-    wall = time.time() - t0
-    run = load_run(out)
+    info = {"t0": t0, "wall_s": time.time() - t0, "command": " ".join(map(str, cmd))}
+    with open(os.path.join(out, "bench_timing.json"), "w") as fh:
+        json.dump(info, fh)
+    return info
+
+
+def score_cryoformer(data: str, out: str, epoch) -> dict:
+    import torch
+
+    from cryoformer.trainer.run_dir import load_run
+
+    run = load_run(out, epoch=epoch)
     labels = np.load(os.path.join(data, "gt", "state.npy"))[run.particle_indices]
     means = state_means(run.latents, labels)
     with torch.no_grad():
         vols = {k: run.model.decode_volume(torch.as_tensor(m, dtype=torch.float32), D=64).cpu().numpy()
                 for k, m in means.items()}
     scores = per_state_scores(vols, data)
-    scores.update({"epochs_completed": run.epoch, "wall_s": wall, "command": " ".join(map(str, cmd))})
+    scores["epochs_completed"] = run.epoch
     return scores
+
+
+def cryoformer_at_budgets(data, out, info, budgets) -> dict:
+    """At each budget, the epoch a user would analyse had the run stopped there: the lowest
+    held-out image loss among the epochs written by then (``load_run``'s default), and, for
+    comparison, simply the last one."""
+    from cryoformer.trainer.run_dir import list_epochs
+    from cryoformer.trainer.validation import read_validation
+
+    ckpts = {e: os.path.join(out, "checkpoints", f"epoch_{e:03d}.pt") for e in list_epochs(out)}
+    history = {r["epoch"]: r["heldout_mse"] for r in (read_validation(out) or {}).get("history", [])}
+    rows = {}
+    for b in budgets:
+        done = finished_by(ckpts, info["t0"], b)
+        if not done:
+            rows[f"{b:g}"] = {"error": "no epoch finished within the budget"}
+            continue
+        scored = [e for e in done if e in history]
+        pick = min(scored, key=lambda e: (history[e], e)) if scored else done[-1]
+        row = score_cryoformer(data, out, pick)
+        row["selected_by"] = "heldout" if scored else "latest"
+        row["last_epoch"] = done[-1]
+        if pick != done[-1]:
+            last = score_cryoformer(data, out, done[-1])
+            row["last_epoch_fsc05_angstrom"] = last["mean_fsc05_angstrom"]
+            row["last_epoch_au_fsc"] = last["mean_au_fsc"]
+        rows[f"{b:g}"] = row
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--out", default="bench_out/vs_cryodrgn", help="working directory")
     p.add_argument("--budget-minutes", type=float, default=30.0, help="training wall-clock budget per tool")
+    p.add_argument("--eval-minutes", default=None,
+                   help="comma-separated budgets (minutes, <= --budget-minutes) at which to score both "
+                        "tools from the one run each: the epochs finished by then (default: the budget)")
     p.add_argument("--n-particles", type=int, default=5000)
     p.add_argument("--n-states", type=int, default=10)
     p.add_argument("--zdim", type=int, default=8)
@@ -171,6 +230,8 @@ def main() -> None:
     p.add_argument("--cryodrgn-args", default="", help="extra train_vae arguments (e.g. a small architecture)")
     p.add_argument("--cryoformer-args", default="", help="extra cryoformer train arguments")
     p.add_argument("--skip", choices=("cryodrgn", "cryoformer"), action="append", default=[])
+    p.add_argument("--reuse", action="store_true",
+                   help="score existing runs in -o again (e.g. at other --eval-minutes) instead of training")
     args = p.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
@@ -179,24 +240,45 @@ def main() -> None:
                "dataset": {"source": "AdK closed→open (MDAnalysisTests adk.psf + adk_dims.dcd)",
                            "n_particles": args.n_particles, "n_states": args.n_states, "box": 64,
                            "pixel_size_angstrom": 1.5, "snr": 0.1}}
-    if "cryodrgn" not in args.skip:
-        exe = ensure_cryodrgn(args.cryodrgn_venv, args.cryodrgn_version)
-        results["cryodrgn"] = run_cryodrgn(exe, data, os.path.join(args.out, "cryodrgn"), args.budget_minutes,
-                                           args.zdim, shlex.split(args.cryodrgn_args))
-    if "cryoformer" not in args.skip:
-        results["cryoformer"] = run_cryoformer(data, os.path.join(args.out, "cryoformer"), args.budget_minutes,
-                                               args.zdim, shlex.split(args.cryoformer_args))
+    budgets = sorted({float(b) for b in (args.eval_minutes or f"{args.budget_minutes:g}").split(",")})
+    results["eval_minutes"] = budgets
+    for tool in ("cryodrgn", "cryoformer"):
+        if tool in args.skip:
+            continue
+        out = os.path.join(args.out, tool)
+        timing = os.path.join(out, "bench_timing.json")
+        if args.reuse and os.path.isfile(timing):
+            info = json.load(open(timing))
+        elif tool == "cryodrgn":
+            exe = ensure_cryodrgn(args.cryodrgn_venv, args.cryodrgn_version)
+            info = train_cryodrgn(exe, data, out, args.budget_minutes, args.zdim, shlex.split(args.cryodrgn_args))
+        else:
+            info = train_cryoformer(data, out, args.budget_minutes, args.zdim, shlex.split(args.cryoformer_args))
+        if tool == "cryodrgn":
+            exe = ensure_cryodrgn(args.cryodrgn_venv, args.cryodrgn_version)
+            rows = cryodrgn_at_budgets(exe, data, out, info, budgets)
+        else:
+            rows = cryoformer_at_budgets(data, out, info, budgets)
+        results[tool] = {"command": info["command"], "wall_s": info["wall_s"], "budgets": rows}
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(results, fh, indent=2, default=float)
-    print(f"\nmachine: {machine.one_line()}; budget {args.budget_minutes:g} min per tool")
-    print("| tool | epochs | mean FSC-0.5 (Å) | mean AU-FSC |")
-    print("|---|---|---|---|")
-    for tool in ("cryodrgn", "cryoformer"):
-        r = results.get(tool)
-        if r and "mean_fsc05_angstrom" in r:
-            print(f"| {tool} | {r['epochs_completed']} | {r['mean_fsc05_angstrom']:.2f} | {r['mean_au_fsc']:.3f} |")
-        elif r:
-            print(f"| {tool} | – | {r.get('error')} | |")
+    print(f"\nmachine: {machine.one_line()}; one {args.budget_minutes:g}-min run per tool")
+    print("| budget | tool | epoch used | mean FSC-0.5 (Å) | mean AU-FSC | per-state FSC-0.5 (Å) |")
+    print("|---|---|---|---|---|---|")
+    for b in budgets:
+        for tool in ("cryodrgn", "cryoformer"):
+            r = results.get(tool, {}).get("budgets", {}).get(f"{b:g}")
+            if r is None:
+                continue
+            if "mean_fsc05_angstrom" not in r:
+                print(f"| {b:g} min | {tool} | – | {r.get('error')} | | |")
+                continue
+            used = str(r["epochs_completed"])
+            if r.get("selected_by") == "heldout":
+                used += f" (held-out best; last {r['last_epoch']}"
+                used += (f": {r['last_epoch_fsc05_angstrom']:.2f} Å)" if "last_epoch_fsc05_angstrom" in r else ")")
+            per = " ".join(f"{v['fsc05_angstrom']:.1f}" for _, v in sorted(r["per_state"].items(), key=lambda kv: int(kv[0])))
+            print(f"| {b:g} min | {tool} | {used} | {r['mean_fsc05_angstrom']:.2f} | {r['mean_au_fsc']:.3f} | {per} |")
 
 
 if __name__ == "__main__":

@@ -76,9 +76,10 @@ class AnalyzeConfig:
     progress: bool = True
 
 
-def analysis_dir(run_dir: PathLike, epoch: Optional[int] = None) -> str:
-    """``RUN/analysis`` (latest epoch) or ``RUN/analysis.E`` (epoch ``E`` asked for)."""
-    name = "analysis" if epoch is None else f"analysis.{int(epoch)}"
+def analysis_dir(run_dir: PathLike, epoch: Optional[object] = None) -> str:
+    """``RUN/analysis`` (the default epoch of ``load_run``: best held-out loss, else latest) or
+    ``RUN/analysis.E`` (epoch ``E``, or ``analysis.last``, asked for)."""
+    name = "analysis" if epoch in (None, "best") else f"analysis.{epoch}"
     return os.path.join(os.fspath(run_dir), name)
 
 

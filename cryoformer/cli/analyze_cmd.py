@@ -12,11 +12,26 @@ import os
 from cryoformer.errors import InputError
 
 
+def epoch_argument(text: str):
+    """``--epoch`` values: an integer ≥ 0, ``best`` or ``last``."""
+    if text in ("best", "last"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an epoch number, 'best' or 'last', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"epoch must be >= 0, got {value}")
+    return value
+
+
 def add_run_arguments(p: argparse.ArgumentParser, device: bool = True) -> None:
     """The run directory, ``--epoch`` and (optionally) ``--device`` arguments."""
     p.add_argument("run_dir", metavar="RUN", help="training run directory (written by `cryoformer train`)")
-    p.add_argument("--epoch", type=int, help="epoch to use (default: the last finished epoch; 0 = after "
-                                             "pose pre-training)")
+    p.add_argument("--epoch", type=epoch_argument,
+                   help="epoch to use: a number (0 = after pose pre-training), 'best' or 'last' "
+                        "(default: the epoch with the lowest held-out image loss when images were "
+                        "held out, else the last finished one)")
     if device:
         p.add_argument("--device", default="cpu",
                        help="torch device for decoding: cpu, cuda, cuda:1, auto (default cpu)")
@@ -74,7 +89,8 @@ def run(args) -> int:
     config = AnalyzeConfig(k=args.k, seed=args.seed, n_traversal=args.n_traversal, traversal_pcs=args.pcs,
                            box_size=args.box, flex_method=args.flex_method, batch_size=args.batch_size)
     record = analyze_run(loaded, out_dir, config)
-    print(f"analysed epoch {record['epoch']}: {record['n_particles']} particles, zdim {record['zdim']}, "
+    why = {"heldout": " (lowest held-out image loss)", "latest": " (latest)"}.get(loaded.selected_by, "")
+    print(f"analysed epoch {record['epoch']}{why}: {record['n_particles']} particles, zdim {record['zdim']}, "
           f"{args.k} clusters (sizes {record['cluster_sizes']})")
     print(f"explained variance PC1…: {', '.join(f'{v:.3f}' for v in record['explained_variance_ratio'][:4])}")
     print(f"maps: {record['box_size_voxels']}³ voxels of {record['voxel_size_angstrom']:.3f} Å")

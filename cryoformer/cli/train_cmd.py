@@ -72,6 +72,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
     g.add_argument("--no-amp", dest="amp", action="store_false", default=None,
                    help="no bf16 autocast on CUDA (never used on CPU)")
+    g.add_argument("--heldout-fraction", type=float,
+                   help="fraction of the particles held out of training to measure, after each epoch, "
+                        "how well the model predicts images it never saw (RUN/validation.json); "
+                        "analysis then uses the epoch where that loss is lowest, before the model fits "
+                        f"the noise. 0 disables (default {d['heldout_fraction']:g}, at most "
+                        f"--heldout-max images)")
+    g.add_argument("--heldout-max", type=int, help=f"at most this many held-out images (default {d['heldout_max']})")
+    g.add_argument("--early-stop", dest="early_stop_epochs", type=int, metavar="EPOCHS",
+                   help="stop when the held-out loss has not improved for EPOCHS epochs (default: never)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in -o from checkpoints/last.pt (same data/options; "
                         "--epochs, --max-minutes, --device, --num-workers may change)")
@@ -108,7 +117,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 _TRAIN_FIELDS = ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_poses", "box_size",
                  "invert_data", "epochs", "batch_size", "lr", "weight_decay", "kl_weight", "seed",
                  "max_minutes", "device", "num_workers", "refine_poses", "pose_pretrain_epochs",
-                 "pose_weight", "pose_search", "pose_search_start", "amp")
+                 "pose_weight", "pose_search", "pose_search_start", "amp", "heldout_fraction",
+                 "heldout_max", "early_stop_epochs")
 _MODEL_OPTIONS = ("preset", "zdim", "feature_grid", "get_query", "variational")
 
 
@@ -164,8 +174,17 @@ def run(args) -> int:
         print(f"cryoformer train: interrupted; checkpoint written, continue with --resume: {where}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    from cryoformer.trainer.run_dir import best_epoch
+
+    best = best_epoch(result.run_dir) if result.epoch >= 1 else None
+    if best is not None:
+        print(f"lowest held-out image loss at epoch {best} (what `cryoformer analyze` uses by default)")
     if result.stopped == "time":
         print(f"stopped at the --max-minutes budget; continue with --resume: {where}")
+        return 0
+    if result.stopped == "early":
+        print(f"stopped early: the held-out loss did not improve for {config.early_stop_epochs} "
+              f"epochs: {where}")
         return 0
     print(f"training finished: {where}")
     return 0

@@ -26,7 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUME_MUST_MATCH = (
     "particles", "poses", "ctf", "ind", "datadir", "box_size", "invert_data", "batch_size",
     "lr", "weight_decay", "seed", "refine_poses", "pose_pretrain_epochs", "pose_weight",
-    "kl_weight", "pose_search", "pose_search_start",
+    "kl_weight", "pose_search", "pose_search_start", "heldout_fraction", "heldout_max",
 )
 
 
@@ -102,6 +102,16 @@ class TrainConfig:
         Rows of ``log.csv`` are written every this many optimiser steps (and at epoch end).
     amp : bool
         bf16 autocast on CUDA (never on CPU, where it is slower and less accurate).
+    heldout_fraction : float
+        Fraction of the particles held out of training (at most ``heldout_max`` images) to
+        measure, after every epoch, how well the model predicts images it never trained on
+        (:mod:`cryoformer.trainer.validation`); the epoch where that loss is lowest is the one
+        analysis loads by default. 0 disables it. Held-out particles still get latents.
+    heldout_max : int
+        Upper bound on the number of held-out images (keeps the check cheap on 500k stacks).
+    early_stop_epochs : int or None
+        Stop when the held-out loss has not improved for this many epochs (needs
+        ``heldout_fraction`` > 0); None = train for ``epochs`` / ``max_minutes``.
     """
 
     particles: str
@@ -129,6 +139,9 @@ class TrainConfig:
     pose_search_start: int = 2
     log_every_steps: int = 20
     amp: bool = True
+    heldout_fraction: float = 0.05
+    heldout_max: int = 2000
+    early_stop_epochs: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_poses"):
@@ -160,6 +173,15 @@ class TrainConfig:
                       "--pose-search (local projection matching)")
         if self.pose_search_start < 1:
             raise bad("--pose-search-start", f"must be >= 1, got {self.pose_search_start}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise bad("--heldout-fraction", f"must be in [0, 1), got {self.heldout_fraction}")
+        if self.heldout_max < 1:
+            raise bad("--heldout-max", f"must be >= 1, got {self.heldout_max}")
+        if self.early_stop_epochs is not None:
+            if self.early_stop_epochs < 1:
+                raise bad("--early-stop", f"must be >= 1 epochs, got {self.early_stop_epochs}")
+            if self.heldout_fraction == 0:
+                raise bad("--early-stop", "needs held-out images (--heldout-fraction > 0)")
         if self.log_every_steps < 1:
             raise bad("log_every_steps", "must be >= 1")
 

@@ -222,13 +222,19 @@ class BatchPlan:
     global_batch : int
     seed : int
     rank, world : int
+    rows : np.ndarray [m] int64, optional
+        The subset rows to visit (the training rows when images are held out); default all
+        ``0..n-1``.
     """
 
-    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 rows: Optional[np.ndarray] = None) -> None:
         if global_batch % world:
             raise InputError(None, "--batch-size", f"global batch {global_batch} is not divisible "
                              f"by the {world} distributed processes")
-        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.n = n if rows is None else int(self.rows.size)
+        self.global_batch, self.seed = global_batch, seed
         self.rank, self.world = rank, world
 
     def global_batches(self, epoch: int, stream: int = 0) -> list[np.ndarray]:
@@ -237,6 +243,8 @@ class BatchPlan:
         ``stream`` separates independent orders (0: training, 1: pose pre-training).
         """
         perm = np.random.default_rng([self.seed, epoch, stream]).permutation(self.n)
+        if self.rows is not None:
+            perm = self.rows[perm]
         batches = [perm[i:i + self.global_batch] for i in range(0, self.n, self.global_batch)]
         last = batches[-1].size - batches[-1].size % self.world
         if last == 0:

@@ -44,6 +44,7 @@ from .config import TrainConfig, default_model_config
 from .data import BatchPlan, load_particle_data, make_loader
 from .inference import encode_particles
 from .trainlog import TrainLog
+from .validation import ValidationHistory, heldout_loss, split_heldout
 
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class TrainResult:
     Attributes
     ----------
     run_dir : str
-    stopped : {"finished", "time", "interrupted"}
+    stopped : {"finished", "time", "interrupted", "early"}
+        ``early``: the held-out loss stopped improving (``early_stop_epochs``).
     epoch : int
         Last training epoch with outputs on disk (0 = only pose pre-training; -1 = none).
     step : int
@@ -153,6 +155,12 @@ class Trainer:
         elif outputs.is_run_dir(self.run_dir):
             raise InputError(self.run_dir, None, "already holds a training run; pass --resume to "
                              "continue it or choose another output directory")
+        if state is not None and "heldout_fraction" not in state["train_config"]:
+            import dataclasses
+
+            # A run begun before images were held out keeps training on all of them.
+            config = dataclasses.replace(config, heldout_fraction=0.0)
+            self.config = config
         self.data = load_particle_data(config)
         if state is not None:
             model_config = ModelConfig.from_dict(state["model_config"])
@@ -172,7 +180,11 @@ class Trainer:
         self.model = CryoFormer(model_config).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
-        self.plan = BatchPlan(len(self.data), config.batch_size, config.seed, info.rank, info.world)
+        train_rows, self.heldout_rows = split_heldout(len(self.data), config.heldout_fraction,
+                                                      config.heldout_max, config.seed)
+        self.plan = BatchPlan(len(self.data), config.batch_size, config.seed, info.rank, info.world,
+                              rows=train_rows if self.heldout_rows.size else None)
+        self.validation = ValidationHistory(n_heldout=int(self.heldout_rows.size))
         self.phase, self.epoch, self.batch_in_epoch, self.step = "start", 0, 0, 0
         self.epoch_complete, self.elapsed_before = True, 0.0
         self.last_epoch_written = -1
@@ -185,6 +197,7 @@ class Trainer:
             self.epoch_complete = bool(state["epoch_complete"])
             self.elapsed_before = float(state["elapsed_s"])
             self.last_epoch_written = int(state.get("last_epoch_written", -1))
+            self.validation = ValidationHistory(state.get("validation"), int(self.heldout_rows.size))
             if "current_rotations" in state:  # poses refined by the local search so far
                 self.data.poses = Poses(state["current_rotations"].numpy(),
                                         state["current_shifts_px"].numpy(), self.data.original_box)
@@ -200,6 +213,9 @@ class Trainer:
                                       outputs.data_summary(self.data, config), command_line,
                                       info.world, resumed=state is not None)
             outputs.write_indices(self.run_dir, self.data.indices)
+            if self.heldout_rows.size:
+                outputs.write_indices(self.run_dir, self.data.indices[self.heldout_rows],
+                                      outputs.HELDOUT_NAME)
             keep_epoch = self.last_epoch_written
             if self.phase == "train" and not self.epoch_complete and keep_epoch == self.epoch:
                 keep_epoch -= 1  # its pose errors were of a partial epoch; they are redone
@@ -289,7 +305,8 @@ class Trainer:
             bar.close()
         if acc["epoch"].images:
             self._log_row("epoch", acc["epoch"])
-        self._end_of_epoch(phase, epoch, reason)
+        if self._end_of_epoch(phase, epoch, reason) and reason is None:
+            reason = "early"
         return reason
 
     def _train_step(self, batch, phase: str) -> tuple[dict[str, float], int]:
@@ -341,8 +358,10 @@ class Trainer:
                       "shift_mean_square_px2": summary.get("shift_mean_square_px2")})
 
     # ------------------------------------------------------------------ epoch outputs
-    def _end_of_epoch(self, phase: str, epoch: int, reason: Optional[str]) -> None:
-        """Outputs and checkpoints after an epoch (or at a stop inside one)."""
+    def _end_of_epoch(self, phase: str, epoch: int, reason: Optional[str]) -> bool:
+        """Outputs and checkpoints after an epoch (or at a stop inside one).
+
+        Returns True when the held-out loss says to stop early (same answer on every rank)."""
         cfg = self.config
         finished_pretrain = phase == "pretrain" and self.epoch_complete and epoch == cfg.pose_pretrain_epochs
         out_epoch = None
@@ -353,11 +372,31 @@ class Trainer:
         if (cfg.pose_search and phase == "train" and self.epoch_complete
                 and epoch >= cfg.pose_search_start):
             self._search_poses()
+        stop_early = False
         if self.info.is_main:
             if out_epoch is not None:
                 self._write_epoch_outputs(out_epoch)
+                if phase == "train" and self.heldout_rows.size:
+                    stop_early = self._validate(out_epoch)
             self._save(out_epoch)
         dist_mod.barrier(self.info)
+        return bool(dist_mod.all_reduce_max(float(stop_early), self.info))
+
+    def _validate(self, out_epoch: int) -> bool:
+        """Held-out loss of this epoch's model → history, log, ``validation.json``.
+
+        Returns True when ``early_stop_epochs`` epochs have passed without improvement."""
+        cfg = self.config
+        mse = heldout_loss(self.model, self.data, self.heldout_rows, self.device,
+                           predicted_poses=cfg.refine_poses, amp=cfg.amp)
+        self.validation.add(out_epoch, self.step, self.elapsed(), mse, self.epoch_complete)
+        self.validation.write(self.run_dir)
+        best = self.validation.best_epoch()
+        self.log.row({"kind": "heldout", "epoch": out_epoch, "step": self.step, "phase": "train",
+                      "images": int(self.heldout_rows.size), "mse": mse, "elapsed_s": self.elapsed()})
+        logger.info("epoch %d: held-out image loss %.6g (best epoch %s)", out_epoch, mse, best)
+        return (cfg.early_stop_epochs is not None and self.epoch_complete
+                and self.validation.epochs_since_best() >= cfg.early_stop_epochs)
 
     def _search_poses(self) -> None:
         """Local pose search on rank 0, broadcast to every rank; replaces the training poses."""
@@ -404,6 +443,7 @@ class Trainer:
             "rng": capture_rng_state(), "train_config": self.config.to_dict(),
             "model_config": self.model_config.to_dict(),
             "data": outputs.data_summary(self.data, self.config), "elapsed_s": self.elapsed(),
+            "validation": self.validation.rows,
         }
         if self.config.pose_search:
             state["current_rotations"] = torch.from_numpy(self.data.poses.rotations)

@@ -30,6 +30,8 @@ from cryoformer.metadata import Poses
 
 CONFIG_NAME = "config.yaml"
 INDICES_NAME = "particle_indices.npy"
+# Rows of the original stack held out of training (cryoformer.trainer.validation).
+HELDOUT_NAME = "heldout_indices.npy"
 CHECKPOINT_DIR = "checkpoints"
 LATENT_DIR = "latents"
 POSE_DIR = "poses"
@@ -104,8 +106,8 @@ def write_config_yaml(run_dir: str, train_config, model_config, data_info: dict[
         yaml.safe_dump(doc, handle, sort_keys=False, allow_unicode=True)
 
 
-def write_indices(run_dir: str, indices: np.ndarray) -> None:
-    with atomic_open(os.path.join(run_dir, INDICES_NAME), "wb") as handle:
+def write_indices(run_dir: str, indices: np.ndarray, name: str = INDICES_NAME) -> None:
+    with atomic_open(os.path.join(run_dir, name), "wb") as handle:
         np.save(handle, np.asarray(indices, dtype=np.int64))
 
 

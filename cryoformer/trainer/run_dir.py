@@ -1,6 +1,6 @@
 """Read a training run directory back (for analysis, evaluation, export, widgets).
 
->>> run = load_run("RUN/")               # latest epoch
+>>> run = load_run("RUN/")               # best epoch by held-out loss (else the latest)
 >>> run.latents.shape                    # [N, zdim], particle order of the --ind subset
 >>> vol = run.model.decode_volume(run.latents.mean(0))   # [D, D, D], voxel run.pixel_size_angstrom
 
@@ -24,6 +24,7 @@ from cryoformer.model import CryoFormer, ModelConfig
 from . import outputs
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
+from .validation import read_validation
 
 _EPOCH_RE = re.compile(r"^epoch_(\d{3,})\.pt$")
 
@@ -61,6 +62,9 @@ class TrainedRun:
         ``poses/epoch_XXX.pkl`` of this epoch when poses were refined.
     data : dict
         The checkpoint's data summary (image scale, inversion, counts).
+    selected_by : str
+        Why this epoch was loaded: ``"requested"``, ``"heldout"`` (lowest held-out image
+        loss) or ``"latest"``.
     """
 
     model: CryoFormer
@@ -78,6 +82,7 @@ class TrainedRun:
     run_dir: str
     refined_poses_path: Optional[str] = None
     data: dict[str, Any] = field(default_factory=dict)
+    selected_by: str = "requested"
 
     @property
     def n_particles(self) -> int:
@@ -125,15 +130,59 @@ def resolve_device(device: Any) -> torch.device:
     return dev
 
 
-def load_run(run_dir: str, epoch: Optional[int] = None, device: Any = "cpu") -> TrainedRun:
+def best_epoch(run_dir: str) -> Optional[int]:
+    """Epoch with the lowest held-out image loss that still has its files, or None (no
+    images were held out, or that epoch's checkpoint is gone)."""
+    run_dir = _require_run(run_dir)
+    summary = read_validation(run_dir)
+    best = None if summary is None else summary.get("best_epoch")
+    return int(best) if best is not None and int(best) in list_epochs(run_dir) else None
+
+
+def select_epoch(run_dir: str, epoch: Any = None) -> tuple[int, str]:
+    """Resolve an epoch request to ``(epoch, why)``; see :func:`load_run` for ``epoch``.
+
+    Raises
+    ------
+    InputError
+        No finished epoch, or the requested one is missing.
+    """
+    run_dir = _require_run(run_dir)
+    epochs = list_epochs(run_dir)
+    if not epochs:
+        raise InputError(run_dir, None, "no epoch has finished yet (no checkpoints/epoch_XXX.pt "
+                         "with latents/epoch_XXX.npy)")
+    if epoch in (None, "best"):
+        best = best_epoch(run_dir)
+        if best is not None:
+            return best, "heldout"
+        if epoch == "best":
+            raise InputError(run_dir, "epoch", "no held-out loss was recorded (trained with "
+                             "--heldout-fraction 0?); pass an epoch number or 'last'")
+        return epochs[-1], "latest"
+    if epoch == "last":
+        return epochs[-1], "latest"
+    try:
+        epoch = int(epoch)
+    except (TypeError, ValueError):
+        raise InputError(run_dir, "epoch", f"expected an epoch number, 'best' or 'last', got {epoch!r}") from None
+    if epoch not in epochs:
+        raise InputError(run_dir, "epoch", f"epoch {epoch} not found; available: "
+                         f"{', '.join(str(e) for e in epochs)}")
+    return epoch, "requested"
+
+
+def load_run(run_dir: str, epoch: Any = None, device: Any = "cpu") -> TrainedRun:
     """Load the model and latents of one epoch of a training run.
 
     Parameters
     ----------
     run_dir : str
         Directory written by ``cryoformer train``.
-    epoch : int, optional
-        Epoch to load (see :func:`list_epochs`); default the latest.
+    epoch : int, "best", "last" or None
+        Epoch to load (see :func:`list_epochs`). None (default): the epoch with the lowest
+        held-out image loss (``RUN/validation.json``) when images were held out — later epochs
+        may have fitted the noise — else the latest. ``"best"`` insists on the former.
     device : str or torch.device
         Where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``).
 
@@ -143,15 +192,7 @@ def load_run(run_dir: str, epoch: Optional[int] = None, device: Any = "cpu") -> 
         Not a run directory, no finished epoch yet, a missing epoch, or unreadable files.
     """
     run_dir = _require_run(run_dir)
-    epochs = list_epochs(run_dir)
-    if not epochs:
-        raise InputError(run_dir, None, "no epoch has finished yet (no checkpoints/epoch_XXX.pt "
-                         "with latents/epoch_XXX.npy)")
-    if epoch is None:
-        epoch = epochs[-1]
-    elif epoch not in epochs:
-        raise InputError(run_dir, "epoch", f"epoch {epoch} not found; available: "
-                         f"{', '.join(str(e) for e in epochs)}")
+    epoch, why = select_epoch(run_dir, epoch)
     dev = resolve_device(device)
     state = load_checkpoint(outputs.epoch_file(run_dir, outputs.CHECKPOINT_DIR, epoch), map_location=dev)
     model_config = ModelConfig.from_dict(state["model_config"])
@@ -180,4 +221,4 @@ def load_run(run_dir: str, epoch: Optional[int] = None, device: Any = "cpu") -> 
         original_pixel_size_angstrom=data.get("pixel_size_angstrom"),
         paths={k: data.get(k) for k in ("particles", "poses", "ctf", "datadir", "ind", "gt_poses")},
         run_dir=run_dir, refined_poses_path=poses_path if os.path.isfile(poses_path) else None,
-        data=data)
+        data=data, selected_by=why)
