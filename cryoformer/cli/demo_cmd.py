@@ -158,7 +158,9 @@ def run(args) -> int:
                          max_minutes=args.minutes, seed=args.seed, device="auto")
     result = train(config, command_line="cryoformer demo")
     run = load_run(run_dir)
-    print(f"      {result.step} steps, {run.epoch} epoch(s) with outputs", flush=True)
+    why = " (lowest loss on the held-out 5 % of particles)" if run.selected_by == "heldout" else ""
+    print(f"      {result.step} steps, {result.epoch} epoch(s) with outputs; using epoch {run.epoch}{why}",
+          flush=True)
 
     print(f"{stamp()} 3/5 analysing the latent space (PCA, K-means k={args.k}, volumes, attention maps)",
           flush=True)
@@ -175,7 +177,8 @@ def run(args) -> int:
     figure = os.path.join(outdir, "overview.png")
     ends = compare_end_states(run, data, figure)
     summary = {"metrics": metrics, "end_states": ends,
-        "training": {"steps": result.step, "epoch": run.epoch, "minutes": args.minutes},
+        "training": {"steps": result.step, "epochs": result.epoch, "epoch_used": run.epoch,
+                     "epoch_selected_by": run.selected_by, "minutes": args.minutes},
         "wall_s": time.time() - t0}
     with atomic_open(os.path.join(outdir, "metrics.json"), "w") as fh:
         json.dump(summary, fh, indent=1, default=float)
