@@ -104,8 +104,10 @@ def state_means(z: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def finished_by(paths_by_epoch: dict, t0: float, budget_min: float):
-    """Epochs whose output file was written within ``budget_min`` minutes of ``t0`` (file mtime)."""
-    return sorted(e for e, path in paths_by_epoch.items() if os.path.getmtime(path) - t0 <= 60 * budget_min)
+    """Epochs whose output file was written within ``budget_min`` minutes after ``t0`` (file
+    mtime; files older than ``t0`` belong to an earlier run and do not count)."""
+    return sorted(e for e, path in paths_by_epoch.items()
+                  if 0 <= os.path.getmtime(path) - t0 <= 60 * budget_min)
 
 
 def train_cryodrgn(exe: str, data: str, out: str, budget_min: float, zdim: int, extra) -> dict:
@@ -121,7 +123,8 @@ def train_cryodrgn(exe: str, data: str, out: str, budget_min: float, zdim: int, 
 
 
 def score_cryodrgn(exe: str, data: str, out: str, epoch: int) -> dict:
-    """Per-state scores of cryoDRGN's epoch ``epoch`` (its 0-based file numbering)."""
+    """Per-state scores after cryoDRGN's epoch ``epoch`` (4.3.1 numbers its files 1, 2, …:
+    ``weights.N.pkl`` / ``z.N.pkl`` after N epochs)."""
     import pickle
 
     with open(os.path.join(out, f"z.{epoch}.pkl"), "rb") as fh:  # cryoDRGN's own output
@@ -132,25 +135,31 @@ def score_cryodrgn(exe: str, data: str, out: str, epoch: int) -> dict:
     zfile = os.path.join(out, f"zstates.{epoch}.txt")
     np.savetxt(zfile, np.stack([means[k] for k in sorted(means)]))
     voldir = os.path.join(out, f"vols.{epoch}")
-    if not os.path.isdir(voldir):
+    weights = os.path.join(out, f"weights.{epoch}.pkl")
+    if not os.path.isdir(voldir) or os.path.getmtime(voldir) < os.path.getmtime(weights):
         sh([exe, "eval_vol", os.path.join(out, f"weights.{epoch}.pkl"), "-c", os.path.join(out, "config.yaml"),
             "--zfile", zfile, "-o", voldir, "--Apix", 1.5])
     from cryoformer.io.mrc import read_volume
 
     paths = sorted(glob.glob(os.path.join(voldir, "*.mrc")))
+    if len(paths) != len(means):
+        raise RuntimeError(f"cryodrgn eval_vol wrote {len(paths)} maps to {voldir}, expected {len(means)}")
     vols = {k: read_volume(paths[i])[0] for i, k in enumerate(sorted(means))}
     scores = per_state_scores(vols, data)
     # cryoDRGN's map axes may be mirrored relative to ours; score its better hand, to be fair.
     flipped = per_state_scores({k: v[::-1].copy() for k, v in vols.items()}, data)
     if flipped["mean_au_fsc"] > scores["mean_au_fsc"]:
         scores, scores["hand"] = flipped, "flipped"
-    scores["epochs_completed"] = epoch + 1 if epoch == 0 else epoch
+    scores["epochs_completed"] = epoch
     return scores
 
 
 def cryodrgn_at_budgets(exe, data, out, info, budgets) -> dict:
     """At each budget, cryoDRGN's last epoch finished by then (what a run stopped there has)."""
-    weights = {int(p.split(".")[-2]): p for p in glob.glob(os.path.join(out, "weights.*.pkl"))}
+    # An epoch counts when both its weights and its latents exist (the timeout's kill can fall
+    # between the two writes).
+    weights = {int(p.split(".")[-2]): p for p in glob.glob(os.path.join(out, "weights.*.pkl"))
+               if os.path.isfile(os.path.join(out, f"z.{p.split('.')[-2]}.pkl"))}
     rows = {}
     for b in budgets:
         done = finished_by(weights, info["t0"], b)

@@ -32,12 +32,15 @@ def test_split_is_deterministic_disjoint_and_bounded():
     np.testing.assert_array_equal(held, again)
     assert not np.array_equal(held, split_heldout(1000, 0.05, 2000, seed=4)[1])
     assert heldout_count(500_000, 0.05, 2000) == 2000  # capped
-    assert heldout_count(10, 0.0, 2000) == 0 and heldout_count(3, 0.9, 2000) == 2  # one left to train
+    assert heldout_count(30, 0.9, 2000) == 27 and heldout_count(21, 0.99, 2000) == 20  # one left to train
+    assert heldout_count(10, 0.0, 2000) == 0
+    assert heldout_count(300, 0.05, 2000) == 0  # 15 < MIN_HELDOUT: too few to choose an epoch on
     assert split_heldout(10, 0.0, 5, seed=0)[1].size == 0
 
 
 def test_batches_visit_only_training_rows():
-    train_rows, held = split_heldout(103, 0.1, 50, seed=0)
+    train_rows, held = split_heldout(103, 0.3, 50, seed=0)
+    assert held.size == 31
     plan = BatchPlan(103, 8, seed=1, rows=train_rows)
     for epoch in (1, 2):
         seen = np.concatenate(plan.global_batches(epoch))
@@ -61,15 +64,15 @@ def test_history_best_epoch_and_patience():
 
 
 def test_run_holds_out_images_and_loads_the_best_epoch(data_dir, tmp_path):
-    cfg = train_config(data_dir, tmp_path / "run", epochs=3, heldout_fraction=0.25, lr=1e-2)
+    cfg = train_config(data_dir, tmp_path / "run", epochs=3, heldout_fraction=0.5, lr=1e-2)
     result = train(cfg, tiny_model_config(), progress=False)
     run = cfg.outdir
     held = np.load(os.path.join(run, "heldout_indices.npy"))
-    assert held.size == 12 and np.unique(held).size == 12
-    # 36 training images in batches of 8 -> 5 steps per epoch
-    assert result.step == 3 * 5
+    assert held.size == 24 and np.unique(held).size == 24
+    # 24 training images in batches of 8 -> 3 steps per epoch
+    assert result.step == 3 * 3
     summary = json.load(open(os.path.join(run, "validation.json")))
-    assert summary["n_heldout"] == 12 and [r["epoch"] for r in summary["history"]] == [1, 2, 3]
+    assert summary["n_heldout"] == 24 and [r["epoch"] for r in summary["history"]] == [1, 2, 3]
     mses = [r["heldout_mse"] for r in summary["history"]]
     assert summary["best_epoch"] == 1 + int(np.argmin(mses))
     log = read_log(run)
@@ -104,10 +107,17 @@ def test_early_stop_when_heldout_loss_stops_improving(data_dir, tmp_path, monkey
     # epoch 1, so a patience of 2 epochs must stop after epoch 3 of 10.
     values = iter([0.5, 0.6, 0.7, 0.8, 0.9])
     monkeypatch.setattr(loop_mod, "heldout_loss", lambda *a, **k: next(values))
-    cfg = train_config(data_dir, tmp_path / "run", epochs=10, heldout_fraction=0.2, early_stop_epochs=2)
+    cfg = train_config(data_dir, tmp_path / "run", epochs=10, heldout_fraction=0.5, early_stop_epochs=2)
     result = train(cfg, tiny_model_config(), progress=False)
     assert result.stopped == "early" and result.epoch == 3
     assert load_run(cfg.outdir).epoch == 1
+    # resuming keeps the run's split (not the caller's default fraction) and its history
+    more = train(train_config(data_dir, tmp_path / "run", epochs=10, heldout_fraction=0.3, early_stop_epochs=3),
+                 resume=True,
+                 progress=False)
+    assert more.stopped == "early" and more.epoch == 4
+    rows = json.load(open(os.path.join(cfg.outdir, "validation.json")))
+    assert rows["n_heldout"] == 24 and [r["epoch"] for r in rows["history"]] == [1, 2, 3, 4]
 
 
 def test_bad_heldout_options(data_dir, tmp_path):
@@ -115,3 +125,23 @@ def test_bad_heldout_options(data_dir, tmp_path):
         train_config(data_dir, tmp_path / "r", heldout_fraction=1.0)
     with pytest.raises(InputError, match="--early-stop"):
         train_config(data_dir, tmp_path / "r", heldout_fraction=0.0, early_stop_epochs=3)
+    with pytest.raises(InputError, match="at least 20 held-out images"):  # 0.1 of 48 particles
+        train(train_config(data_dir, tmp_path / "r", heldout_fraction=0.1, early_stop_epochs=3),
+              tiny_model_config(), progress=False)
+    assert not os.path.exists(tmp_path / "r" / "config.yaml")  # nothing written
+
+
+def test_partial_epoch_resume_keeps_one_heldout_row_per_epoch(data_dir, tmp_path):
+    model_cfg = tiny_model_config()
+    straight = train(train_config(data_dir, tmp_path / "a", heldout_fraction=0.5), model_cfg, progress=False)
+    stopped = train(train_config(data_dir, tmp_path / "b", heldout_fraction=0.5, max_minutes=1e-9), model_cfg,
+                    progress=False)
+    assert stopped.stopped == "time" and stopped.step == 1  # epoch 1 partial: scored, then redone
+    train(train_config(data_dir, tmp_path / "b", heldout_fraction=0.5), resume=True, progress=False)
+    log = read_log(tmp_path / "b")
+    assert list(log[log.kind == "heldout"].epoch) == [1, 2]
+    a = json.load(open(tmp_path / "a" / "validation.json"))["history"]
+    b = json.load(open(tmp_path / "b" / "validation.json"))["history"]
+    assert [r["epoch"] for r in b] == [1, 2] and all(r["epoch_complete"] for r in b)
+    # the resumed run follows the uninterrupted one, held-out loss included
+    np.testing.assert_allclose([r["heldout_mse"] for r in b], [r["heldout_mse"] for r in a], rtol=1e-4)

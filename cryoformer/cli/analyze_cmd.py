@@ -85,7 +85,8 @@ def run(args) -> int:
     if args.box is not None and (args.box < 2 or args.box % 2):
         raise InputError(None, "-D", f"decoding box must be even and >= 2, got {args.box}")
     loaded = open_run(args)
-    out_dir = args.outdir or analysis_dir(args.run_dir, args.epoch)
+    # "last" names the directory by its number, so `--epoch N` finds it later too.
+    out_dir = args.outdir or analysis_dir(args.run_dir, loaded.epoch if args.epoch == "last" else args.epoch)
     config = AnalyzeConfig(k=args.k, seed=args.seed, n_traversal=args.n_traversal, traversal_pcs=args.pcs,
                            box_size=args.box, flex_method=args.flex_method, batch_size=args.batch_size)
     record = analyze_run(loaded, out_dir, config)

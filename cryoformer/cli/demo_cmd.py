@@ -158,7 +158,7 @@ def run(args) -> int:
                          max_minutes=args.minutes, seed=args.seed, device="auto")
     result = train(config, command_line="cryoformer demo")
     run = load_run(run_dir)
-    why = " (lowest loss on the held-out 5 % of particles)" if run.selected_by == "heldout" else ""
+    why = " (lowest loss on the held-out particles)" if run.selected_by == "heldout" else ""
     print(f"      {result.step} steps, {result.epoch} epoch(s) with outputs; using epoch {run.epoch}{why}",
           flush=True)
 

@@ -65,7 +65,8 @@ def run(args) -> int:
     from cryoformer.cli.analyze_cmd import open_run
 
     loaded = open_run(args)
-    default_dir = os.path.join(args.run_dir, "evaluation" if args.epoch in (None, "best") else f"evaluation.{args.epoch}")
+    tag = loaded.epoch if args.epoch == "last" else args.epoch
+    default_dir = os.path.join(args.run_dir, "evaluation" if tag in (None, "best") else f"evaluation.{tag}")
     out = args.out or os.path.join(default_dir, "metrics.json")
     plot = os.path.join(os.path.dirname(os.path.abspath(out)), "fsc_per_state.png")
     config = EvaluateConfig(motion_threshold_angstrom=args.motion_threshold,

@@ -37,7 +37,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _rows(args, n_particles: int):
+def _rows(args, n_particles: int, epoch: int):
+    import json
+
     import numpy as np
 
     from cryoformer.analysis.analyze import analysis_dir
@@ -51,10 +53,18 @@ def _rows(args, n_particles: int):
         raise InputError(None, "--clusters", f"expected comma-separated integers, got {args.clusters!r}") from exc
     if not clusters:
         raise InputError(None, "--clusters", "no cluster given")
-    path = os.path.join(analysis_dir(args.run_dir, args.epoch), "kmeans_labels.npy")
+    folder = analysis_dir(args.run_dir, epoch if args.epoch == "last" else args.epoch)
+    path = os.path.join(folder, "kmeans_labels.npy")
+    again = f"`cryoformer analyze {args.run_dir}{'' if args.epoch is None else f' --epoch {args.epoch}'}`"
     if not os.path.isfile(path):
-        raise InputError(path, None, "no K-means labels; run `cryoformer analyze "
-                         f"{args.run_dir}{'' if args.epoch is None else f' --epoch {args.epoch}'}` first")
+        raise InputError(path, None, f"no K-means labels; run {again} first")
+    info_path = os.path.join(folder, "analysis.json")
+    if os.path.isfile(info_path):  # the default analysis follows the best epoch, which can move
+        with open(info_path, encoding="utf-8") as fh:
+            analysed = json.load(fh).get("epoch")
+        if analysed is not None and int(analysed) != epoch:
+            raise InputError(path, None, f"these clusters are of epoch {analysed}, the run's selected "
+                             f"epoch is now {epoch}; re-run {again} or pass --epoch {analysed}")
     labels = np.load(path, allow_pickle=False)
     if labels.shape != (n_particles,):
         raise InputError(path, None, f"{labels.size} labels but the run has {n_particles} particles; "
@@ -76,7 +86,7 @@ def run(args) -> int:
     if source and not os.path.isfile(source):
         raise InputError(source, None, "file does not exist")
     loaded = open_run(args)
-    rows = _rows(args, len(loaded.particle_indices))
+    rows = _rows(args, len(loaded.particle_indices), loaded.epoch)
     if rows.size == 0:
         raise InputError(args.selection, "--clusters" if args.clusters else None, "selects no particles")
     info = export_run(loaded, rows, args.format, args.out, source)

@@ -82,8 +82,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--early-stop", dest="early_stop_epochs", type=int, metavar="EPOCHS",
                    help="stop when the held-out loss has not improved for EPOCHS epochs (default: never)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in -o from checkpoints/last.pt (same data/options; "
-                        "--epochs, --max-minutes, --device, --num-workers may change)")
+                   help="continue the run in -o from checkpoints/last.pt (same data/options and "
+                        "held-out split; --epochs, --max-minutes, --early-stop, --device, "
+                        "--num-workers may change)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", choices=sorted(PRESETS), help=f"architecture preset (default {DEFAULT_PRESET})")
     m.add_argument("--zdim", type=int, help="latent dimension (default 8)")

@@ -26,7 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUME_MUST_MATCH = (
     "particles", "poses", "ctf", "ind", "datadir", "box_size", "invert_data", "batch_size",
     "lr", "weight_decay", "seed", "refine_poses", "pose_pretrain_epochs", "pose_weight",
-    "kl_weight", "pose_search", "pose_search_start", "heldout_fraction", "heldout_max",
+    "kl_weight", "pose_search", "pose_search_start",
 )
 
 
@@ -106,7 +106,8 @@ class TrainConfig:
         Fraction of the particles held out of training (at most ``heldout_max`` images) to
         measure, after every epoch, how well the model predicts images it never trained on
         (:mod:`cryoformer.trainer.validation`); the epoch where that loss is lowest is the one
-        analysis loads by default. 0 disables it. Held-out particles still get latents.
+        analysis loads by default. 0 disables it. Held-out particles still get latents. Fewer
+        than 20 held-out images (small runs) means none. A resumed run keeps its own split.
     heldout_max : int
         Upper bound on the number of held-out images (keeps the check cheap on 500k stacks).
     early_stop_epochs : int or None

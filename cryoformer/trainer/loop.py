@@ -13,7 +13,8 @@ epoch, so a run stopped anywhere and resumed follows the same trajectory as one 
 Stops. Ctrl-C and SIGTERM set a flag; the current step finishes and ``last.pt`` is written
 (a second Ctrl-C aborts at once). ``max_minutes`` stops likewise, also writing the outputs of
 the partial epoch. A non-finite loss stops before the optimiser step, leaving the last good
-checkpoint as it was.
+checkpoint as it was. ``early_stop_epochs`` stops after that many epochs without a lower
+held-out image loss (:mod:`.validation`; held-out images never enter a training batch).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .config import TrainConfig, default_model_config
 from .data import BatchPlan, load_particle_data, make_loader
 from .inference import encode_particles
 from .trainlog import TrainLog
-from .validation import ValidationHistory, heldout_loss, split_heldout
+from .validation import MIN_HELDOUT, ValidationHistory, heldout_loss, split_heldout
 
 
 logger = logging.getLogger(__name__)
@@ -155,13 +156,21 @@ class Trainer:
         elif outputs.is_run_dir(self.run_dir):
             raise InputError(self.run_dir, None, "already holds a training run; pass --resume to "
                              "continue it or choose another output directory")
-        if state is not None and "heldout_fraction" not in state["train_config"]:
+        if state is not None:
             import dataclasses
 
-            # A run begun before images were held out keeps training on all of them.
-            config = dataclasses.replace(config, heldout_fraction=0.0)
+            # The held-out split is part of the run: a resumed run keeps its own (and one begun
+            # before images were held out keeps training on all of them).
+            saved = state["train_config"]
+            config = dataclasses.replace(config, heldout_fraction=saved.get("heldout_fraction", 0.0),
+                                         heldout_max=saved.get("heldout_max", config.heldout_max))
             self.config = config
+            if config.early_stop_epochs is not None and config.heldout_fraction == 0:
+                raise InputError(self.run_dir, "--early-stop", "this run holds out no images (started "
+                                 "with --heldout-fraction 0 or by an older cryoformer), so it cannot "
+                                 "stop on a held-out loss")
         self.data = load_particle_data(config)
+        self.input_poses = self.data.poses  # held-out images are always scored at these
         if state is not None:
             model_config = ModelConfig.from_dict(state["model_config"])
             self.data.image_scale = float(state["data"]["image_scale"])
@@ -185,6 +194,9 @@ class Trainer:
         self.plan = BatchPlan(len(self.data), config.batch_size, config.seed, info.rank, info.world,
                               rows=train_rows if self.heldout_rows.size else None)
         self.validation = ValidationHistory(n_heldout=int(self.heldout_rows.size))
+        if config.early_stop_epochs is not None and not self.heldout_rows.size:
+            raise InputError(None, "--early-stop", f"needs at least {MIN_HELDOUT} held-out images; "
+                             f"{config.heldout_fraction:g} of {len(self.data)} particles is fewer")
         self.phase, self.epoch, self.batch_in_epoch, self.step = "start", 0, 0, 0
         self.epoch_complete, self.elapsed_before = True, 0.0
         self.last_epoch_written = -1
@@ -220,7 +232,7 @@ class Trainer:
             if self.phase == "train" and not self.epoch_complete and keep_epoch == self.epoch:
                 keep_epoch -= 1  # its pose errors were of a partial epoch; they are redone
             self.log = TrainLog(self.run_dir, resume_step=self.step if state is not None else None,
-                                keep_pose_epochs_upto=keep_epoch)
+                                keep_pose_epochs_upto=keep_epoch, keep_heldout_epochs_upto=keep_epoch)
         dist_mod.barrier(info)
 
     # ------------------------------------------------------------------ schedule
@@ -374,23 +386,31 @@ class Trainer:
             self._search_poses()
         stop_early = False
         if self.info.is_main:
+            validated = False
             if out_epoch is not None:
                 self._write_epoch_outputs(out_epoch)
                 if phase == "train" and self.heldout_rows.size:
-                    stop_early = self._validate(out_epoch)
+                    stop_early, validated = self._validate(out_epoch), True
             self._save(out_epoch)
+            if validated:  # after the checkpoint: its best epoch must already be loadable
+                self.validation.write(self.run_dir)
         dist_mod.barrier(self.info)
         return bool(dist_mod.all_reduce_max(float(stop_early), self.info))
 
     def _validate(self, out_epoch: int) -> bool:
-        """Held-out loss of this epoch's model → history, log, ``validation.json``.
+        """Held-out loss of this epoch's model → history and log (``validation.json`` is
+        written after the checkpoint).
 
         Returns True when ``early_stop_epochs`` epochs have passed without improvement."""
+        import dataclasses
+
         cfg = self.config
-        mse = heldout_loss(self.model, self.data, self.heldout_rows, self.device,
-                           predicted_poses=cfg.refine_poses, amp=cfg.amp)
+        # At the input poses: --pose-search may have fitted the held-out images' poses too.
+        data = dataclasses.replace(self.data, poses=self.input_poses)
+        mse = heldout_loss(self.model, data, self.heldout_rows, self.device,
+                           predicted_poses=cfg.refine_poses, amp=cfg.amp,
+                           batch_size=max(1, min(64, 2 * cfg.batch_size // self.info.world)))
         self.validation.add(out_epoch, self.step, self.elapsed(), mse, self.epoch_complete)
-        self.validation.write(self.run_dir)
         best = self.validation.best_epoch()
         self.log.row({"kind": "heldout", "epoch": out_epoch, "step": self.step, "phase": "train",
                       "images": int(self.heldout_rows.size), "mse": mse, "elapsed_s": self.elapsed()})

@@ -6,6 +6,8 @@ Layout (rank 0 writes everything, each file atomically)::
     RUN/particle_indices.npy        [N] int64 rows of the original stack (the --ind subset)
     RUN/log.csv                     losses, lr, images/s, elapsed (see trainlog)
     RUN/pose_errors.csv             with --gt-poses: errors of input / refined poses
+    RUN/validation.json             held-out image loss per epoch and the best epoch
+    RUN/heldout_indices.npy         rows of the original stack held out of training
     RUN/checkpoints/epoch_XXX.pt    after epoch XXX (1-based; 000 = after pose pre-training)
     RUN/checkpoints/last.pt         latest state, also written on Ctrl-C / SIGTERM
     RUN/latents/epoch_XXX.npy       [N, zdim] float32 mean latents, particle order of the subset

@@ -2,7 +2,8 @@
 
 ``log.csv`` has one row per :attr:`TrainConfig.log_every_steps` optimiser steps and one per
 epoch end (``kind`` = ``"step"`` / ``"epoch"``); loss terms are means over the images since the
-previous row of the same kind. Pose-error columns are filled on epoch rows when ground-truth
+previous row of the same kind. Rows of kind ``"heldout"`` hold the image MSE (``mse``) of the
+held-out images after an epoch (:mod:`cryoformer.trainer.validation`). Pose-error columns are filled on epoch rows when ground-truth
 poses were given. Rows are flushed as written, so a killed run keeps its log; a resumed run
 first drops rows logged after the checkpoint it resumes from, so the log reads as if the run
 had never stopped.
@@ -79,13 +80,17 @@ class TrainLog:
         log in the directory is replaced).
     keep_pose_epochs_upto : int
         When resuming: ``pose_errors.csv`` rows of later epochs are dropped.
+    keep_heldout_epochs_upto : int, optional
+        When resuming: ``heldout`` rows of later epochs are dropped (a partial epoch's row is
+        redone when the epoch completes).
     tensorboard : bool
         Write TensorBoard events to ``RUN/tensorboard/`` when ``torch.utils.tensorboard``
         imports (it needs the ``tensorboard`` package).
     """
 
     def __init__(self, run_dir: str, resume_step: Optional[int] = None,
-                 keep_pose_epochs_upto: int = -1, tensorboard: bool = True) -> None:
+                 keep_pose_epochs_upto: int = -1, tensorboard: bool = True,
+                 keep_heldout_epochs_upto: Optional[int] = None) -> None:
         log_path = os.path.join(run_dir, "log.csv")
         pose_path = os.path.join(run_dir, "pose_errors.csv")
         if resume_step is None:
@@ -93,7 +98,9 @@ class TrainLog:
                 if os.path.isfile(path):
                     os.unlink(path)
         else:
-            _truncate_csv(log_path, lambda r: int(r["step"]) <= resume_step)
+            _truncate_csv(log_path, lambda r: int(r["step"]) <= resume_step and not (
+                r["kind"] == "heldout" and keep_heldout_epochs_upto is not None
+                and int(r["epoch"]) > keep_heldout_epochs_upto))
             _truncate_csv(pose_path, lambda r: r["stage"] == "input"
                           or int(r["epoch"]) <= keep_pose_epochs_upto)
         self.log = CsvTable(log_path, LOG_COLUMNS)
@@ -113,7 +120,7 @@ class TrainLog:
         """One ``log.csv`` row (and its scalars to TensorBoard)."""
         self.log.write(row)
         if self.tb is not None:
-            prefix = "epoch" if row.get("kind") == "epoch" else "step"
+            prefix = row.get("kind") if row.get("kind") in ("epoch", "heldout") else "step"
             for key in ("loss", "mse", "pose_loss", "kl", "lr", "images_per_s",
                         "rotation_median_rad", "shift_median_px"):
                 if row.get(key) is not None:

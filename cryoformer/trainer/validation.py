@@ -6,7 +6,10 @@ the maps get worse against the truth (docs/benchmarks.md: on the AdK benchmark t
 FSC-0.5 went 7.3 Å → 9.7 Å → 17.6 Å from epoch 7 to 15 to 27). Because both encoders are
 amortised, an image never trained on still gets a latent in one forward pass, so the image loss
 on a fixed held-out set is an unbiased estimate of how well the model predicts *new* images of
-the same specimen. That is the number tracked here:
+the same specimen — as long as nothing about those images was fitted: they are scored at
+their *input* poses even when ``--pose-search`` refines every particle's pose (a search on the
+held-out images themselves would pull their loss down epoch after epoch). That is the number
+tracked here:
 
 - :func:`split_heldout` draws the held-out rows once, from the seed (same on every rank and on
   resume); training batches never contain them, but every output (latents, refined poses)
@@ -33,16 +36,20 @@ from cryoformer.io.atomic import atomic_open
 from .data import ParticleData, make_loader
 
 VALIDATION_NAME = "validation.json"
-# Held-out images per forward call (no gradients: bigger than a training batch is fine).
+# Held-out images per forward call, at most: no gradients, so a few training batches' worth
+# fits wherever a training step does.
 VAL_BATCH = 64
+# Fewer held-out images than this would choose the epoch on the noise of a handful of images:
+# small runs (tutorial toys, tests) then hold none out and use the latest epoch.
+MIN_HELDOUT = 20
 
 
 def heldout_count(n: int, fraction: float, maximum: int) -> int:
     """Number of held-out images for ``n`` particles: ``round(fraction·n)``, at most
-    ``maximum`` and leaving at least one image to train on (0 when ``fraction`` is 0)."""
-    if fraction <= 0 or n < 2:
-        return 0
-    return int(min(max(1, round(fraction * n)), maximum, n - 1))
+    ``maximum`` and leaving at least one image to train on; 0 when ``fraction`` is 0 or that
+    would be fewer than :data:`MIN_HELDOUT` images."""
+    m = int(min(round(fraction * n), maximum, n - 1)) if fraction > 0 else 0
+    return m if m >= MIN_HELDOUT else 0
 
 
 def split_heldout(n: int, fraction: float, maximum: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +68,7 @@ def split_heldout(n: int, fraction: float, maximum: int, seed: int) -> tuple[np.
 
 @torch.no_grad()
 def heldout_loss(model, data: ParticleData, rows: np.ndarray, device: torch.device,
-                 predicted_poses: bool, amp: bool = False) -> float:
+                 predicted_poses: bool, amp: bool = False, batch_size: int = VAL_BATCH) -> float:
     """Mean per-image MSE of the model's predictions of the held-out images.
 
     Parameters
@@ -76,6 +83,8 @@ def heldout_loss(model, data: ParticleData, rows: np.ndarray, device: torch.devi
         Render at the orientation encoder's poses (``--refine-poses``) instead of the input ones.
     amp : bool
         bf16 autocast (CUDA only), as in training.
+    batch_size : int
+        Images per forward call.
 
     Returns
     -------
@@ -85,7 +94,7 @@ def heldout_loss(model, data: ParticleData, rows: np.ndarray, device: torch.devi
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    batches = [rows[i:i + VAL_BATCH] for i in range(0, rows.size, VAL_BATCH)]
+    batches = [rows[i:i + batch_size] for i in range(0, rows.size, batch_size)]
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     try:

@@ -43,7 +43,7 @@ class LatentExplorer(anywidget.AnyWidget):
     run : str or TrainedRun or ExplorerState
         Run directory (``cryoformer train -o``), a loaded run, or a prepared state.
     epoch : int, optional
-        Epoch to load (default the latest).
+        Epoch to load (default: lowest held-out loss, else the latest; see ``load_run``).
     device : str
         Where volumes are decoded (``"cpu"``, ``"cuda"``, ``"auto"``).
     k : int

@@ -174,7 +174,7 @@ class RunExplorerDock(Container):
         self.open(str(self.run_dir.value))
 
     def open(self, run_dir: str) -> None:
-        """Load ``run_dir`` (latest epoch), its PCA and K-means, in a worker thread."""
+        """Load ``run_dir`` (its default epoch: lowest held-out loss, else the latest), its PCA and K-means, in a worker thread."""
         if self.busy:
             self.status.value = "busy: wait for the current task"
             return

@@ -86,7 +86,7 @@ class RunSession:
     @classmethod
     def open(cls, run_dir: str, k: int = 10, seed: int = 0, epoch: Optional[int] = None,
              device: str = "auto") -> "RunSession":
-        """Load ``run_dir`` (latest epoch by default), then PCA and K-means of its latents.
+        """Load ``run_dir`` (by default the epoch with the lowest held-out loss, else the latest), then PCA and K-means of its latents.
 
         ``k`` is clamped to the number of particles. Raises
         :class:`cryoformer.errors.InputError` for a directory that is not a finished run.

@@ -119,7 +119,7 @@ class ExplorerState:
     run : str or TrainedRun
         Run directory (loaded with :func:`cryoformer.trainer.load_run`) or a loaded run.
     epoch : int, optional
-        Epoch to load (default the latest); ignored for a loaded run.
+        Epoch to load (default: lowest held-out loss, else the latest; see ``load_run``); ignored for a loaded run.
     device : str
         Where the model decodes (``"cpu"``, ``"cuda"``, ``"auto"``).
     k : int
