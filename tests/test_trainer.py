@@ -28,7 +28,7 @@ def data_dir(tmp_path_factory):
 def finished_run(data_dir, tmp_path_factory):
     """Four epochs of a tiny variational model (the run most tests read)."""
     out = tmp_path_factory.mktemp("trainer_runs") / "run"
-    cfg = train_config(data_dir, out, epochs=4, lr=1e-2)
+    cfg = train_config(data_dir, out, epochs=4, lr=1e-2, support_mask=True)
     result = train(cfg, tiny_model_config(variational=True), command_line="cryoformer train test")
     return cfg, result
 
@@ -92,14 +92,16 @@ def test_load_run_rejects_non_runs(tmp_path):
 
 
 def test_resume_equals_uninterrupted(data_dir, tmp_path):
-    """2 epochs straight == 1 epoch + resume == stop after one step + resume (variational)."""
+    """2 epochs straight == 1 epoch + resume == stop after one step + resume (variational,
+    with the support mask, which changes after epoch 1 and must be restored)."""
     model_cfg = tiny_model_config(variational=True)
-    straight = train(train_config(data_dir, tmp_path / "a"), model_cfg, progress=False)
+    straight = train(train_config(data_dir, tmp_path / "a", support_mask=True), model_cfg, progress=False)
     assert straight.step == 12
-    train(train_config(data_dir, tmp_path / "b", epochs=1), model_cfg, progress=False)
+    train(train_config(data_dir, tmp_path / "b", epochs=1, support_mask=True), model_cfg, progress=False)
     resumed = train(train_config(data_dir, tmp_path / "b"), resume=True, progress=False)
     # a stop inside epoch 1 (time budget), then resume
-    stopped = train(train_config(data_dir, tmp_path / "c", max_minutes=1e-9), model_cfg, progress=False)
+    stopped = train(train_config(data_dir, tmp_path / "c", max_minutes=1e-9, support_mask=True), model_cfg,
+                    progress=False)
     assert stopped.stopped == "time" and stopped.step == 1
     state, _ = checkpoint_params(tmp_path / "c" / "checkpoints" / "last.pt")
     assert state["batch_in_epoch"] == 1 and not state["epoch_complete"]
@@ -112,6 +114,8 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
     _, pc = checkpoint_params(tmp_path / "c" / "checkpoints" / "last.pt")
     assert max_param_diff(pa, pb) < 1e-6
     assert max_param_diff(pa, pc) < 1e-6
+    sa, sb = (torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True)["support"] for r in "ab")
+    assert torch.equal(sa, sb)
     np.testing.assert_allclose(np.load(tmp_path / "a" / "latents" / "epoch_002.npy"),
                                np.load(tmp_path / "c" / "latents" / "epoch_002.npy"), atol=1e-5)
     # the log of the resumed run reads like the uninterrupted one's
@@ -183,3 +187,17 @@ def test_batch_plan_shards_global_batches():
     assert not np.array_equal(one.global_batches(1)[0], one.global_batches(2)[0])
     with pytest.raises(InputError, match="not divisible"):
         BatchPlan(10, 5, seed=0, world=2)
+
+
+def test_support_mask_saved_and_applied(finished_run):
+    """After each epoch the density is limited to a mask around the molecule; the checkpoint
+    keeps it and decoding a loaded run gives zero outside it."""
+    cfg, _ = finished_run
+    state, _ = checkpoint_params(os.path.join(cfg.outdir, "checkpoints", "epoch_004.pt"))
+    mask = state["support"]
+    assert mask.dtype == torch.bool and mask.shape == (16, 16, 16)
+    assert 0 < int(mask.sum()) <= 16 ** 3
+    run = load_run(cfg.outdir)
+    assert torch.equal(run.model.support_mask, mask)
+    vol = run.model.decode_volume(run.latents[:2])
+    assert (vol[:, ~mask] == 0).all() and (vol[:, mask] != 0).any()

@@ -94,6 +94,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--get-query", choices=("trilinear", "block"),
                    help="how a point reads the structure queries: trilinear blend of the neighbouring "
                         "blocks' queries (default; smoother maps) or the query of its block (the paper)")
+    m.add_argument("--support-mask", dest="support_mask", action="store_true", default=None,
+                   help="after each epoch, restrict the density to a mask around the molecule (from "
+                        "the model's own maps, dilated by --support-margin px), so the per-image head "
+                        "runs only there; the mask is saved with the model and applied when decoding "
+                        "(default off)")
+    m.add_argument("--support-threshold", type=float,
+                   help=f"fraction of the peak density that counts as molecule (default {d['support_threshold']:g})")
+    m.add_argument("--support-margin", dest="support_margin_px", type=int,
+                   help=f"dilation of the mask in px of the training box (default {d['support_margin_px']})")
     m.add_argument("--variational", action="store_true", default=None,
                    help="variational latent (KL term, as cryoDRGN) instead of a deterministic one")
     r = p.add_argument_group("pose refinement (paper §3.2)")
@@ -119,7 +128,8 @@ _TRAIN_FIELDS = ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_po
                  "invert_data", "epochs", "batch_size", "lr", "weight_decay", "kl_weight", "seed",
                  "max_minutes", "device", "num_workers", "refine_poses", "pose_pretrain_epochs",
                  "pose_weight", "pose_search", "pose_search_start", "amp", "heldout_fraction",
-                 "heldout_max", "early_stop_epochs")
+                 "heldout_max", "early_stop_epochs", "support_mask", "support_threshold",
+                 "support_margin_px")
 _MODEL_OPTIONS = ("preset", "zdim", "feature_grid", "get_query", "variational")
 
 

@@ -28,6 +28,7 @@ from .feature_volume import FeatureVolume
 from .renderer import make_renderer
 from .sampling import (grid_unit_coords, interpolation_matrix, pixel_to_unit,
                        resolution_ratio_grid, sample_block_volume, separable_resample)
+from .support import support_index
 
 
 class CryoFormer(nn.Module):
@@ -60,6 +61,41 @@ class CryoFormer(nn.Module):
         # Voxels per chunk of the grid evaluator (bounds temporary memory); None picks 2^18
         # on CPU (cache-sized) and 2^22 on GPUs (a 128³ decode in two launches' worth).
         self.chunk_points: int | None = None
+        # Support mask [D, D, D] bool on the training grid (cryoformer.model.support), or None
+        # for the whole sphere. Not in the state dict: checkpoints store it beside the weights.
+        self.register_buffer("support_mask", None, persistent=False)
+        self._support_cache: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ support
+    def set_support(self, mask: torch.Tensor | None) -> None:
+        """Restrict the density to ``mask`` ([D, D, D] bool, training grid; None = no limit).
+
+        The canonical renderer then runs the per-image head only on the mask's voxels, and
+        :meth:`decode_volume` returns zero outside it (resampled to the decoding grid)."""
+        if mask is not None:
+            d = self.box_size
+            if tuple(mask.shape) != (d, d, d):
+                raise ValueError(f"support mask must be [{d}, {d}, {d}], got {tuple(mask.shape)}")
+            mask = mask.to(device=next(self.parameters()).device, dtype=torch.bool)
+        self.support_mask = mask
+        self._support_cache = {}
+
+    def _support_index(self, resolution: int) -> torch.Tensor | None:
+        if self.support_mask is None:
+            return None
+        key = resolution
+        if key not in self._support_cache or self._support_cache[key].device != self.support_mask.device:
+            self._support_cache[key] = support_index(self.support_mask, resolution)
+        return self._support_cache[key]
+
+    def restrict_voxel_index(self, voxel_index: torch.Tensor, resolution: int) -> torch.Tensor:
+        """``voxel_index`` (sorted flat indices) ∩ the support at ``resolution`` (renderer hook)."""
+        sup = self._support_index(resolution)
+        if sup is None:
+            return voxel_index
+        keep = torch.zeros(resolution ** 3, dtype=torch.bool, device=voxel_index.device)
+        keep[sup.to(voxel_index.device)] = True
+        return voxel_index[keep[voxel_index]]
 
     # ------------------------------------------------------------------ conditioning
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
@@ -175,9 +211,18 @@ class CryoFormer(nn.Module):
                 ids = ((bid[z0:z1, None, None] * n + bid[None, :, None]) * n
                        + bid[None, None, :]).reshape(-1)
                 q = flat_table[:, ids if local is None else ids[local]]  # [B, P, T]
-            else:
+            elif local is None:
                 q = separable_resample(table, m_query[z0:z1], m_query, m_query).reshape(b, -1, t)
-                q = q if local is None else q[:, local]
+            else:
+                # Only the bounding box of the slab's voxels (a compact support is far smaller
+                # than the slab): blend there, then pick the voxels.
+                zz, rest = local // (r * r), local % (r * r)
+                yy, xx = rest // r, rest % r
+                y0, y1 = int(yy.min()), int(yy.max()) + 1
+                x0, x1 = int(xx.min()), int(xx.max()) + 1
+                q = separable_resample(table, m_query[z0:z1], m_query[y0:y1], m_query[x0:x1])
+                sub = (zz * (y1 - y0) + (yy - y0)) * (x1 - x0) + (xx - x0)
+                q = q.reshape(b, -1, t)[:, sub]
             if local is not None:
                 f = f[local]
             d, w = self.transformer.density(q, f.reshape(f.shape[0], cfg.n_spatial_tokens, -1))
@@ -265,7 +310,11 @@ class CryoFormer(nn.Module):
         """
         z, single = self._as_latent(z)
         r = int(D or self.box_size)
-        dens, _ = self._grid_eval(self.query_table(z), r, None, want_weights=False)
+        sup = self._support_index(r)
+        dens, _ = self._grid_eval(self.query_table(z), r, sup, want_weights=False)
+        if sup is not None:  # zero outside the support, as in training
+            full = dens.new_zeros(z.shape[0], r ** 3)
+            dens = full.index_copy(1, sup, dens)
         vol = dens.reshape(z.shape[0], r, r, r)
         return vol[0] if single else vol
 

@@ -140,11 +140,16 @@ class CanonicalGridRenderer(nn.Module):
                              persistent=False)
 
     def volumes(self, field: DensityField, state: Any, batch: int) -> torch.Tensor:
-        """Per-image volumes ``[B, D, D, D]`` (zero outside radius ``D/2 + 2``)."""
+        """Per-image volumes ``[B, D, D, D]`` (zero outside radius ``D/2 + 2``, and outside
+        the field's support when it has one: ``field.restrict_voxel_index``)."""
         d = self.box_size
-        dens = field.density_on_grid(state, d, self.voxel_index)  # [B, S]
+        index = self.voxel_index
+        restrict = getattr(field, "restrict_voxel_index", None)
+        if restrict is not None:
+            index = restrict(index, d)
+        dens = field.density_on_grid(state, d, index)  # [B, S]
         vol = torch.zeros(batch, d ** 3, dtype=dens.dtype, device=dens.device)
-        return vol.index_copy(1, self.voxel_index, dens).reshape(batch, d, d, d)
+        return vol.index_copy(1, index, dens).reshape(batch, d, d, d)
 
     def forward(self, field: DensityField, state: Any, rotations: torch.Tensor,
                 shifts_px: torch.Tensor | None = None,

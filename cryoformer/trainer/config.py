@@ -113,6 +113,15 @@ class TrainConfig:
     early_stop_epochs : int or None
         Stop when the held-out loss has not improved for this many epochs (needs
         ``heldout_fraction`` > 0); None = train for ``epochs`` / ``max_minutes``.
+    support_mask : bool
+        After each epoch, restrict the density to a mask around the molecule
+        (:mod:`cryoformer.model.support`): the per-image head then runs only there, which is
+        most of a training step. Saved with the model and applied when decoding. Only with the
+        canonical renderer. A resumed run keeps its setting.
+    support_threshold : float
+        Fraction of the peak (smoothed, over a few latents) above which a voxel is molecule.
+    support_margin_px : int
+        Dilation of the mask, in pixels of the training box (how far density may grow per epoch).
     """
 
     particles: str
@@ -143,6 +152,9 @@ class TrainConfig:
     heldout_fraction: float = 0.05
     heldout_max: int = 2000
     early_stop_epochs: Optional[int] = None
+    support_mask: bool = False
+    support_threshold: float = 0.05
+    support_margin_px: int = 3
 
     def __post_init__(self) -> None:
         for name in ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_poses"):
@@ -183,6 +195,10 @@ class TrainConfig:
                 raise bad("--early-stop", f"must be >= 1 epochs, got {self.early_stop_epochs}")
             if self.heldout_fraction == 0:
                 raise bad("--early-stop", "needs held-out images (--heldout-fraction > 0)")
+        if not 0 < self.support_threshold < 1:
+            raise bad("--support-threshold", f"must be in (0, 1), got {self.support_threshold}")
+        if self.support_margin_px < 0:
+            raise bad("--support-margin", f"must be >= 0 px, got {self.support_margin_px}")
         if self.log_every_steps < 1:
             raise bad("log_every_steps", "must be >= 1")
 

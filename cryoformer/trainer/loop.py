@@ -163,7 +163,10 @@ class Trainer:
             # before images were held out keeps training on all of them).
             saved = state["train_config"]
             config = dataclasses.replace(config, heldout_fraction=saved.get("heldout_fraction", 0.0),
-                                         heldout_max=saved.get("heldout_max", config.heldout_max))
+                                         heldout_max=saved.get("heldout_max", config.heldout_max),
+                                         support_mask=saved.get("support_mask", False),
+                                         support_threshold=saved.get("support_threshold", config.support_threshold),
+                                         support_margin_px=saved.get("support_margin_px", config.support_margin_px))
             self.config = config
             if config.early_stop_epochs is not None and config.heldout_fraction == 0:
                 raise InputError(self.run_dir, "--early-stop", "this run holds out no images (started "
@@ -202,6 +205,8 @@ class Trainer:
         self.last_epoch_written = -1
         if state is not None:
             self.model.load_state_dict(state["model"])
+            if state.get("support") is not None:
+                self.model.set_support(state["support"])
             self.optimizer.load_state_dict(state["optimizer"])
             restore_rng_state(state["rng"])
             self.phase, self.epoch = state["phase"], int(state["epoch"])
@@ -384,6 +389,9 @@ class Trainer:
         if (cfg.pose_search and phase == "train" and self.epoch_complete
                 and epoch >= cfg.pose_search_start):
             self._search_poses()
+        if (cfg.support_mask and phase == "train" and self.epoch_complete
+                and self.model_config.renderer == "canonical"):
+            self._update_support(epoch)
         stop_early = False
         if self.info.is_main:
             validated = False
@@ -396,6 +404,31 @@ class Trainer:
                 self.validation.write(self.run_dir)
         dist_mod.barrier(self.info)
         return bool(dist_mod.all_reduce_max(float(stop_early), self.info))
+
+    @torch.no_grad()
+    def _update_support(self, epoch: int) -> None:
+        """New support mask from this epoch's model (rank 0 computes, every rank applies)."""
+        from cryoformer.model.support import support_from_volumes
+
+        cfg, data, d = self.config, self.data, self.data.box_size
+        mask = np.zeros((d, d, d), dtype=np.uint8)
+        if self.info.is_main:
+            rows = self.plan.rows if self.plan.rows is not None else np.arange(len(data))
+            pick = np.sort(np.random.default_rng([cfg.seed, epoch, 5]).choice(
+                rows, size=min(16, rows.size), replace=False))
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                z = self.model.encode(data.images(pick).to(self.device))["mu"]  # [m, zdim]
+                vols = self.model.decode_volume(z)  # [m, D, D, D], inside the current support
+            finally:
+                self.model.train(was_training)
+            sup = support_from_volumes(vols, cfg.support_threshold, cfg.support_margin_px)
+            mask = sup.cpu().numpy().astype(np.uint8)
+            logger.info("epoch %d: support mask %d voxels (%.1f%% of the box)", epoch, int(mask.sum()),
+                        100 * mask.mean())
+        mask = dist_mod.broadcast_array(mask, self.info)
+        self.model.set_support(torch.from_numpy(mask.astype(bool)))
 
     def _validate(self, out_epoch: int) -> bool:
         """Held-out loss of this epoch's model → history and log (``validation.json`` is
@@ -465,6 +498,8 @@ class Trainer:
             "data": outputs.data_summary(self.data, self.config), "elapsed_s": self.elapsed(),
             "validation": self.validation.rows,
         }
+        if self.model.support_mask is not None:
+            state["support"] = self.model.support_mask.detach().cpu()
         if self.config.pose_search:
             state["current_rotations"] = torch.from_numpy(self.data.poses.rotations)
             state["current_shifts_px"] = torch.from_numpy(self.data.poses.shifts_px)

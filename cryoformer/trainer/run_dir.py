@@ -199,6 +199,8 @@ def load_run(run_dir: str, epoch: Any = None, device: Any = "cpu") -> TrainedRun
     model = CryoFormer(model_config)
     model.load_state_dict(state["model"])
     model.to(dev).eval()
+    if state.get("support") is not None:  # the density was trained inside this mask
+        model.set_support(state["support"])
     latent_path = outputs.epoch_file(run_dir, outputs.LATENT_DIR, epoch)
     latents = np.load(latent_path, allow_pickle=False)
     indices_path = os.path.join(run_dir, outputs.INDICES_NAME)
