@@ -40,6 +40,20 @@ def test_support_of_a_gaussian_blob_is_its_threshold_ball_plus_margin():
     assert both[d // 2, d // 2, d // 2 - 5] and not mask[d // 2, d // 2, d // 2 - 5]
 
 
+def test_untrained_corners_do_not_set_the_threshold():
+    """A first decode covers the whole cube, but only the sphere was ever rendered: a large
+    value in a corner must neither raise the threshold nor enter the mask."""
+    d = 24
+    zz, yy, xx = _grid(d)
+    blob = torch.exp(-((xx - 3) ** 2 + yy ** 2 + zz ** 2) / 8.0)
+    ref = support_from_volumes(blob[None], 0.05, 2)
+    spoiled = blob.clone()
+    spoiled[0, 0, 0] = 100.0  # outside the sphere of radius D/2 + 2
+    torch.testing.assert_close(support_from_volumes(spoiled[None], 0.05, 2), ref)
+    # a negative molecule (wrong contrast) is found as well
+    torch.testing.assert_close(support_from_volumes(-blob[None], 0.05, 2), ref)
+
+
 def test_support_never_empty_and_inside_the_sphere():
     d = 16
     flat = torch.zeros(2, d, d, d)
@@ -73,6 +87,7 @@ def test_restricted_head_equals_masked_full_volume(get_query):
     (the bounding-box GetQuery and the voxel selection change no value), and decoding too."""
     torch.manual_seed(0)
     model = CryoFormer(tiny_model_config(box=16, get_query=get_query, zdim=2)).eval()
+    model.chunk_points = 16 * 16 * 3  # several z-slabs: offsets > 0 and slabs with no voxel
     renderer = model.renderer
     assert isinstance(renderer, CanonicalGridRenderer)
     z = torch.randn(3, 2)
@@ -93,6 +108,13 @@ def test_restricted_head_equals_masked_full_volume(get_query):
     keep = torch.zeros(32 ** 3, dtype=torch.bool)
     keep[support_index(mask, 32)] = True
     torch.testing.assert_close(dec_32, dec_full_32 * keep.reshape(32, 32, 32), rtol=1e-5, atol=1e-6)
+    # no density outside, hence no attention and no flexibility there
+    _, w = model.attention_volumes(z[0])
+    assert (w[~mask] == 0).all() and (w[mask] > 0).any()
+    from cryoformer.analysis.attention_maps import flex_score
+
+    flex = flex_score(model, z.numpy(), method="queries")
+    assert (flex[~mask.numpy()] == 0).all() and flex.max() == pytest.approx(1.0)
     # gradients still flow through the restricted head
     model.train()
     images = torch.randn(2, 16, 16)

@@ -155,7 +155,7 @@ def flex_score(model, z: np.ndarray, D: Optional[int] = None, method: str = "que
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         block = (q.var(dim=0) / scale).sum(dim=-1)  # [N]
         grid = _block_to_grid(block.reshape(n, n, n, 1).float(), D, "trilinear")[..., 0]
-        return _normalise_max(grid.numpy())
+        return _normalise_max(_in_support(model, grid.numpy(), D))
     # "weights": streaming (Welford) variance of the weights over latents, one grid at a time.
     mean = m2 = None
     for i, zi in enumerate(tqdm(zs, desc="flex score", disable=not progress, leave=False)):
@@ -168,5 +168,12 @@ def flex_score(model, z: np.ndarray, D: Optional[int] = None, method: str = "que
         mean += delta / (i + 1)
         m2 += delta * (w - mean)
     score = (m2 / (len(zs) - 1)).sum(dim=-1)  # [D, D, D]
-    return _normalise_max(score.numpy())
+    return _normalise_max(_in_support(model, score.numpy(), D))
+
+
+def _in_support(model, grid: np.ndarray, D: int) -> np.ndarray:
+    """Zero outside a model's support mask (trained with --support-mask): no density there,
+    so nothing can be flexible there."""
+    keep = model.support_at(D) if hasattr(model, "support_at") else None
+    return grid if keep is None else grid * keep.cpu().numpy()
 

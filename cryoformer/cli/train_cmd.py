@@ -98,7 +98,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="after each epoch, restrict the density to a mask around the molecule (from "
                         "the model's own maps, dilated by --support-margin px), so the per-image head "
                         "runs only there; the mask is saved with the model and applied when decoding "
-                        "(default off)")
+                        "(default off; a resumed run keeps the setting it was started with)")
     m.add_argument("--support-threshold", type=float,
                    help=f"fraction of the peak density that counts as molecule (default {d['support_threshold']:g})")
     m.add_argument("--support-margin", dest="support_margin_px", type=int,

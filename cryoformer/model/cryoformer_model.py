@@ -88,6 +88,15 @@ class CryoFormer(nn.Module):
             self._support_cache[key] = support_index(self.support_mask, resolution)
         return self._support_cache[key]
 
+    def support_at(self, resolution: int) -> torch.Tensor | None:
+        """The support as a ``[r, r, r]`` bool grid at ``resolution`` (None without one)."""
+        sup = self._support_index(resolution)
+        if sup is None:
+            return None
+        keep = torch.zeros(resolution ** 3, dtype=torch.bool, device=sup.device)
+        keep[sup] = True
+        return keep.reshape(resolution, resolution, resolution)
+
     def restrict_voxel_index(self, voxel_index: torch.Tensor, resolution: int) -> torch.Tensor:
         """``voxel_index`` (sorted flat indices) ∩ the support at ``resolution`` (renderer hook)."""
         sup = self._support_index(resolution)
@@ -229,6 +238,8 @@ class CryoFormer(nn.Module):
             dens_out.append(d)
             if want_weights and w is not None:
                 w_out.append(w)
+        if not dens_out:  # no voxel requested (an empty support at a coarse decoding grid)
+            return table.new_zeros(b, 0), None
         dens = torch.cat(dens_out, dim=1)
         return dens, (torch.cat(w_out, dim=1) if w_out else None)
 
@@ -344,6 +355,9 @@ class CryoFormer(nn.Module):
         _, w = self._grid_eval(self.transformer.query_table(q), r, None, want_weights=True)
         qv = q.reshape(z.shape[0], n, n, n, -1)
         wv = None if w is None else w.reshape(z.shape[0], r, r, r, -1)
+        keep = self.support_at(r)
+        if wv is not None and keep is not None:  # no density (hence no attention) outside
+            wv = wv * keep[..., None].to(wv.dtype)
         if single:
             return qv[0], (None if wv is None else wv[0])
         return qv, wv

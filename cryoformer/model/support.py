@@ -9,10 +9,11 @@ the model. This departs from the paper (which evaluates the whole box); the mask
 the trained model (saved in checkpoints, applied when decoding), so what was trained is what
 is decoded.
 
-The mask comes from the model itself, after each training epoch: volumes decoded at a few
-particle latents are smoothed (so noise specks do not count), their maximum over latents is
-thresholded at a fraction of its peak, and the result is dilated by a margin, so that density
-can still grow outward by that margin per epoch, and intersected with the renderer's sphere.
+The mask comes from the model itself, at the start of every epoch after the first: volumes
+decoded at a few particle latents are smoothed (so noise specks do not count), their maximum
+over latents is thresholded at a fraction of its peak, and the result is dilated by a margin, so
+that density can still grow outward by that margin per epoch, and intersected with the
+renderer's sphere. The epoch then trains under that mask, and its checkpoints store it.
 
 >>> mask = support_from_volumes(vols, threshold=0.05, margin_px=3)   # [D, D, D] bool
 """
@@ -52,18 +53,22 @@ def support_from_volumes(volumes: torch.Tensor, threshold: float, margin_px: int
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     d = volumes.shape[-1]
-    v = volumes.detach().float().unsqueeze(1)  # [M, 1, D, D, D]
+    sphere = torch.zeros(d ** 3, dtype=torch.bool, device=volumes.device)
+    sphere[sphere_voxel_index(d, d / 2 + 2, device=volumes.device)] = True
+    sphere = sphere.reshape(d, d, d)
+    # Only the sphere was ever rendered (trained): the corners of a first, unmasked decode hold
+    # untrained values that must not set the peak nor leak in through the smoothing. |v|, so a
+    # molecule of either sign (a wrong --uninvert-data, early training) is found.
+    v = (volumes.detach().float().abs() * sphere).unsqueeze(1)  # [M, 1, D, D, D]
     if smooth_px > 0:
         v = F.avg_pool3d(v, 2 * smooth_px + 1, stride=1, padding=smooth_px, count_include_pad=False)
     peak_map = v.amax(dim=0)  # [1, D, D, D]: density present in any of the states
     inside = (peak_map > threshold * peak_map.max()).float()
     if margin_px > 0:
         inside = F.max_pool3d(inside.unsqueeze(0), 2 * margin_px + 1, stride=1, padding=margin_px)[0]
-    sphere = torch.zeros(d ** 3, dtype=torch.bool, device=volumes.device)
-    sphere[sphere_voxel_index(d, d / 2 + 2, device=volumes.device)] = True
-    mask = inside[0].bool() & sphere.reshape(d, d, d)
+    mask = inside[0].bool() & sphere
     if not mask.any():  # a flat (untrained) map: keep the sphere rather than nothing
-        mask = sphere.reshape(d, d, d)
+        mask = sphere
     return mask
 
 
@@ -74,8 +79,9 @@ def support_index(mask: torch.Tensor, resolution: int) -> torch.Tensor:
     ----------
     mask : BoolTensor [D, D, D]
     resolution : int
-        Grid edge; the mask is resampled by nearest voxel (same box, SPEC §2 centring), and
-        dilated by one voxel when upsampling so no in-support point is lost at the edges.
+        Grid edge; the mask is resampled by nearest voxel (same box: voxel ``i`` of the new
+        grid sits at ``i·D/resolution`` training voxels, as the model's grid evaluator places
+        it), and dilated by one voxel when upsampling so no in-support point is lost at edges.
 
     Returns
     -------
@@ -84,9 +90,8 @@ def support_index(mask: torch.Tensor, resolution: int) -> torch.Tensor:
     d = mask.shape[-1]
     m = mask
     if resolution != d:
-        # Voxel i of the new grid sits at (i - r//2)·(d/r) + d//2 in old voxel units.
-        c = (torch.arange(resolution, device=mask.device, dtype=torch.float32) - resolution // 2) * (d / resolution)
-        idx = torch.round(c + d // 2).long().clamp(0, d - 1)
+        c = torch.arange(resolution, device=mask.device, dtype=torch.float64) * (d / resolution)
+        idx = torch.floor(c + 0.5).long().clamp(0, d - 1)
         m = mask[idx][:, idx][:, :, idx]
         if resolution > d:
             m = F.max_pool3d(m.float()[None, None], 3, stride=1, padding=1)[0, 0].bool()

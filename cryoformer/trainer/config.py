@@ -117,7 +117,8 @@ class TrainConfig:
         After each epoch, restrict the density to a mask around the molecule
         (:mod:`cryoformer.model.support`): the per-image head then runs only there, which is
         most of a training step. Saved with the model and applied when decoding. Only with the
-        canonical renderer. A resumed run keeps its setting.
+        canonical renderer. A resumed run keeps its setting. The first epoch trains without a
+        mask; each later one under a mask made from the model at its start.
     support_threshold : float
         Fraction of the peak (smoothed, over a few latents) above which a voxel is molecule.
     support_margin_px : int

@@ -197,6 +197,9 @@ class Trainer:
         self.plan = BatchPlan(len(self.data), config.batch_size, config.seed, info.rank, info.world,
                               rows=train_rows if self.heldout_rows.size else None)
         self.validation = ValidationHistory(n_heldout=int(self.heldout_rows.size))
+        if config.support_mask and model_config.renderer != "canonical":
+            logger.warning("--support-mask only applies to the canonical renderer; the %s renderer "
+                           "evaluates the whole sphere", model_config.renderer)
         if config.early_stop_epochs is not None and not self.heldout_rows.size:
             raise InputError(None, "--early-stop", f"needs at least {MIN_HELDOUT} held-out images; "
                              f"{config.heldout_fraction:g} of {len(self.data)} particles is fewer")
@@ -286,6 +289,11 @@ class Trainer:
         n_batches = self.plan.steps_per_epoch()
         self.phase, self.epoch, self.batch_in_epoch = phase, epoch, start_batch
         self.epoch_complete = start_batch >= n_batches
+        if (cfg.support_mask and phase == "train" and start_batch == 0 and epoch > 1
+                and self.model_config.renderer == "canonical"):
+            # The mask this epoch trains under, from the model the previous epoch left: the
+            # checkpoints of this epoch then hold the mask their weights were trained with.
+            self._update_support(epoch)
         stream = 1 if phase == "pretrain" else 0
         batches = list(self.plan.rank_batches(epoch, start_batch, stream=stream))
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if self.device.type == "cuda" else 0)
@@ -389,9 +397,6 @@ class Trainer:
         if (cfg.pose_search and phase == "train" and self.epoch_complete
                 and epoch >= cfg.pose_search_start):
             self._search_poses()
-        if (cfg.support_mask and phase == "train" and self.epoch_complete
-                and self.model_config.renderer == "canonical"):
-            self._update_support(epoch)
         stop_early = False
         if self.info.is_main:
             validated = False
@@ -407,7 +412,8 @@ class Trainer:
 
     @torch.no_grad()
     def _update_support(self, epoch: int) -> None:
-        """New support mask from this epoch's model (rank 0 computes, every rank applies)."""
+        """Support mask for epoch ``epoch`` from the current model (rank 0 computes, every rank
+        applies); the canonical renderer is the one that uses it."""
         from cryoformer.model.support import support_from_volumes
 
         cfg, data, d = self.config, self.data, self.data.box_size
@@ -420,7 +426,8 @@ class Trainer:
             self.model.eval()
             try:
                 z = self.model.encode(data.images(pick).to(self.device))["mu"]  # [m, zdim]
-                vols = self.model.decode_volume(z)  # [m, D, D, D], inside the current support
+                # [m, D, D, D] inside the current support; 4 at a time bounds GPU temporaries
+                vols = torch.cat([self.model.decode_volume(z[i:i + 4]) for i in range(0, len(z), 4)])
             finally:
                 self.model.train(was_training)
             sup = support_from_volumes(vols, cfg.support_threshold, cfg.support_margin_px)
