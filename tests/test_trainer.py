@@ -28,7 +28,7 @@ def data_dir(tmp_path_factory):
 def finished_run(data_dir, tmp_path_factory):
     """Four epochs of a tiny variational model (the run most tests read)."""
     out = tmp_path_factory.mktemp("trainer_runs") / "run"
-    cfg = train_config(data_dir, out, epochs=4, lr=1e-2, support_mask=True)
+    cfg = train_config(data_dir, out, epochs=4, lr=1e-2)
     result = train(cfg, tiny_model_config(variational=True), command_line="cryoformer train test")
     return cfg, result
 

@@ -94,9 +94,11 @@ def test_run_holds_out_images_and_loads_the_best_epoch(data_dir, tmp_path):
 
 
 def test_heldout_zero_keeps_the_latest_epoch(data_dir, tmp_path):
-    cfg = train_config(data_dir, tmp_path / "run", epochs=2, heldout_fraction=0.0)
+    cfg = train_config(data_dir, tmp_path / "run", epochs=2, heldout_fraction=0.0, support_mask=False)
     train(cfg, tiny_model_config(), progress=False)
     assert not os.path.exists(os.path.join(cfg.outdir, "validation.json"))
+    state = torch.load(os.path.join(cfg.outdir, "checkpoints", "last.pt"), weights_only=True)
+    assert "support" not in state and load_run(cfg.outdir).model.support_mask is None  # whole sphere
     assert load_run(cfg.outdir).selected_by == "latest" and load_run(cfg.outdir).epoch == 2
     with pytest.raises(InputError, match="no held-out loss"):
         load_run(cfg.outdir, epoch="best")

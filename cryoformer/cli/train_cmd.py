@@ -94,11 +94,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--get-query", choices=("trilinear", "block"),
                    help="how a point reads the structure queries: trilinear blend of the neighbouring "
                         "blocks' queries (default; smoother maps) or the query of its block (the paper)")
-    m.add_argument("--support-mask", dest="support_mask", action="store_true", default=None,
-                   help="after each epoch, restrict the density to a mask around the molecule (from "
-                        "the model's own maps, dilated by --support-margin px), so the per-image head "
-                        "runs only there; the mask is saved with the model and applied when decoding "
-                        "(default off; a resumed run keeps the setting it was started with)")
+    m.add_argument("--no-support-mask", dest="support_mask", action="store_false", default=None,
+                   help="evaluate the density on the whole sphere in every epoch. By default, from "
+                        "epoch 2 on the density is restricted to a mask around the molecule (from the "
+                        "model's own maps, dilated by --support-margin px): the per-image head runs "
+                        "only there (faster) and noise outside the molecule is not fitted (better maps, "
+                        "docs/benchmarks.md); the mask is saved with the model and applied when "
+                        "decoding. A resumed run keeps the setting it was started with")
     m.add_argument("--support-threshold", type=float,
                    help=f"fraction of the peak density that counts as molecule (default {d['support_threshold']:g})")
     m.add_argument("--support-margin", dest="support_margin_px", type=int,

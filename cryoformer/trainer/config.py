@@ -114,7 +114,7 @@ class TrainConfig:
         Stop when the held-out loss has not improved for this many epochs (needs
         ``heldout_fraction`` > 0); None = train for ``epochs`` / ``max_minutes``.
     support_mask : bool
-        After each epoch, restrict the density to a mask around the molecule
+        Restrict the density to a mask around the molecule (default; ``--no-support-mask``)
         (:mod:`cryoformer.model.support`): the per-image head then runs only there, which is
         most of a training step. Saved with the model and applied when decoding. Only with the
         canonical renderer. A resumed run keeps its setting. The first epoch trains without a
@@ -153,7 +153,7 @@ class TrainConfig:
     heldout_fraction: float = 0.05
     heldout_max: int = 2000
     early_stop_epochs: Optional[int] = None
-    support_mask: bool = False
+    support_mask: bool = True
     support_threshold: float = 0.05
     support_margin_px: int = 3
 
