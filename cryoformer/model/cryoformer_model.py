@@ -99,12 +99,10 @@ class CryoFormer(nn.Module):
 
     def restrict_voxel_index(self, voxel_index: torch.Tensor, resolution: int) -> torch.Tensor:
         """``voxel_index`` (sorted flat indices) ∩ the support at ``resolution`` (renderer hook)."""
-        sup = self._support_index(resolution)
-        if sup is None:
+        keep = self.support_at(resolution)
+        if keep is None:
             return voxel_index
-        keep = torch.zeros(resolution ** 3, dtype=torch.bool, device=voxel_index.device)
-        keep[sup.to(voxel_index.device)] = True
-        return voxel_index[keep[voxel_index]]
+        return voxel_index[keep.reshape(-1).to(voxel_index.device)[voxel_index]]
 
     # ------------------------------------------------------------------ conditioning
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:

@@ -26,6 +26,7 @@ import os
 import signal
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -157,8 +158,6 @@ class Trainer:
             raise InputError(self.run_dir, None, "already holds a training run; pass --resume to "
                              "continue it or choose another output directory")
         if state is not None:
-            import dataclasses
-
             # The held-out split is part of the run: a resumed run keeps its own (and one begun
             # before images were held out keeps training on all of them).
             saved = state["train_config"]
@@ -183,8 +182,6 @@ class Trainer:
             raise InputError(None, "--box", f"model box {model_config.box_size} px differs from the "
                              f"training box {self.data.box_size} px")
         if model_config.use_orientation_encoder != config.refine_poses:
-            import dataclasses
-
             model_config = dataclasses.replace(model_config, use_orientation_encoder=config.refine_poses)
         self.model_config = model_config
         self.device = info.device
@@ -442,8 +439,6 @@ class Trainer:
         written after the checkpoint).
 
         Returns True when ``early_stop_epochs`` epochs have passed without improvement."""
-        import dataclasses
-
         cfg = self.config
         # At the input poses: --pose-search may have fitted the held-out images' poses too.
         data = dataclasses.replace(self.data, poses=self.input_poses)
