@@ -11,7 +11,7 @@ import torch
 
 from cryoformer.errors import InputError
 from cryoformer.trainer import load_run, train
-from cryoformer.trainer import loop as loop_mod
+from cryoformer.trainer import epoch_hooks
 from cryoformer.trainer.data import BatchPlan, load_particle_data
 from cryoformer.trainer.validation import ValidationHistory, heldout_count, heldout_loss, split_heldout
 
@@ -108,7 +108,7 @@ def test_early_stop_when_heldout_loss_stops_improving(data_dir, tmp_path, monkey
     # The stopping rule, isolated from training noise: the held-out loss is made to rise after
     # epoch 1, so a patience of 2 epochs must stop after epoch 3 of 10.
     values = iter([0.5, 0.6, 0.7, 0.8, 0.9])
-    monkeypatch.setattr(loop_mod, "heldout_loss", lambda *a, **k: next(values))
+    monkeypatch.setattr(epoch_hooks, "heldout_loss", lambda *a, **k: next(values))
     cfg = train_config(data_dir, tmp_path / "run", epochs=10, heldout_fraction=0.5, early_stop_epochs=2)
     result = train(cfg, tiny_model_config(), progress=False)
     assert result.stopped == "early" and result.epoch == 3

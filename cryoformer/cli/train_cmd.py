@@ -115,12 +115,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help=f"passes of pose-only pre-training (default {d['pose_pretrain_epochs']})")
     r.add_argument("--pose-weight", type=float, help=f"λ, weight of the pose loss (default {d['pose_weight']:g})")
     r.add_argument("--pose-search", action="store_true", default=None,
-                   help="refine poses by local projection matching against the model's own volumes "
-                        "after each epoch (coarse-to-fine rotations 0.08→0.01 rad, shifts 0.5→0.06 px); "
-                        "training continues at the refined poses. Works on a CPU budget, unlike the "
+                   help="refine poses by projection matching against the model's own maps after each "
+                        "epoch: Fourier-slice projections at the particles' full box, coarse-to-fine "
+                        "local search of rotations and shifts, MAP with a prior on the distance to the "
+                        "input pose whose width is fitted to the data; training continues at the "
+                        "refined poses (RUN/poses/epoch_XXX.pkl). Works on a CPU budget, unlike the "
                         "orientation encoder; exclusive with --refine-poses")
     r.add_argument("--pose-search-start", type=int,
                    help=f"first epoch after which --pose-search runs (default {d['pose_search_start']})")
+    r.add_argument("--pose-search-radius", dest="pose_search_radius_deg", type=float, metavar="DEG",
+                   help="search rotations within this many degrees of the current ones, about 3x the "
+                        f"input poses' typical error (default {d['pose_search_radius_deg']:g})")
+    r.add_argument("--pose-search-prior", dest="pose_search_prior_deg", type=float, metavar="DEG",
+                   help="fix the width of the prior on the angle to the input rotation (degrees; 0: "
+                        "none, maximum likelihood); default: fitted to the data at each search")
     r.add_argument("--gt-poses", help="ground-truth poses (.pkl/.star/.cs) to log rotation (rad) and shift "
                                       "(px) errors per epoch; never used for training")
     return p
@@ -129,7 +137,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 _TRAIN_FIELDS = ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_poses", "box_size",
                  "invert_data", "epochs", "batch_size", "lr", "weight_decay", "kl_weight", "seed",
                  "max_minutes", "device", "num_workers", "refine_poses", "pose_pretrain_epochs",
-                 "pose_weight", "pose_search", "pose_search_start", "amp", "heldout_fraction",
+                 "pose_weight", "pose_search", "pose_search_start", "pose_search_radius_deg",
+                 "pose_search_prior_deg", "amp", "heldout_fraction",
                  "heldout_max", "early_stop_epochs", "support_mask", "support_threshold",
                  "support_margin_px")
 _MODEL_OPTIONS = ("preset", "zdim", "feature_grid", "get_query", "variational")

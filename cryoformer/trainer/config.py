@@ -26,7 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUME_MUST_MATCH = (
     "particles", "poses", "ctf", "ind", "datadir", "box_size", "invert_data", "batch_size",
     "lr", "weight_decay", "seed", "refine_poses", "pose_pretrain_epochs", "pose_weight",
-    "kl_weight", "pose_search", "pose_search_start",
+    "kl_weight", "pose_search", "pose_search_start", "pose_search_radius_deg", "pose_search_prior_deg",
 )
 
 
@@ -98,6 +98,12 @@ class TrainConfig:
         Exclusive with ``refine_poses``.
     pose_search_start : int
         First epoch after which the search runs (the volume must be roughly right first).
+    pose_search_radius_deg : float
+        Rotations are searched within this angle (degrees) of the current ones; about 3× the
+        typical error of the input poses.
+    pose_search_prior_deg : float or None
+        Width (degrees) of the Gaussian prior on the angle between a refined and its input
+        rotation; None fits it to the data at every search (empirical Bayes).
     log_every_steps : int
         Rows of ``log.csv`` are written every this many optimiser steps (and at epoch end).
     amp : bool
@@ -148,6 +154,8 @@ class TrainConfig:
     pose_weight: float = 1.0
     pose_search: bool = False
     pose_search_start: int = 2
+    pose_search_radius_deg: float = 20.0
+    pose_search_prior_deg: Optional[float] = None
     log_every_steps: int = 20
     amp: bool = True
     heldout_fraction: float = 0.05
@@ -187,6 +195,10 @@ class TrainConfig:
                       "--pose-search (local projection matching)")
         if self.pose_search_start < 1:
             raise bad("--pose-search-start", f"must be >= 1, got {self.pose_search_start}")
+        if not 0 < self.pose_search_radius_deg <= 180:
+            raise bad("--pose-search-radius", f"must be in (0, 180] degrees, got {self.pose_search_radius_deg}")
+        if self.pose_search_prior_deg is not None and self.pose_search_prior_deg < 0:
+            raise bad("--pose-search-prior", f"must be >= 0 degrees (0: no prior), got {self.pose_search_prior_deg}")
         if not 0 <= self.heldout_fraction < 1:
             raise bad("--heldout-fraction", f"must be in [0, 1), got {self.heldout_fraction}")
         if self.heldout_max < 1:

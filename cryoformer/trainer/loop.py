@@ -20,13 +20,11 @@ held-out image loss (:mod:`.validation`; held-out images never enter a training 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
-import signal
-import threading
 import time
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,16 +35,18 @@ from tqdm.auto import tqdm
 
 from cryoformer.errors import InputError
 from cryoformer.metadata import Poses
-from cryoformer.model import CryoFormer, ModelConfig, kl_divergence, pose_loss
+from cryoformer.model import CryoFormer, ModelConfig
 
 from . import distributed as dist_mod
+from . import epoch_hooks
 from . import outputs
 from .checkpoint import CHECKPOINT_FORMAT, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig, default_model_config
 from .data import BatchPlan, load_particle_data, make_loader
 from .inference import encode_particles
+from .step import LossAccumulator, LossModule, StopFlag, step_seed
 from .trainlog import TrainLog
-from .validation import MIN_HELDOUT, ValidationHistory, heldout_loss, split_heldout
+from .validation import MIN_HELDOUT, ValidationHistory, split_heldout
 
 
 logger = logging.getLogger(__name__)
@@ -78,65 +78,6 @@ class TrainResult:
     epoch: int
     step: int
     checkpoint: Optional[str]
-
-
-class LossModule(nn.Module):
-    """Model + loss, so DistributedDataParallel wraps (and syncs) the whole step.
-
-    ``forward(batch, phase)`` returns ``dict(loss, mse, pose_loss, kl)`` (0-d tensors; terms
-    that do not apply are 0).
-    """
-
-    def __init__(self, model: CryoFormer, config: TrainConfig) -> None:
-        super().__init__()
-        self.model, self.config = model, config
-
-    def forward(self, batch: dict[str, torch.Tensor], phase: str) -> dict[str, torch.Tensor]:
-        m, cfg = self.model, self.config
-        images, rot0, t0 = batch["images"], batch["rotations"], batch["shifts_px"]
-        zero = images.new_zeros(())
-        if phase == "pretrain":  # pose-only: no rendering, the cheap first stage
-            r, t = m.orientation_encoder(images)
-            lp = pose_loss(r.float(), t.float(), rot0, t0)
-            return {"loss": lp, "mse": zero, "pose_loss": lp, "kl": zero}
-        out = m(images, rot0, t0, batch.get("ctf"),
-                pose_source="auto" if cfg.refine_poses else "given")
-        mse = ((out["pred_images"].float() - images) ** 2).mean()
-        loss, lp, kl = mse, zero, zero
-        if cfg.refine_poses:
-            lp = pose_loss(out["pred_rotations"].float(), out["pred_shifts_px"].float(), rot0, t0)
-            loss = loss + cfg.pose_weight * lp
-        if out["logvar"] is not None:
-            kl = kl_divergence(out["mu"].float(), out["logvar"].float())
-            loss = loss + cfg.kl_weight * kl / images.shape[-1] ** 2  # per pixel, like the MSE
-        return {"loss": loss, "mse": mse, "pose_loss": lp, "kl": kl}
-
-
-class _StopFlag:
-    """Ctrl-C / SIGTERM → flag (main thread only); a second Ctrl-C raises at once."""
-
-    def __init__(self) -> None:
-        self.reason: Optional[str] = None
-        self._old: dict[int, object] = {}
-
-    def _handler(self, signum, frame) -> None:
-        if self.reason == "interrupted" and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.reason = "interrupted"
-
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _step_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.default_rng([seed, rank, step]).integers(2 ** 62))
 
 
 class Trainer:
@@ -172,7 +113,7 @@ class Trainer:
                                  "with --heldout-fraction 0 or by an older cryoformer), so it cannot "
                                  "stop on a held-out loss")
         self.data = load_particle_data(config)
-        self.input_poses = self.data.poses  # held-out images are always scored at these
+        self.input_poses = self.data.poses  # the pose-search prior is centred on these
         if state is not None:
             model_config = ModelConfig.from_dict(state["model_config"])
             self.data.image_scale = float(state["data"]["image_scale"])
@@ -267,7 +208,7 @@ class Trainer:
             self._log_pose_errors(0, "input", self.data.poses.rotations, self.data.poses.shifts_px)
         stopped = "finished"
         try:
-            with _StopFlag() as flag:
+            with StopFlag() as flag:
                 for phase, epoch in stages[first:]:
                     reason = self._run_epoch(phase, epoch, start_batch, flag)
                     start_batch = 0
@@ -281,7 +222,7 @@ class Trainer:
         return TrainResult(self.run_dir, stopped, self.last_epoch_written, self.step,
                            last if os.path.isfile(last) else None)
 
-    def _run_epoch(self, phase: str, epoch: int, start_batch: int, flag: _StopFlag) -> Optional[str]:
+    def _run_epoch(self, phase: str, epoch: int, start_batch: int, flag: StopFlag) -> Optional[str]:
         cfg, info = self.config, self.info
         n_batches = self.plan.steps_per_epoch()
         self.phase, self.epoch, self.batch_in_epoch = phase, epoch, start_batch
@@ -290,7 +231,7 @@ class Trainer:
                 and self.model_config.renderer == "canonical"):
             # The mask this epoch trains under, from the model the previous epoch left: the
             # checkpoints of this epoch then hold the mask their weights were trained with.
-            self._update_support(epoch)
+            epoch_hooks.update_support(self, epoch)
         stream = 1 if phase == "pretrain" else 0
         batches = list(self.plan.rank_batches(epoch, start_batch, stream=stream))
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if self.device.type == "cuda" else 0)
@@ -299,7 +240,7 @@ class Trainer:
         desc = f"{'pose pre-training' if phase == 'pretrain' else 'epoch'} {epoch}/{total}"
         bar = tqdm(total=n_batches, initial=start_batch, desc=desc, unit="batch", leave=False,
                    disable=not (info.is_main and self.progress), dynamic_ncols=True)
-        acc = {"step": _Acc(), "epoch": _Acc()}
+        acc = {"step": LossAccumulator(), "epoch": LossAccumulator()}
         self.model.train()
         reason = None
         try:
@@ -334,7 +275,7 @@ class Trainer:
     def _train_step(self, batch, phase: str) -> tuple[dict[str, float], int]:
         cfg, info = self.config, self.info
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        torch.manual_seed(_step_seed(cfg.seed, info.rank, self.step))
+        torch.manual_seed(step_seed(cfg.seed, info.rank, self.step))
         amp = (torch.autocast("cuda", dtype=torch.bfloat16)
                if cfg.amp and self.device.type == "cuda" else contextlib.nullcontext())
         with amp:
@@ -362,7 +303,7 @@ class Trainer:
         return dict(zip(("loss", "mse", "pose_loss", "kl"), values)), n_images
 
     # ------------------------------------------------------------------ logging
-    def _log_row(self, kind: str, acc: "_Acc") -> None:
+    def _log_row(self, kind: str, acc: "LossAccumulator") -> None:
         if self.log is not None and acc.images:
             self.log.row({"kind": kind, "epoch": self.epoch, "step": self.step, "phase": self.phase,
                           "images": acc.images, **acc.means(), "lr": self.optimizer.param_groups[0]["lr"],
@@ -393,82 +334,19 @@ class Trainer:
             out_epoch = 0
         if (cfg.pose_search and phase == "train" and self.epoch_complete
                 and epoch >= cfg.pose_search_start):
-            self._search_poses()
+            epoch_hooks.search_training_poses(self)
         stop_early = False
         if self.info.is_main:
             validated = False
             if out_epoch is not None:
                 self._write_epoch_outputs(out_epoch)
                 if phase == "train" and self.heldout_rows.size:
-                    stop_early, validated = self._validate(out_epoch), True
+                    stop_early, validated = epoch_hooks.validate(self, out_epoch), True
             self._save(out_epoch)
             if validated:  # after the checkpoint: its best epoch must already be loadable
                 self.validation.write(self.run_dir)
         dist_mod.barrier(self.info)
         return bool(dist_mod.all_reduce_max(float(stop_early), self.info))
-
-    @torch.no_grad()
-    def _update_support(self, epoch: int) -> None:
-        """Support mask for epoch ``epoch`` from the current model (rank 0 computes, every rank
-        applies); the canonical renderer is the one that uses it."""
-        from cryoformer.model.support import support_from_volumes
-
-        cfg, data, d = self.config, self.data, self.data.box_size
-        mask = np.zeros((d, d, d), dtype=np.uint8)
-        if self.info.is_main:
-            rows = self.plan.rows if self.plan.rows is not None else np.arange(len(data))
-            pick = np.sort(np.random.default_rng([cfg.seed, epoch, 5]).choice(
-                rows, size=min(16, rows.size), replace=False))
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                z = self.model.encode(data.images(pick).to(self.device))["mu"]  # [m, zdim]
-                # [m, D, D, D] inside the current support; 4 at a time bounds GPU temporaries
-                vols = torch.cat([self.model.decode_volume(z[i:i + 4]) for i in range(0, len(z), 4)])
-            finally:
-                self.model.train(was_training)
-            sup = support_from_volumes(vols, cfg.support_threshold, cfg.support_margin_px)
-            mask = sup.cpu().numpy().astype(np.uint8)
-            logger.info("epoch %d: support mask %d voxels (%.1f%% of the box)", epoch, int(mask.sum()),
-                        100 * mask.mean())
-        mask = dist_mod.broadcast_array(mask, self.info)
-        self.model.set_support(torch.from_numpy(mask.astype(bool)))
-
-    def _validate(self, out_epoch: int) -> bool:
-        """Held-out loss of this epoch's model → history and log (``validation.json`` is
-        written after the checkpoint).
-
-        Returns True when ``early_stop_epochs`` epochs have passed without improvement."""
-        cfg = self.config
-        # At the input poses: --pose-search may have fitted the held-out images' poses too.
-        data = dataclasses.replace(self.data, poses=self.input_poses)
-        mse = heldout_loss(self.model, data, self.heldout_rows, self.device,
-                           predicted_poses=cfg.refine_poses, amp=cfg.amp,
-                           batch_size=max(1, min(64, 2 * cfg.batch_size // self.info.world)))
-        self.validation.add(out_epoch, self.step, self.elapsed(), mse, self.epoch_complete)
-        best = self.validation.best_epoch()
-        self.log.row({"kind": "heldout", "epoch": out_epoch, "step": self.step, "phase": "train",
-                      "images": int(self.heldout_rows.size), "mse": mse, "elapsed_s": self.elapsed()})
-        logger.info("epoch %d: held-out image loss %.6g (best epoch %s)", out_epoch, mse, best)
-        return (cfg.early_stop_epochs is not None and self.epoch_complete
-                and self.validation.epochs_since_best() >= cfg.early_stop_epochs)
-
-    def _search_poses(self) -> None:
-        """Local pose search on rank 0, broadcast to every rank; replaces the training poses."""
-        from .pose_search import search_poses
-
-        data, info = self.data, self.info
-        scale = data.box_size / data.original_box
-        rot, shifts = data.poses.rotations, data.poses.shifts_px
-        if info.is_main:
-            t0 = time.monotonic()
-            rot, t, gain = search_poses(self.model, data, rot, shifts * scale, self.device)
-            shifts = t / scale
-            logger.info("pose search after epoch %d: mean error decrease %.3g%% (%.0f s)",
-                        self.epoch, 100 * gain, time.monotonic() - t0)
-        rot = dist_mod.broadcast_array(rot, info)
-        shifts = dist_mod.broadcast_array(shifts, info)
-        data.poses = Poses(rot, shifts, data.original_box)
 
     def _write_epoch_outputs(self, out_epoch: int) -> None:
         enc = encode_particles(self.model, self.data, self.device, want_poses=self.config.refine_poses)
@@ -512,28 +390,6 @@ class Trainer:
             path = outputs.epoch_file(self.run_dir, outputs.CHECKPOINT_DIR, out_epoch)
             save_checkpoint(state, path)
             outputs.copy_atomic(path, last)
-
-
-class _Acc:
-    """Image-weighted sums of loss terms and the wall time since the last reset."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums = {"loss": 0.0, "mse": 0.0, "pose_loss": 0.0, "kl": 0.0}
-        self.images, self.t0 = 0, time.monotonic()
-
-    def add(self, terms: dict[str, float], n: int) -> None:
-        for k in self.sums:
-            self.sums[k] += terms[k] * n
-        self.images += n
-
-    def means(self) -> dict[str, float]:
-        return {k: v / max(self.images, 1) for k, v in self.sums.items()}
-
-    def rate(self) -> float:
-        return self.images / max(time.monotonic() - self.t0, 1e-9)
 
 
 def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, resume: bool = False,

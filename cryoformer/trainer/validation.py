@@ -15,7 +15,8 @@ tracked here:
   resume); training batches never contain them, but every output (latents, refined poses)
   still covers all particles.
 - :func:`heldout_loss` is the mean per-image MSE (the training objective, eq. 7) on those
-  images, at the given poses — or at the predicted ones when the orientation encoder is trained.
+  images, at the given poses — the predicted ones when the orientation encoder is trained, the
+  searched ones with ``pose_search``.
 - :class:`ValidationHistory` keeps one row per output epoch, in the checkpoint (so a resumed run
   continues it) and in ``RUN/validation.json``, whose ``best_epoch`` is what
   :func:`~cryoformer.trainer.run_dir.load_run` loads by default.

@@ -1,0 +1,111 @@
+"""Projection by the Fourier slice theorem, for scoring many poses of one volume quickly.
+
+The 2-D spectrum of the projection ``P(x, y) = ∫ V(Rᵀ(x, y, z)ᵀ) dz`` (SPEC §2, what
+:func:`cryoformer.physics.projector.project` sums in real space) is the central slice
+``P̂(k) = V̂(Rᵀ (kx, ky, 0)ᵀ)`` of the volume's 3-D spectrum. Sampling a slice costs one
+interpolation per frequency instead of ``D`` per pixel, which is what makes exhaustive local
+pose searches affordable on a CPU (:mod:`cryoformer.trainer.pose_search`).
+
+The volume is zero-padded by ``padding`` before the 3-D FFT: the spectrum is then sampled
+``padding`` times more finely, so trilinear interpolation between its samples stays close to
+the exact slice (the usual gridding trade-off; 2 is what RELION uses by default).
+
+The real-space projector samples the volume by trilinear interpolation at rotated points, which
+is exact sampling of the volume convolved with a separable tent kernel along the *volume's*
+axes. Its effect on the images therefore depends on the pose: high frequencies along a volume
+axis are damped by ``sinc²``, those between axes less. A pose search scored without that
+damping prefers poses whose projections keep the most high-frequency energy (measured: a
+median bias of 0.024 rad on noiseless 32-px images). With ``match_trilinear`` (the default)
+the spectrum is multiplied by the tent's transform ``Π_i sinc²(k_i)`` in the volume frame, so
+slices reproduce SPEC §2 image formation, which is both how the data are simulated and how
+the model renders.
+
+Frequencies are in cycles per pixel, as :func:`cryoformer.physics.fourier.frequency_grid_2d`
+with unit pixel size gives them; spectra use the unnormalised centred transforms of
+:mod:`cryoformer.physics.fourier`, so a slice is directly comparable with
+``fft2_center(image)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FourierSliceProjector"]
+
+
+class FourierSliceProjector:
+    """Padded 3-D spectra of ``K`` volumes, sliced at any rotations and frequencies.
+
+    Parameters
+    ----------
+    volumes : torch.Tensor
+        ``[K, D, D, D]`` or ``[D, D, D]`` real volumes indexed ``[z, y, x]`` with the origin at
+        voxel ``D//2``.
+    padding : int
+        Zero-padding factor (≥ 1) before the FFT.
+    match_trilinear : bool
+        Damp the spectrum as trilinear sampling in real space does (see the module docstring).
+    """
+
+    def __init__(self, volumes: torch.Tensor, padding: int = 2, match_trilinear: bool = True) -> None:
+        if volumes.dim() == 3:
+            volumes = volumes[None]
+        if volumes.dim() != 4 or len(set(volumes.shape[1:])) != 1:
+            raise ValueError(f"volumes must be [K, D, D, D], got {tuple(volumes.shape)}")
+        if padding < 1:
+            raise ValueError(f"padding must be >= 1, got {padding}")
+        K, D = volumes.shape[0], volumes.shape[-1]
+        Dp = padding * D
+        self.box_size, self.padded_size = D, Dp
+        vol = volumes.float()
+        # Gridding correction: trilinear interpolation of the spectrum convolves it with a tent,
+        # which multiplies the real-space object by sinc²(x/Dp) per axis; dividing by that
+        # first cancels the resulting attenuation away from the centre.
+        c = (torch.arange(D, dtype=vol.dtype) - D // 2) / Dp
+        apod = torch.sinc(c) ** 2  # [D]
+        vol = vol / (apod[:, None, None] * apod[None, :, None] * apod[None, None, :])
+        padded = vol.new_zeros(K, Dp, Dp, Dp)
+        o = Dp // 2 - D // 2  # keeps the origin voxel at the centre index Dp//2
+        padded[:, o:o + D, o:o + D, o:o + D] = vol
+        dims = (-3, -2, -1)
+        spec = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded, dim=dims), dim=dims), dim=dims)
+        if match_trilinear:
+            f = (torch.arange(Dp, dtype=spec.real.dtype) - Dp // 2) / Dp  # cycles per voxel
+            tent = torch.sinc(f) ** 2  # [Dp]: transform of the unit tent (torch.sinc is sin(πx)/(πx))
+            spec = spec * (tent[:, None, None] * tent[None, :, None] * tent[None, None, :])
+        # [K, 2, Dp, Dp, Dp]: real and imaginary parts as two channels for grid_sample
+        self.spectra = torch.stack([spec.real, spec.imag], dim=1).contiguous()
+
+    def __len__(self) -> int:
+        return self.spectra.shape[0]
+
+    def slices(self, index: int, rotations: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """Central slices of volume ``index`` at many rotations.
+
+        Parameters
+        ----------
+        index : int
+            Which volume.
+        rotations : torch.Tensor
+            ``[C, 3, 3]`` pose rotations ``R`` (SPEC §2).
+        freqs : torch.Tensor
+            ``[M, 2]`` image frequencies ``(kx, ky)`` in cycles per pixel of the volume's box
+            (``|k| ≤ 0.5``).
+
+        Returns
+        -------
+        torch.Tensor
+            ``[C, M]`` complex: the spectrum of the projection at each rotation, at ``freqs``,
+            in the convention of :func:`cryoformer.physics.fourier.fft2_center`.
+        """
+        R = rotations.to(self.spectra.dtype)
+        k3 = torch.cat([freqs.to(R.dtype), freqs.new_zeros(freqs.shape[0], 1).to(R.dtype)], dim=-1)  # [M, 3]
+        q = k3 @ R  # [C, M, 3]: row form of Rᵀ(kx, ky, 0)
+        Dp = self.padded_size
+        # cycles/px → padded-spectrum index (DC at Dp//2) → grid_sample's [-1, 1] (align_corners)
+        grid = (q * Dp + Dp // 2) * (2.0 / (Dp - 1)) - 1.0
+        vals = F.grid_sample(self.spectra[index:index + 1], grid[None, :, :, None, :],
+                             mode="bilinear", padding_mode="zeros", align_corners=True)
+        vals = vals[0, :, :, :, 0]  # [2, C, M]
+        return torch.complex(vals[0], vals[1])
