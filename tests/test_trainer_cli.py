@@ -38,7 +38,8 @@ def test_help_lists_options_with_units(capsys):
     for option in ("--poses", "--ctf", "--epochs", "--batch-size", "--lr", "--zdim", "--preset", "--box",
                    "--ind", "--uninvert-data", "--datadir", "--seed", "--max-minutes", "--device",
                    "--num-workers", "--refine-poses", "--pose-pretrain-epochs", "--pose-weight",
-                   "--gt-poses", "--resume", "torchrun"):
+                   "--gt-poses", "--resume", "torchrun", "--pose-search", "--pose-search-radius",
+                   "--pose-search-prior"):
         assert option in text, option
     assert "px" in text and "Å" in text and "minutes" in text
 
@@ -94,6 +95,8 @@ def test_bad_inputs_give_one_line_and_write_nothing(data_dir, tmp_path, capsys):
     _expect_input_error(capsys, no_poses, "--poses", out)
     _expect_input_error(capsys, ["-o", str(out), "--resume"], "checkpoint does not exist", out)
     _expect_input_error(capsys, [*args, "--lr", "-1"], "--lr", out)
+    _expect_input_error(capsys, [*args, "--pose-search", "--pose-search-radius", "0"], "--pose-search-radius", out)
+    _expect_input_error(capsys, [*args, "--pose-search", "--pose-search-prior", "-2"], "--pose-search-prior", out)
 
 
 def test_star_input_takes_poses_and_ctf_from_the_file(data_dir, tmp_path):
