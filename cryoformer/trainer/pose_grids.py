@@ -1,0 +1,96 @@
+"""The grids and the prior of the pose search (:mod:`.pose_search`): balls of rotation
+vectors, shift grids, the coarse-to-fine level plan and the empirical-Bayes width of the prior
+on the angle to the input rotation."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from cryoformer.physics.rotations import axis_angle_to_matrix
+
+if TYPE_CHECKING:
+    from .pose_search import PoseSearchConfig
+
+
+def rotation_ball(step_rad: float, radius_rad: float) -> torch.Tensor:
+    """Rotation vectors ``[C, 3]`` of a cubic grid (spacing ``step_rad``) inside a ball; the
+    zero vector is row 0."""
+    n = int(math.floor(radius_rad / step_rad + 1e-9))
+    g = torch.arange(-n, n + 1, dtype=torch.float64) * step_rad
+    c = torch.cartesian_prod(g, g, g)
+    c = c[c.norm(dim=1) <= radius_rad + 1e-9]
+    order = torch.argsort(c.norm(dim=1), stable=True)
+    return c[order].float()
+
+
+def shift_grid(step_px: float, radius_px: float) -> torch.Tensor:
+    n = int(math.floor(radius_px / step_px + 1e-9))
+    g = torch.arange(-n, n + 1, dtype=torch.float32) * step_px
+    return torch.cartesian_prod(g, g)  # [S, 2]
+
+
+def angle_to(rotations: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Geodesic angles [C] between rotations [C, 3, 3] and one reference [3, 3]."""
+    m = rotations @ reference.T
+    cos = 0.5 * (m.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0)
+    return torch.arccos(cos.clamp(-1.0, 1.0))
+
+
+def fit_prior_sigma(log_lik: np.ndarray, angles: np.ndarray, max_sigma_rad: float = 1.0) -> float:
+    """Empirical-Bayes width of the angle prior.
+
+    Parameters
+    ----------
+    log_lik : np.ndarray [N, C]
+        Log-likelihood of each particle at each coarse-grid rotation (maximised over shifts).
+    angles : np.ndarray [N, C]
+        Angle (rad) of each of those rotations to the particle's input rotation.
+    max_sigma_rad : float
+        Widest prior tried (rad); 41 widths from 0.01 rad up to it, evenly in log. Wider than
+        the grid makes no sense: the grid would cut the prior off.
+
+    Returns
+    -------
+    float
+        The ``σ_p`` maximising ``Σ_n log Σ_c p(c|σ_p) L_nc`` with the prior normalised on the grid.
+    """
+    candidates = np.geomspace(min(0.01, max_sigma_rad), max_sigma_rad, 41)
+    best, best_val = float(candidates[0]), -np.inf
+    for s in candidates:
+        logp = -angles ** 2 / (2 * s * s)
+        logp = logp - np.logaddexp.reduce(logp, axis=1, keepdims=True)  # normalised on the grid
+        val = np.logaddexp.reduce(log_lik + logp, axis=1).sum()
+        if val > best_val:
+            best, best_val = float(s), val
+    return best
+
+
+def search_levels(config: "PoseSearchConfig", D: int, kmax: float, freqs: torch.Tensor) -> list:
+    """Per level: (rotation offsets [C, 3, 3], shift offsets [S, 2], band mask [M], is_last).
+
+    A level with rotation spacing ``h`` scores frequencies up to ``1/(π·(D/2)·h)`` only: a
+    rotation by ``h`` moves a point at the box edge by ``h·D/2`` px, a phase of ``π`` at that
+    frequency, so finer detail would make the likelihood vary faster than the grid samples it
+    and the coarse pick could miss the basin (measured on noiseless images: 1 in 5 particles).
+    The last level always scores the whole band."""
+    radius_k = freqs.norm(dim=-1)  # [M]
+    steps = config.rotation_steps()
+    shift_steps = (1.0, 0.25, 0.1, 0.05)
+    out = []
+    for level, step in enumerate(steps):
+        last = level == len(steps) - 1
+        k_l = kmax if last else min(kmax, 1.0 / (math.pi * (D / 2) * step))
+        if level == 0:
+            offsets = rotation_ball(step, config.radius_rad)
+            s_step = config.coarse_shift_step_px or min(1.0, 1.0 / (6 * k_l))
+            shifts = shift_grid(s_step, config.shift_radius_px)
+        else:
+            offsets = rotation_ball(step, steps[level - 1] * math.sqrt(3) / 2)  # one cell of the previous grid
+            s_step = shift_steps[min(level, len(shift_steps) - 1)]
+            shifts = shift_grid(s_step, 3 * s_step)
+        out.append((axis_angle_to_matrix(offsets), shifts, radius_k <= k_l + 1e-9, last))
+    return out
