@@ -75,7 +75,7 @@ def search_levels(config: "PoseSearchConfig", D: int, kmax: float, freqs: torch.
     A level with rotation spacing ``h`` scores frequencies up to ``1/(π·(D/2)·h)`` only: a
     rotation by ``h`` moves a point at the box edge by ``h·D/2`` px, a phase of ``π`` at that
     frequency, so finer detail would make the likelihood vary faster than the grid samples it
-    and the coarse pick could miss the basin (measured on noiseless images: 1 in 5 particles).
+    and the coarse pick could miss the basin (measured on SNR-100 images: 1 in 5 particles).
     The last level always scores the whole band."""
     radius_k = freqs.norm(dim=-1)  # [M]
     steps = config.rotation_steps()

@@ -79,7 +79,7 @@ class PoseSearchConfig:
     coarse_shift_step_px : float, optional
         Shift spacing of the coarse level (finer levels: a quarter, a tenth, a twentieth of a
         pixel). Default ``min(1, 1/(6·k₀))`` for the coarse band limit ``k₀`` (cycles/px):
-        with 1-px steps at ``k₀ = 0.33`` a fifth of noiseless particles lost the basin, with
+        with 1-px steps at ``k₀ = 0.33`` a fifth of SNR-100 particles lost the basin, with
         0.5 px none did.
     max_frequency : float, optional
         Highest frequency scored, cycles/px of the original box. Default: the Nyquist of the
