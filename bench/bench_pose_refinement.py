@@ -61,11 +61,10 @@ def make_data(args) -> str:
 
 
 def errors_of(rot, shifts, gt) -> dict:
-    from cryoformer.metrics.pose_error import rotation_errors, shift_errors
+    from cryoformer.metrics.pose_error import pose_error_summary
 
-    r = rotation_errors(rot, gt.rotations)
-    return {"rotation_median_rad": float(np.median(r)), "rotation_median_deg": float(np.degrees(np.median(r))),
-            "shift_median_px": float(np.median(shift_errors(shifts, gt.shifts_px)))}
+    summary = pose_error_summary(rot, gt.rotations, shifts, gt.shifts_px)
+    return {k: summary[k] for k in ("rotation_median_rad", "rotation_median_deg", "shift_median_px")}
 
 
 def oracle(data_dir: str, poses_path: str, radius_rad: float, n: int) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -77,13 +77,17 @@ def validate(trainer: "Trainer", out_epoch: int) -> bool:
             and trainer.validation.epochs_since_best() >= cfg.early_stop_epochs)
 
 
-def search_training_poses(trainer: "Trainer") -> None:
+def search_training_poses(trainer: "Trainer") -> Optional[np.ndarray]:
     """MAP pose search on rank 0 (:mod:`.pose_search`), broadcast to every rank; replaces
-    the training poses. The prior is centred on the input poses."""
+    the training poses. The prior is centred on the input poses.
+
+    Returns the latents ``[N, zdim]`` it encoded (rank 0; None elsewhere), which are this
+    epoch's latents: the search does not change the model."""
     from .pose_search import PoseSearchConfig, search_poses
 
     cfg, data, info = trainer.config, trainer.data, trainer.info
     rot, shifts = data.poses.rotations, data.poses.shifts_px
+    z = None
     if info.is_main:
         t0 = time.monotonic()
         z = encode_particles(trainer.model, data, trainer.device)["z"]
@@ -100,3 +104,4 @@ def search_training_poses(trainer: "Trainer") -> None:
     rot = dist_mod.broadcast_array(np.ascontiguousarray(rot, dtype=np.float32), info)
     shifts = dist_mod.broadcast_array(np.ascontiguousarray(shifts, dtype=np.float32), info)
     data.poses = Poses(rot, shifts, data.original_box)
+    return z

@@ -332,14 +332,15 @@ class Trainer:
             out_epoch = epoch
         elif finished_pretrain:
             out_epoch = 0
+        latents = None
         if (cfg.pose_search and phase == "train" and self.epoch_complete
                 and epoch >= cfg.pose_search_start):
-            epoch_hooks.search_training_poses(self)
+            latents = epoch_hooks.search_training_poses(self)
         stop_early = False
         if self.info.is_main:
             validated = False
             if out_epoch is not None:
-                self._write_epoch_outputs(out_epoch)
+                self._write_epoch_outputs(out_epoch, latents)
                 if phase == "train" and self.heldout_rows.size:
                     stop_early, validated = epoch_hooks.validate(self, out_epoch), True
             self._save(out_epoch)
@@ -348,8 +349,11 @@ class Trainer:
         dist_mod.barrier(self.info)
         return bool(dist_mod.all_reduce_max(float(stop_early), self.info))
 
-    def _write_epoch_outputs(self, out_epoch: int) -> None:
-        enc = encode_particles(self.model, self.data, self.device, want_poses=self.config.refine_poses)
+    def _write_epoch_outputs(self, out_epoch: int, latents: Optional[np.ndarray] = None) -> None:
+        # ``latents``: what the pose search just encoded with this same model (it and
+        # --refine-poses exclude each other, so no predicted poses are needed then)
+        enc = ({"z": latents} if latents is not None else
+               encode_particles(self.model, self.data, self.device, want_poses=self.config.refine_poses))
         outputs.write_latents(self.run_dir, out_epoch, enc["z"])
         if self.config.pose_search:
             p = self.data.poses

@@ -227,14 +227,13 @@ def search_poses(model: CryoFormer, data: ParticleData, rotations: np.ndarray, s
     -------
     PoseSearchResult
     """
-    n, D = len(data), data.original_box
-    if rotations.shape != (n, 3, 3) or shifts_px.shape != (n, 2) or len(latents) != n:
-        raise ValueError(f"need [N,3,3] rotations, [N,2] shifts and N latents for N={n} particles")
+    if len(latents) != len(data):
+        raise ValueError(f"need one latent per particle: {len(latents)} for {len(data)}")
     was_training = model.training
     model.eval()
     try:
-        vols, labels = _references(model, np.asarray(latents, dtype=np.float32), config.n_references, D,
-                                   seed, device)
+        vols, labels = _references(model, np.asarray(latents, dtype=np.float32), config.n_references,
+                                   data.original_box, seed, device)
     finally:
         model.train(was_training)
     return search_with_references(vols, labels, data, rotations, shifts_px, config, prior_rotations,
@@ -263,6 +262,8 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, data: Part
     PoseSearchResult
     """
     n, D = len(data), data.original_box
+    if np.shape(rotations) != (n, 3, 3) or np.shape(shifts_px) != (n, 2):
+        raise ValueError(f"need [N, 3, 3] rotations and [N, 2] shifts for N={n} particles")
     if volumes.dim() != 4 or volumes.shape[-1] != D:
         raise ValueError(f"references must be [K, {D}, {D}, {D}], got {tuple(volumes.shape)}")
     labels = np.asarray(labels, dtype=np.int64)
@@ -324,24 +325,26 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, data: Part
             c = int(keep[p, 0])
             if post[p, c] > final[p]:
                 final[p], rot[p], t[p] = post[p, c], coarse_rot[c] @ rot[p], best_shift[p, c]
-    for pos, img_f, ctf in full.batches(band) if len(levels) > 1 else ():
-        for j, p in enumerate(pos):
-            lab = int(labels[p])
-            seeds = [(coarse_rot[c] @ rot[p], best_shift[p, c]) for c in keep[p]]
-            for level, (cand_rot, sg, sub, last) in enumerate(levels[1:], start=1):
-                found = []
-                for r0, t0 in seeds:
-                    cand = cand_rot @ r0
-                    e = scorer.errors(lab, img_f[j][sub], ctf[j][sub], cand, t0 + sg, sub)
-                    lp = -e.double() / (2 * noise_power) + log_prior(angle_to(cand, prior_rot[p]).double())[:, None]
-                    c, s_ = divmod(int(torch.argmax(lp)), len(sg))
-                    found.append((float(lp[c, s_]), cand[c], t0 + sg[s_]))
-                found.sort(key=lambda f: -f[0])
-                seeds = [(r_, t_) for _, r_, t_ in found[:1]]  # one candidate after the first refinement
-                if last and found[0][0] > final[p]:
-                    final[p] = found[0][0]
-                    rot[p], t[p] = found[0][1], found[0][2]
-            bar.update()
+    else:
+        for pos, img_f, ctf in full.batches(band):
+            for j, p in enumerate(pos):
+                lab = int(labels[p])
+                seeds = [(coarse_rot[c] @ rot[p], best_shift[p, c]) for c in keep[p]]
+                for cand_rot, sg, sub, last in levels[1:]:
+                    found = []
+                    for r0, t0 in seeds:
+                        cand = cand_rot @ r0
+                        e = scorer.errors(lab, img_f[j][sub], ctf[j][sub], cand, t0 + sg, sub)
+                        lp = (-e.double() / (2 * noise_power)
+                              + log_prior(angle_to(cand, prior_rot[p]).double())[:, None])
+                        c, s_ = divmod(int(torch.argmax(lp)), len(sg))
+                        found.append((float(lp[c, s_]), cand[c], t0 + sg[s_]))
+                    found.sort(key=lambda f: -f[0])
+                    seeds = [(r_, t_) for _, r_, t_ in found[:1]]  # one candidate after the first refinement
+                    if last and found[0][0] > final[p]:
+                        final[p] = found[0][0]
+                        rot[p], t[p] = found[0][1], found[0][2]
+                bar.update()
     bar.close()
     gain = float(np.mean(final - start_post))
     if config.prior_sigma_rad is None and sigma_p >= config.radius_rad / 2 * 0.999:
