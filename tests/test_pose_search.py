@@ -82,6 +82,22 @@ def test_projector_rejects_bad_shapes():
         FourierSliceProjector(torch.zeros(4, 4, 4), padding=0)
 
 
+@pytest.mark.parametrize("bad, match", [({"radius_rad": 0.0}, "radius_rad"),
+                                        ({"coarse_step_rad": 1.0, "radius_rad": 0.5}, "coarse_step_rad"),
+                                        ({"prior_sigma_rad": -0.1}, "prior_sigma_rad"),
+                                        ({"n_references": 0}, "n_references")])
+def test_search_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PoseSearchConfig(**bad)
+
+
+def test_search_config_level_spacings():
+    # a third of the previous spacing per level, down to final_step_rad
+    steps = PoseSearchConfig(radius_rad=0.36, final_step_rad=0.007).rotation_steps()
+    np.testing.assert_allclose(steps, [0.06, 0.02, 0.02 / 3])
+    assert len(PoseSearchConfig(fine_levels=1).rotation_steps()) == 2
+
+
 def test_rotation_ball_is_centred_and_bounded():
     ball = rotation_ball(0.06, 0.36)
     assert torch.equal(ball[0], torch.zeros(3))

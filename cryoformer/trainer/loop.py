@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -426,7 +427,15 @@ def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, re
         Non-finite loss; the files on disk are those of the last good checkpoint.
     """
     info = dist_mod.setup(config.device)
+    trainer = None
     try:
-        return Trainer(config, model_config, info, resume, command_line, progress).run()
+        trainer = Trainer(config, model_config, info, resume, command_line, progress)
+        return trainer.run()
     finally:
+        # The DDP wrapper holds the gloo/NCCL process group; left to the interpreter's
+        # shutdown, its worker threads are torn down after Python is gone and the process
+        # aborts ("terminate called without an active exception", ~1 run in 8 measured).
+        # Free it (it sits in reference cycles, hence the collect) before the group goes.
+        del trainer
+        gc.collect()
         dist_mod.teardown(info)

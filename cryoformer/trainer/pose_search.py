@@ -115,6 +115,8 @@ class PoseSearchConfig:
             raise ValueError("final_step_rad must be > 0 and fine_levels >= 0")
         if self.shift_radius_px < 0 or self.n_references < 1 or self.keep_coarse < 1:
             raise ValueError("shift_radius_px must be >= 0, n_references and keep_coarse >= 1")
+        if self.prior_sigma_rad is not None and self.prior_sigma_rad < 0:
+            raise ValueError("prior_sigma_rad must be >= 0 (0: no prior) or None (fitted)")
 
     def rotation_steps(self) -> list[float]:
         """Rotation grid spacing (rad) of each level, coarse first."""
@@ -125,8 +127,6 @@ class PoseSearchConfig:
             while steps[-1] > self.final_step_rad * (1 + 1e-9):
                 steps.append(steps[-1] / 3)
         return steps
-        if self.prior_sigma_rad is not None and self.prior_sigma_rad < 0:
-            raise ValueError("prior_sigma_rad must be >= 0 (0: no prior) or None (fitted)")
 
 
 @dataclass(frozen=True)
