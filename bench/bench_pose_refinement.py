@@ -15,7 +15,9 @@ Rows:
   with a perfect reference, i.e. the limit the data's noise sets for any method.
 * ``cryoformer train --pose-search``, epoch by epoch — the real pipeline: the model trains
   on the perturbed poses (``--box``), and after each epoch from ``--pose-search-start`` on the
-  poses are searched against its own maps and training continues at them. Every epoch is
+  poses are searched and training continues at them. The references are gold-standard half
+  maps back-projected from the particles at the full box (``--reference backprojection``,
+  the default) or the model's own maps (``--reference model``). Every epoch is
   listed; the ones quoted are the last and the one with the lowest held-out image loss (what
   ``cryoformer analyze`` loads by default), never the one the ground truth would pick.
 
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shift-noise-px", type=float, default=2.0, help="shift noise U(−a, a) (px at D)")
     ap.add_argument("--radius-deg", type=float, default=None,
                     help="--pose-search-radius (default 3.4σ rounded up to 5°, at least 20°)")
+    ap.add_argument("--reference", choices=("backprojection", "model"), default="backprojection",
+                    help="--pose-search-reference: back-projected half maps (default) or the model's maps")
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget (min)")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--oracle-particles", type=int, default=500,
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
 
     result = {"machine": machine.describe(), "dataset": args.dataset, "n_particles": args.n_particles,
               "sigma_rad": args.sigma_rad, "shift_noise_px": args.shift_noise_px, "radius_deg": radius,
-              "box": args.box}
+              "box": args.box, "reference": args.reference}
     if args.oracle_particles:
         result["true_maps"] = oracle(data, noisy, math.radians(radius), args.oracle_particles)
         print("search with the true maps:", json.dumps(result["true_maps"]), flush=True)
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
         shutil.rmtree(run)
     cmd = ["train", os.path.join(data, "particles.mrcs"), "--poses", noisy, "--ctf", os.path.join(data, "ctf.pkl"),
            "--gt-poses", os.path.join(data, "gt", "poses.pkl"), "-o", run, "--pose-search",
-           "--pose-search-radius", str(radius), "--box", str(args.box), "--epochs", str(args.epochs),
+           "--pose-search-radius", str(radius), "--pose-search-reference", args.reference, "--box", str(args.box), "--epochs", str(args.epochs),
            "--max-minutes", str(args.minutes), "--seed", str(args.seed), "--device", "cpu"] + args.extra.split()
     t0 = time.time()
     rc = cli(cmd)
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
         json.dump(result, handle, indent=1)
 
     print(f"\n{machine.describe()['cpu']}, {args.dataset}, σ = {args.sigma_rad:.3g} rad, radius {radius:g}°, "
-          f"training {wall / 60:.1f} min at box {args.box}\n")
+          f"references: {args.reference}, training {wall / 60:.1f} min at box {args.box}\n")
     print("| poses | median rotation error | median shift error |\n|---|---|---|")
     print(f"| input (perturbed) | {first.rotation_median_rad:.4f} rad ({np.degrees(first.rotation_median_rad):.2f}°) "
           f"| {first.shift_median_px:.2f} px |")

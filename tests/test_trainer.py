@@ -201,3 +201,31 @@ def test_support_mask_saved_and_applied(finished_run):
     assert torch.equal(run.model.support_mask, mask)
     vol = run.model.decode_volume(run.latents[:2])
     assert (vol[:, ~mask] == 0).all() and (vol[:, mask] != 0).any()
+
+
+@pytest.mark.parametrize("field, value, option", [
+    ("pose_search_reference", "truth", "--pose-search-reference"),
+    ("pose_search_radius_deg", 0.0, "--pose-search-radius"),
+    ("pose_search_start", 0, "--pose-search-start"),
+    ("pose_search_groups", 0, "--pose-search-groups"),
+])
+def test_bad_pose_search_options_name_the_option(data_dir, tmp_path, field, value, option):
+    with pytest.raises(InputError, match=option):
+        train_config(data_dir, tmp_path / "run", pose_search=True, **{field: value})
+
+
+def test_runs_saved_before_the_reference_option_resume_as_they_ran(data_dir, tmp_path):
+    from cryoformer.trainer import TrainConfig
+
+    cfg = train_config(data_dir, tmp_path / "run", pose_search=True)
+    saved = cfg.to_dict()
+    del saved["pose_search_reference"], saved["pose_search_groups"]  # as written before they existed
+    # `cryoformer train -o RUN --resume` rebuilds the config from the saved one: still the model's maps
+    assert TrainConfig.from_dict(saved).pose_search_reference == "model"
+    # a new config with the new default is refused, naming the option, rather than switching silently
+    assert cfg.resume_mismatches(saved) == ["pose_search_reference"]
+    assert cfg.resume_mismatches(cfg.to_dict()) == []
+    # without --pose-search the option never mattered
+    plain = train_config(data_dir, tmp_path / "run2").to_dict()
+    del plain["pose_search_reference"]
+    assert TrainConfig.from_dict(plain).pose_search_reference == "backprojection"

@@ -39,7 +39,7 @@ def test_help_lists_options_with_units(capsys):
                    "--ind", "--uninvert-data", "--datadir", "--seed", "--max-minutes", "--device",
                    "--num-workers", "--refine-poses", "--pose-pretrain-epochs", "--pose-weight",
                    "--gt-poses", "--resume", "torchrun", "--pose-search", "--pose-search-radius",
-                   "--pose-search-prior"):
+                   "--pose-search-prior", "--pose-search-reference", "--pose-search-groups"):
         assert option in text, option
     assert "px" in text and "Å" in text and "minutes" in text
 
@@ -97,6 +97,9 @@ def test_bad_inputs_give_one_line_and_write_nothing(data_dir, tmp_path, capsys):
     _expect_input_error(capsys, [*args, "--lr", "-1"], "--lr", out)
     _expect_input_error(capsys, [*args, "--pose-search", "--pose-search-radius", "0"], "--pose-search-radius", out)
     _expect_input_error(capsys, [*args, "--pose-search", "--pose-search-prior", "-2"], "--pose-search-prior", out)
+    with pytest.raises(SystemExit):  # argparse's choices: a usage line, no traceback
+        main(["train", *args, "--pose-search", "--pose-search-reference", "truth"])
+    assert "invalid choice: 'truth'" in capsys.readouterr().err
 
 
 def test_star_input_takes_poses_and_ctf_from_the_file(data_dir, tmp_path):

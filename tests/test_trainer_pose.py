@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from cryoformer.io.cryodrgn import read_poses_pkl
@@ -54,8 +55,9 @@ def test_refine_poses_phases_and_outputs(tmp_path):
     assert max_param_diff({k: init[k] for k in rest}, {k: pretrained[k] for k in rest}) == 0
 
 
-def test_pose_search_refines_perturbed_poses(tmp_path):
-    """--pose-search: poses move towards the truth, are written per epoch, survive a resume."""
+@pytest.mark.parametrize("reference, groups", [("backprojection", None), ("backprojection", 3), ("model", None)])
+def test_pose_search_refines_perturbed_poses(tmp_path, reference, groups):
+    """--pose-search: poses move, are written per epoch, survive a resume."""
     from cryoformer.io.cryodrgn import write_poses_pkl
     from cryoformer.metrics.pose_error import rotation_errors
     from cryoformer.simulation.perturb import perturb_poses
@@ -66,7 +68,8 @@ def test_pose_search_refines_perturbed_poses(tmp_path):
     noisy = os.path.join(tmp_path, "perturbed.pkl")
     write_poses_pkl(perturb_poses(gt, 0.1, 1.0, seed=3), noisy)
     cfg = train_config(data_dir, tmp_path / "run", epochs=2, poses=noisy, pose_search=True,
-                       pose_search_start=1, gt_poses=gt_path)
+                       pose_search_start=1, gt_poses=gt_path, pose_search_reference=reference,
+                       pose_search_groups=groups)
     result = train(cfg, tiny_model_config(), progress=False)
     assert result.stopped == "finished"
     run = tmp_path / "run"
@@ -86,7 +89,8 @@ def test_pose_search_refines_perturbed_poses(tmp_path):
 
     # a resumed run continues from the searched poses, not the input ones
     more = train(train_config(data_dir, tmp_path / "run", epochs=3, poses=noisy, pose_search=True,
-                              pose_search_start=1, gt_poses=gt_path), tiny_model_config(),
-                 progress=False, resume=True)
+                              pose_search_start=1, gt_poses=gt_path, pose_search_reference=reference,
+                              pose_search_groups=groups),
+                 tiny_model_config(), progress=False, resume=True)
     assert more.stopped == "finished"
     assert list(pd.read_csv(run / "pose_errors.csv").stage) == ["input", "search", "search", "search"]

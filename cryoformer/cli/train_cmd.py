@@ -129,6 +129,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--pose-search-prior", dest="pose_search_prior_deg", type=float, metavar="DEG",
                    help="fix the width of the prior on the angle to the input rotation (degrees; 0: "
                         "none, maximum likelihood); default: fitted to the data at each search")
+    r.add_argument("--pose-search-reference", dest="pose_search_reference", choices=("backprojection", "model"),
+                   help="what --pose-search matches the particles against: 'backprojection' (default), "
+                        "gold-standard half maps reconstructed from the particles at their current poses "
+                        "at the full box; 'model', the model's own maps (limited by --box)")
+    r.add_argument("--pose-search-groups", dest="pose_search_groups", type=int, metavar="K",
+                   help="references per search: K-means groups of the latents, one map each (default 4 "
+                        "for backprojection, 16 for model); more groups follow the heterogeneity, "
+                        "fewer give less noisy maps")
     r.add_argument("--gt-poses", help="ground-truth poses (.pkl/.star/.cs) to log rotation (rad) and shift "
                                       "(px) errors per epoch; never used for training")
     return p
@@ -138,7 +146,7 @@ _TRAIN_FIELDS = ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_po
                  "invert_data", "epochs", "batch_size", "lr", "weight_decay", "kl_weight", "seed",
                  "max_minutes", "device", "num_workers", "refine_poses", "pose_pretrain_epochs",
                  "pose_weight", "pose_search", "pose_search_start", "pose_search_radius_deg",
-                 "pose_search_prior_deg", "amp", "heldout_fraction",
+                 "pose_search_prior_deg", "pose_search_reference", "pose_search_groups", "amp", "heldout_fraction",
                  "heldout_max", "early_stop_epochs", "support_mask", "support_threshold",
                  "support_margin_px")
 _MODEL_OPTIONS = ("preset", "zdim", "feature_grid", "get_query", "variational")

@@ -27,7 +27,20 @@ RESUME_MUST_MATCH = (
     "particles", "poses", "ctf", "ind", "datadir", "box_size", "invert_data", "batch_size",
     "lr", "weight_decay", "seed", "refine_poses", "pose_pretrain_epochs", "pose_weight",
     "kl_weight", "pose_search", "pose_search_start", "pose_search_radius_deg", "pose_search_prior_deg",
+    "pose_search_reference", "pose_search_groups",
 )
+
+# What a run saved before these options existed did, when it searched poses (matched against
+# the model's maps at 16 K-means centres): a resume must not silently switch it to the new
+# defaults.
+LEGACY_VALUES = {"pose_search_reference": "model", "pose_search_groups": None}
+
+
+def with_legacy_values(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the options it predates filled in as it behaved."""
+    if not saved.get("pose_search"):
+        return dict(saved)
+    return {**LEGACY_VALUES, **saved}
 
 
 def _abs(path: Optional[str]) -> Optional[str]:
@@ -104,6 +117,13 @@ class TrainConfig:
     pose_search_prior_deg : float or None
         Width (degrees) of the Gaussian prior on the angle between a refined and its input
         rotation; None fits it to the data at every search (empirical Bayes).
+    pose_search_reference : str
+        What the poses are matched against (:mod:`cryoformer.trainer.references`):
+        ``"backprojection"`` (default), gold-standard half maps reconstructed from the
+        particles at their current poses at the full box; ``"model"``, the model's own maps.
+    pose_search_groups : int or None
+        References per search: K-means groups of the latents, one pair of half maps (or one
+        decoded map) each; None: 4 for ``"backprojection"``, 16 for ``"model"``.
     log_every_steps : int
         Rows of ``log.csv`` are written every this many optimiser steps (and at epoch end).
     amp : bool
@@ -156,6 +176,8 @@ class TrainConfig:
     pose_search_start: int = 2
     pose_search_radius_deg: float = 20.0
     pose_search_prior_deg: Optional[float] = None
+    pose_search_reference: str = "backprojection"
+    pose_search_groups: Optional[int] = None
     log_every_steps: int = 20
     amp: bool = True
     heldout_fraction: float = 0.05
@@ -199,6 +221,11 @@ class TrainConfig:
             raise bad("--pose-search-radius", f"must be in (0, 180] degrees, got {self.pose_search_radius_deg}")
         if self.pose_search_prior_deg is not None and self.pose_search_prior_deg < 0:
             raise bad("--pose-search-prior", f"must be >= 0 degrees (0: no prior), got {self.pose_search_prior_deg}")
+        if self.pose_search_groups is not None and self.pose_search_groups < 1:
+            raise bad("--pose-search-groups", f"must be >= 1, got {self.pose_search_groups}")
+        if self.pose_search_reference not in ("backprojection", "model"):
+            raise bad("--pose-search-reference",
+                      f"must be 'backprojection' or 'model', got {self.pose_search_reference!r}")
         if not 0 <= self.heldout_fraction < 1:
             raise bad("--heldout-fraction", f"must be in [0, 1), got {self.heldout_fraction}")
         if self.heldout_max < 1:
@@ -222,11 +249,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in with_legacy_values(d).items() if k in known})
 
     def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
         """Names of result-changing fields that differ from a checkpoint's saved config."""
         mine = self.to_dict()
+        saved = with_legacy_values(saved)
         return [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != mine[k]]
 
 

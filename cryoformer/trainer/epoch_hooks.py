@@ -93,7 +93,8 @@ def search_training_poses(trainer: "Trainer") -> Optional[np.ndarray]:
         z = encode_particles(trainer.model, data, trainer.device)["z"]
         prior = None if cfg.pose_search_prior_deg is None else np.radians(cfg.pose_search_prior_deg)
         search = PoseSearchConfig(radius_rad=float(np.radians(cfg.pose_search_radius_deg)),
-                                  prior_sigma_rad=prior)
+                                  prior_sigma_rad=prior, reference=cfg.pose_search_reference,
+                                  n_references=cfg.pose_search_groups)
         res = search_poses(trainer.model, data, rot, shifts, z, trainer.device, search,
                            prior_rotations=trainer.input_poses.rotations, seed=cfg.seed + trainer.epoch,
                            progress=trainer.progress)
