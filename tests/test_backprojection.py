@@ -111,3 +111,29 @@ def test_solvent_mask_covers_the_molecule_and_little_else():
     assert mask.min() >= 0 and mask.max() <= 1
     assert mask[vol > 0.2 * vol.max()].min() > 0.95  # the molecule is kept whole
     assert mask.mean() < 0.2  # most of the box (solvent) is removed
+
+
+def test_an_empty_group_gives_a_zero_map_not_nan():
+    rot, shifts, ctf, images = _images(40, seed=4)
+    bp = FourierBackprojector(D, 2)  # group 1 receives nothing
+    bp.insert(fft2_center(images)[:, bp.band], ctf[:, bp.band], rot, shifts,
+              torch.zeros(40, dtype=torch.long), torch.arange(40) % 2)
+    rec = bp.reconstruct()
+    assert torch.isfinite(rec.maps).all() and torch.isfinite(rec.half_maps).all()
+    assert float(rec.maps[1].abs().max()) == 0.0 and float(rec.maps[0].abs().max()) > 0
+    with pytest.raises(ValueError, match="groups"):
+        bp.insert(fft2_center(images)[:, bp.band], ctf[:, bp.band], rot, shifts,
+                  torch.full((40,), 2), torch.arange(40) % 2)
+    with pytest.raises(ValueError, match="halves"):
+        bp.insert(fft2_center(images)[:, bp.band], ctf[:, bp.band], rot, shifts,
+                  torch.zeros(40, dtype=torch.long), torch.full((40,), 2))
+
+
+def test_small_groups_join_the_nearest_large_one():
+    from cryoformer.trainer.references import merge_small_groups
+
+    latents = np.concatenate([np.zeros((50, 2)), np.full((50, 2), 10.0), np.full((3, 2), 9.0)])
+    groups = np.array([0] * 50 + [5] * 50 + [7] * 3)  # labels need not be contiguous
+    merged = merge_small_groups(groups, latents, min_size=10)
+    np.testing.assert_array_equal(merged, [0] * 50 + [1] * 53)  # the 3 near (10, 10) joined it
+    assert (merge_small_groups(groups, latents, min_size=200) == 0).all()  # all small: one group

@@ -115,6 +115,10 @@ class FourierBackprojector:
             ``[B]`` int half (0 or 1).
         """
         D = self.box_size
+        if len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= self.n_groups):
+            raise ValueError(f"groups must be in [0, {self.n_groups}), got {int(groups.min())}..{int(groups.max())}")
+        if len(halves) and not bool(((halves == 0) | (halves == 1)).all()):
+            raise ValueError("halves must be 0 or 1")
         freqs = self.freqs
         phase = 2 * torch.pi * (shifts_px.float() @ freqs.T)  # [B, M]
         # the image model is slice · e^{+2πi k·s} (as the pose search scores it): undo the shift
@@ -167,7 +171,9 @@ class FourierBackprojector:
             lam = shell_sum(wts[g].mean(0)) / count.clamp(min=1) * (1 - f) / f  # σ²/S per shell
             lam[D // 2 + 1:] = float("inf")  # beyond Nyquist: nothing was measured
             lam_v = lam[shell]  # [D³]
-            spectra = torch.cat([num[g] / (wts[g] + lam_v), (num[g].sum(0) / (wts[g].sum(0) + lam_v))[None]])
+            den = torch.cat([wts[g] + lam_v, (wts[g].sum(0) + lam_v)[None]])  # [3, D³]
+            # 0/0 where nothing was inserted (an empty group, DC with CTF(0) = 0): no information
+            spectra = torch.where(den > 0, torch.cat([num[g], num[g].sum(0)[None]]) / den.clamp(min=1e-30), 0)
             spectra = spectra / renderer  # [3, D³]
             spec = spectra.reshape(3, D, D, D)
             dims = (-3, -2, -1)

@@ -97,7 +97,9 @@ def search_training_poses(trainer: "Trainer") -> Optional[np.ndarray]:
                                   n_references=cfg.pose_search_groups)
         res = search_poses(trainer.model, data, rot, shifts, z, trainer.device, search,
                            prior_rotations=trainer.input_poses.rotations, seed=cfg.seed + trainer.epoch,
-                           progress=trainer.progress)
+                           progress=trainer.progress,
+                           # held-out images are searched but never shape the references
+                           reference_rows=np.setdiff1d(np.arange(len(data)), trainer.heldout_rows))
         rot, shifts = res.rotations, res.shifts_px
         logger.info("pose search after epoch %d: prior width %.2f°, mean log-posterior gain %.3g (%.0f s)",
                     trainer.epoch, np.degrees(res.prior_sigma_rad), res.log_posterior_gain,

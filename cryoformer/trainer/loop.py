@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Optional
 
@@ -431,6 +432,10 @@ def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, re
     try:
         trainer = Trainer(config, model_config, info, resume, command_line, progress)
         return trainer.run()
+    except BaseException as exc:
+        # the traceback's frames hold the trainer too: clear them so it can be freed below
+        traceback.clear_frames(exc.__traceback__.tb_next)
+        raise
     finally:
         # The DDP wrapper holds the gloo/NCCL process group; left to the interpreter's
         # shutdown, its worker threads are torn down after Python is gone and the process

@@ -53,7 +53,8 @@ from cryoformer.physics.slice_projector import FourierSliceProjector
 
 from .data import ParticleData
 from .pose_grids import angle_to, fit_prior_sigma, rotation_ball, search_levels
-from .references import FullBoxStream, backprojected_references, kmeans_groups, model_references
+from .references import (FullBoxStream, backprojected_references, kmeans_groups, merge_small_groups,
+                         model_references)
 
 __all__ = ["PoseSearchConfig", "PoseSearchResult", "search_poses", "search_with_references",
            "fit_prior_sigma", "rotation_ball"]
@@ -61,6 +62,9 @@ __all__ = ["PoseSearchConfig", "PoseSearchResult", "search_poses", "search_with_
 logger = logging.getLogger(__name__)
 
 REFERENCES = ("backprojection", "model")
+# A back-projected group needs this many particles: fewer, and each half map is mostly its own
+# particles' noise, which holds them at their current poses.
+MIN_GROUP_PARTICLES = 40
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ def search_poses(model: CryoFormer, data: ParticleData, rotations: np.ndarray, s
                  latents: np.ndarray, device: torch.device,
                  config: PoseSearchConfig = PoseSearchConfig(),
                  prior_rotations: Optional[np.ndarray] = None, seed: int = 0,
-                 progress: bool = True) -> PoseSearchResult:
+                 progress: bool = True, reference_rows: Optional[np.ndarray] = None) -> PoseSearchResult:
     """Refine every selected particle's pose around ``(rotations, shifts_px)``.
 
     Parameters
@@ -233,6 +237,9 @@ def search_poses(model: CryoFormer, data: ParticleData, rotations: np.ndarray, s
         For K-means.
     progress : bool
         Show a progress bar.
+    reference_rows : np.ndarray, optional
+        Positions of the particles back-projected into the references (default all; every
+        particle is searched either way).
 
     Returns
     -------
@@ -247,7 +254,9 @@ def search_poses(model: CryoFormer, data: ParticleData, rotations: np.ndarray, s
                     len(vols), time.monotonic() - t0)
     else:
         groups, _ = kmeans_groups(latents, config.groups(), seed)
-        vols, labels, res_px = backprojected_references(data, rotations, shifts_px, groups)
+        # at least MIN_GROUP_PARTICLES per group (about half in each half map)
+        groups = merge_small_groups(groups, latents, MIN_GROUP_PARTICLES)
+        vols, labels, res_px = backprojected_references(data, rotations, shifts_px, groups, reference_rows)
         apix = float(data.ctf.array[0, 1]) if data.ctf is not None else None
         shown = ", ".join(f"{r:.2f} px" + (f" ({r * apix:.1f} Å)" if apix else "") for r in res_px[:4])
         logger.info("pose search references: %d gold-standard half-map pair(s) back-projected from %d "
