@@ -27,7 +27,7 @@ def _defaults() -> dict:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from cryoformer.model import PRESETS
-    from cryoformer.trainer.config import DEFAULT_PRESET
+    from cryoformer.trainer.config import DEFAULT_PRESET, POSE_SEARCH_REFERENCES
 
     d = _defaults()
     p = sub.add_parser(
@@ -129,7 +129,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--pose-search-prior", dest="pose_search_prior_deg", type=float, metavar="DEG",
                    help="fix the width of the prior on the angle to the input rotation (degrees; 0: "
                         "none, maximum likelihood); default: fitted to the data at each search")
-    r.add_argument("--pose-search-reference", dest="pose_search_reference", choices=("backprojection", "model"),
+    r.add_argument("--pose-search-reference", dest="pose_search_reference", choices=POSE_SEARCH_REFERENCES,
                    help="what --pose-search matches the particles against: 'backprojection' (default), "
                         "gold-standard half maps reconstructed from the particles at their current poses "
                         "at the full box; 'model', the model's own maps (limited by --box)")

@@ -30,6 +30,9 @@ RESUME_MUST_MATCH = (
     "pose_search_reference", "pose_search_groups",
 )
 
+# What ``--pose-search`` can match the particles against (:mod:`.references`).
+POSE_SEARCH_REFERENCES = ("backprojection", "model")
+
 # What a run saved before these options existed did, when it searched poses (matched against
 # the model's maps at 16 K-means centres): a resume must not silently switch it to the new
 # defaults.
@@ -223,9 +226,9 @@ class TrainConfig:
             raise bad("--pose-search-prior", f"must be >= 0 degrees (0: no prior), got {self.pose_search_prior_deg}")
         if self.pose_search_groups is not None and self.pose_search_groups < 1:
             raise bad("--pose-search-groups", f"must be >= 1, got {self.pose_search_groups}")
-        if self.pose_search_reference not in ("backprojection", "model"):
+        if self.pose_search_reference not in POSE_SEARCH_REFERENCES:
             raise bad("--pose-search-reference",
-                      f"must be 'backprojection' or 'model', got {self.pose_search_reference!r}")
+                      f"must be one of {', '.join(POSE_SEARCH_REFERENCES)}, got {self.pose_search_reference!r}")
         if not 0 <= self.heldout_fraction < 1:
             raise bad("--heldout-fraction", f"must be in [0, 1), got {self.heldout_fraction}")
         if self.heldout_max < 1:

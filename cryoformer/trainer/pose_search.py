@@ -51,6 +51,7 @@ from cryoformer.model import CryoFormer
 from cryoformer.physics.fourier import frequency_grid_2d
 from cryoformer.physics.slice_projector import FourierSliceProjector
 
+from .config import POSE_SEARCH_REFERENCES as REFERENCES
 from .data import ParticleData
 from .pose_grids import angle_to, fit_prior_sigma, rotation_ball, search_levels
 from .references import (FullBoxStream, backprojected_references, kmeans_groups, merge_small_groups,
@@ -61,7 +62,6 @@ __all__ = ["PoseSearchConfig", "PoseSearchResult", "search_poses", "search_with_
 
 logger = logging.getLogger(__name__)
 
-REFERENCES = ("backprojection", "model")
 # A back-projected group needs this many particles: fewer, and each half map is mostly its own
 # particles' noise, which holds them at their current poses.
 MIN_GROUP_PARTICLES = 40
