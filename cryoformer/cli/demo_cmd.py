@@ -127,8 +127,6 @@ def run(args) -> int:
     import json
     import time
 
-    import numpy as np
-
     from cryoformer.analysis import (AnalyzeConfig, EvaluateConfig, analysis_dir, analyze_run,
                                      evaluate_run, format_table)
     from cryoformer.errors import InputError

@@ -20,14 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .deformation_transformer import DeformationTransformer
 from .encoders import DeformationEncoder, DeformationTokens, OrientationEncoder
 from .feature_volume import FeatureVolume
 from .renderer import make_renderer
-from .sampling import (grid_unit_coords, interpolation_matrix, pixel_to_unit,
-                       resolution_ratio_grid, sample_block_volume, separable_resample)
+from .sampling import (grid_points_unit, grid_unit_coords, interpolation_matrix,
+                       pixel_to_unit, resolution_ratio_grid, sample_block_volume,
+                       separable_resample)
 from .support import support_index
 
 
@@ -166,8 +168,16 @@ class CryoFormer(nn.Module):
             self._feature_cache = {"key": key, "grid": grid}
         return self._feature_cache["grid"]
 
-    def _chunk(self, device: torch.device) -> int:
-        return self.chunk_points or (1 << 22 if device.type == "cuda" else 1 << 18)
+    def _chunk(self, device: torch.device, batch: int | None = None) -> int:
+        """Voxels per slab: ``chunk_points`` if set; else 2^22 on GPUs; on CPU 2^18 without
+        ``batch`` (decoding), and 2^17 / ``batch`` while training (≈ 8k voxels for a batch
+        of 16: the best of 2^12…2^15 measured at D = 64, where one slab's [B, P, H] head
+        tensors stay in cache between its forward and backward passes)."""
+        if self.chunk_points:
+            return self.chunk_points
+        if device.type == "cuda":
+            return 1 << 22
+        return 1 << 18 if batch is None else max(1 << 11, (1 << 17) // max(1, batch))
 
     def invalidate_cache(self) -> None:
         """Drop the cached feature grid (frees its memory; the next decode rebuilds it)."""
@@ -180,25 +190,26 @@ class CryoFormer(nn.Module):
     def _grid_eval(self, table: torch.Tensor, resolution: int,
                    voxel_index: torch.Tensor | None, want_weights: bool,
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Head on grid voxels, in z-slabs; returns density [B, S] and weights [B, S, K]."""
+        """Head on grid voxels, in z-slabs; returns density [B, S] and weights [B, S, K].
+
+        Training (gradients on) differs from decoding, for speed on CPU (docs/benchmarks.md,
+        "Where the time goes"): ``F_S`` is evaluated only on the requested voxels, not the
+        whole grid; the slabs are small (:meth:`_chunk`); and each slab's activations are
+        recomputed in its backward pass — by the fused head
+        (:mod:`~cryoformer.model.fused_head`), or by activation checkpointing for a head
+        without one — so a slab's backward runs right after its forward while its
+        ``[B, P, H]`` tensors are in cache, instead of all slabs' activations going
+        through memory.
+        """
         cfg = self.config
-        b, n, t = table.shape[0], table.shape[1], table.shape[-1]
+        b, n = table.shape[0], table.shape[1]
         r = resolution
         g = resolution_ratio_grid(cfg.box_size, r, cfg.grid_resolution)
-        # F_S does not depend on the image: with gradients it is computed once per call and
-        # shared by the batch; without (decoding, evaluation) it comes from the cache.
-        feats = self.feature_grid(g, use_cache=not torch.is_grad_enabled())  # [G³ grid, K·C]
-        kc = feats.shape[-1]
-        u = grid_unit_coords(r, device=table.device)
-        m_feat = None if g == r else interpolation_matrix(u, g, "trilinear", centred=False)
-        if cfg.get_query == "block":
-            bid = torch.floor(u * n).long().clamp(0, n - 1)  # [r] block id along an axis
-            m_query = None
-        else:
-            m_query = interpolation_matrix(u, n, "trilinear", centred=True)  # [r, n]
-        flat_table = table.reshape(b, n ** 3, t)
-        slab = max(1, self._chunk(table.device) // (r * r))
-        dens_out, w_out = [], []
+        device = table.device
+        training = torch.is_grad_enabled()
+        slab = max(1, self._chunk(device, b if training else None) // (r * r))
+        # Slabs of z-planes, and the requested voxels in each (flat ids local to the slab).
+        slabs: list[tuple[int, int, torch.Tensor | None]] = []
         for z0 in range(0, r, slab):
             z1 = min(r, z0 + slab)
             local = None
@@ -208,38 +219,85 @@ class CryoFormer(nn.Module):
                 if hi == lo:
                     continue
                 local = voxel_index[lo:hi] - z0 * r * r
-            # Spatial features of the slab, trilinearly upsampled from G when G < r.
-            if m_feat is None:
-                f = feats[z0:z1].reshape(-1, kc)
+            slabs.append((z0, z1, local))
+        if not slabs:  # no voxel requested (an empty support at a coarse decoding grid)
+            return table.new_zeros(b, 0), None
+
+        u = grid_unit_coords(r, device=device)
+        if g == r and training:
+            # F_S at the requested voxels only, computed once and shared by the batch; split
+            # (not sliced) per slab, so its backward is one concatenation rather than one
+            # full-size zero tensor per slab.
+            pts = grid_points_unit(r, device=device)
+            if voxel_index is not None:
+                pts = pts[voxel_index]
+            sizes = [(z1 - z0) * r * r if local is None else local.numel()
+                     for z0, z1, local in slabs]
+            feats = self.feature_volume(pts, chunk_size=self._chunk(device)).flatten(-2)
+            slab_feats: list[torch.Tensor] | None = list(feats.split(sizes))  # [P_slab, K·C]
+            m_feat = None
+        else:
+            # F_S on the whole G³ grid (cached across latents when decoding), upsampled
+            # per slab when G < r.
+            feats = self.feature_grid(g, use_cache=not training)  # [G, G, G, K·C]
+            m_feat = None if g == r else interpolation_matrix(u, g, "trilinear", centred=False)
+            slab_feats = None
+        if cfg.get_query == "block":
+            m_query = interpolation_matrix(u, n, "block", centred=True)  # one-hot [r, n]
+        else:
+            m_query = interpolation_matrix(u, n, "trilinear", centred=True)  # [r, n]
+        checkpointed = (training and device.type == "cpu" and len(slabs) > 1
+                        and not self.transformer.head.recomputes_in_backward(device))
+
+        dens_out, w_out = [], []
+        for i, (z0, z1, local) in enumerate(slabs):
+            if slab_feats is not None:
+                f = slab_feats[i]
+            elif m_feat is None:
+                f = feats[z0:z1].reshape(-1, feats.shape[-1])
+                f = f if local is None else f[local]
+            else:  # trilinearly upsampled from G < r
+                f = separable_resample(feats, m_feat[z0:z1], m_feat, m_feat)
+                f = f.reshape(-1, feats.shape[-1])
+                f = f if local is None else f[local]
+            args = (table, f, m_query, z0, z1, local, want_weights)
+            if checkpointed:
+                d, w = checkpoint(self._slab_density, *args, use_reentrant=False)
             else:
-                f = separable_resample(feats, m_feat[z0:z1], m_feat, m_feat).reshape(-1, kc)
-            # GetQuery on the slab: block lookup (paper) or trilinear blend of block centres.
-            if m_query is None:
-                ids = ((bid[z0:z1, None, None] * n + bid[None, :, None]) * n
-                       + bid[None, None, :]).reshape(-1)
-                q = flat_table[:, ids if local is None else ids[local]]  # [B, P, T]
-            elif local is None:
-                q = separable_resample(table, m_query[z0:z1], m_query, m_query).reshape(b, -1, t)
-            else:
-                # Only the bounding box of the slab's voxels (a compact support is far smaller
-                # than the slab): blend there, then pick the voxels.
-                zz, rest = local // (r * r), local % (r * r)
-                yy, xx = rest // r, rest % r
-                y0, y1 = int(yy.min()), int(yy.max()) + 1
-                x0, x1 = int(xx.min()), int(xx.max()) + 1
-                q = separable_resample(table, m_query[z0:z1], m_query[y0:y1], m_query[x0:x1])
-                sub = (zz * (y1 - y0) + (yy - y0)) * (x1 - x0) + (xx - x0)
-                q = q.reshape(b, -1, t)[:, sub]
-            if local is not None:
-                f = f[local]
-            d, w = self.transformer.density(q, f.reshape(f.shape[0], cfg.n_spatial_tokens, -1))
+                d, w = self._slab_density(*args)
             dens_out.append(d)
             if want_weights and w is not None:
                 w_out.append(w)
-        if not dens_out:  # no voxel requested (an empty support at a coarse decoding grid)
-            return table.new_zeros(b, 0), None
         dens = torch.cat(dens_out, dim=1)
         return dens, (torch.cat(w_out, dim=1) if w_out else None)
+
+    def _slab_density(self, table: torch.Tensor, f: torch.Tensor, m_query: torch.Tensor,
+                      z0: int, z1: int, local: torch.Tensor | None, want_weights: bool,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head on the voxels of z-planes ``z0:z1`` (all, or ``local`` flat ids in the slab).
+
+        ``table`` [B, n, n, n, T]; ``f`` [P, K·C], the slab's spatial features; ``m_query``
+        [r, n], GetQuery's 1-D weights (one-hot for "block"). Returns density [B, P] and
+        weights [B, P, K] (None for the no-RSCA head).
+        """
+        b, t = table.shape[0], table.shape[-1]
+        r = m_query.shape[0]
+        if local is None:
+            q = separable_resample(table, m_query[z0:z1], m_query, m_query).reshape(b, -1, t)
+        else:
+            # GetQuery on the bounding box of the slab's voxels only (a compact support is
+            # far smaller than the slab), then pick the voxels.
+            zz, rest = local // (r * r), local % (r * r)
+            yy, xx = rest // r, rest % r
+            y0, y1 = int(yy.min()), int(yy.max()) + 1
+            x0, x1 = int(xx.min()), int(xx.max()) + 1
+            q = separable_resample(table, m_query[z0:z1], m_query[y0:y1], m_query[x0:x1])
+            sub = (zz * (y1 - y0) + (yy - y0)) * (x1 - x0) + (xx - x0)
+            # index_select, not [:, sub]: its backward is an index_add, not a sorting
+            # accumulate-put (≈ 3× faster on CPU).
+            q = q.reshape(b, -1, t).index_select(1, sub)  # [B, P, T]
+        f = f.reshape(f.shape[0], self.config.n_spatial_tokens, -1)  # [P, K, C]
+        return self.transformer.density(q, f, need_weights=want_weights)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, images: torch.Tensor, rotations: torch.Tensor | None = None,

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fused_head import region_wise_density
 
 
 def small_output_init(layer: nn.Linear, scale: float = 1e-2) -> None:
@@ -147,8 +148,13 @@ class RegionWiseSpatialHead(nn.Module):
         """Conditioned queries [B, N, C] → per-block table [B, N, 2C]."""
         return torch.cat([q, self.query_proj(q) / math.sqrt(self.dim)], dim=-1)
 
-    def forward(self, table_at_points: torch.Tensor,
-                features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def recomputes_in_backward(self, device: torch.device) -> bool:
+        """Whether training on ``device`` takes the fused path (:mod:`.fused_head`), whose
+        backward recomputes the activations itself (no activation checkpointing needed)."""
+        return device.type == "cpu"
+
+    def forward(self, table_at_points: torch.Tensor, features: torch.Tensor,
+                need_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Density and attention weights at points.
 
         Parameters
@@ -157,13 +163,23 @@ class RegionWiseSpatialHead(nn.Module):
             ``GetQuery(x)`` read from :meth:`table` at each point.
         features : Tensor [P, K, C] (shared across the batch) or [B, P, K, C]
             ``F_S(x)``.
+        need_weights : bool
+            False lets training on CPU with shared features take the fused path
+            (:func:`~cryoformer.model.fused_head.region_wise_density`), same values and
+            gradients; the weights are then None.
 
         Returns
         -------
         density : Tensor [B, P]
-        weights : Tensor [B, P, K]
+        weights : Tensor [B, P, K] or None
             Softmax attention of each point's query over its ``K`` spatial tokens.
         """
+        if (not need_weights and features.dim() == 3 and torch.is_grad_enabled()
+                and self.recomputes_in_backward(features.device)):
+            ffn_in, ffn_out = self.ffn[0], self.ffn[2]
+            return region_wise_density(table_at_points, features, self.value_proj.weight,
+                                       self.value_proj.bias, ffn_in.weight, ffn_in.bias,
+                                       ffn_out.weight, ffn_out.bias), None
         q, qk = table_at_points.split(self.dim, dim=-1)  # [B, P, C] each
         b, p, c = q.shape
         # Batched [K×C]·[C×·] products per point, written as bmm with the point as batch
@@ -201,8 +217,11 @@ class ConcatDensityHead(nn.Module):
     def table(self, q: torch.Tensor) -> torch.Tensor:
         return q
 
-    def forward(self, table_at_points: torch.Tensor,
-                features: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def recomputes_in_backward(self, device: torch.device) -> bool:
+        return False
+
+    def forward(self, table_at_points: torch.Tensor, features: torch.Tensor,
+                need_weights: bool = True) -> tuple[torch.Tensor, None]:
         """Same contract as :meth:`RegionWiseSpatialHead.forward`; weights are None."""
         # The first layer of an MLP on a concatenation is a sum of two linear maps; the
         # feature half is computed once when F_S is shared across the batch.
@@ -260,7 +279,7 @@ class DeformationTransformer(nn.Module):
         t = self.head.table(conditioned)
         return t.reshape(t.shape[0], self.n, self.n, self.n, t.shape[-1])
 
-    def density(self, table_at_points: torch.Tensor,
-                features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def density(self, table_at_points: torch.Tensor, features: torch.Tensor,
+                need_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-point density; see :meth:`RegionWiseSpatialHead.forward`."""
-        return self.head(table_at_points, features)
+        return self.head(table_at_points, features, need_weights)

@@ -42,6 +42,7 @@ from cryoformer.model import CryoFormer, ModelConfig
 from . import distributed as dist_mod
 from . import epoch_hooks
 from . import outputs
+from .allocator import keep_freed_memory
 from .checkpoint import CHECKPOINT_FORMAT, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig, default_model_config
 from .data import BatchPlan, load_particle_data, make_loader
@@ -428,6 +429,8 @@ def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, re
         Non-finite loss; the files on disk are those of the last good checkpoint.
     """
     info = dist_mod.setup(config.device)
+    if info.device.type == "cpu":
+        keep_freed_memory()  # reuse freed activations instead of page-faulting them in again
     trainer = None
     try:
         trainer = Trainer(config, model_config, info, resume, command_line, progress)

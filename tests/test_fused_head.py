@@ -1,0 +1,136 @@
+"""The CPU training fast paths: the fused head's backward, the slab loop, the allocator."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from cryoformer.model import CryoFormer, ModelConfig
+from cryoformer.model.deformation_transformer import RegionWiseSpatialHead
+from cryoformer.model.fused_head import region_wise_density
+from cryoformer.model.hash_grid import HashGridConfig
+from cryoformer.model.sampling import sphere_voxel_index
+from cryoformer.trainer import allocator
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _head_inputs(b, p, k, c, h, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    head = RegionWiseSpatialHead(c, h).to(dtype)
+    with torch.no_grad():  # weights of order one, so every term matters in the comparison
+        for prm in head.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g, dtype=dtype))
+    table = torch.randn(b, p, 2 * c, generator=g, dtype=dtype, requires_grad=True)
+    feats = torch.randn(p, k, c, generator=g, dtype=dtype, requires_grad=True)
+    return head, table, feats
+
+
+def test_fused_head_gradcheck():
+    head, table, feats = _head_inputs(3, 5, 4, 4, 6, torch.float64)
+    params = (head.value_proj.weight, head.value_proj.bias, head.ffn[0].weight,
+              head.ffn[0].bias, head.ffn[2].weight, head.ffn[2].bias)
+    assert torch.autograd.gradcheck(region_wise_density, (table, feats) + params)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3, 4, 5), (16, 300, 8, 8, 32)])
+def test_fused_head_equals_module(shape):
+    """Same density and gradients as autograd through the module's own forward."""
+    b, p, k, c, h = shape
+    head, table, feats = _head_inputs(b, p, k, c, h, torch.float32, seed=1)
+    upstream = torch.randn(b, p, generator=torch.Generator().manual_seed(2))
+
+    # query_proj is not among them: it builds the table (RegionWiseSpatialHead.table)
+    inputs = (table, feats, *head.value_proj.parameters(), *head.ffn.parameters())
+
+    def run(need_weights):
+        for t in inputs:
+            t.grad = None
+        dens, weights = head(table, feats, need_weights=need_weights)
+        (dens * upstream).sum().backward()
+        return dens.detach(), weights, [t.grad.clone() for t in inputs]
+
+    d_ref, w_ref, g_ref = run(True)
+    d_fused, w_fused, g_fused = run(False)
+    assert w_ref is not None and w_fused is None  # the fused path was taken
+    assert torch.allclose(d_fused, d_ref, atol=1e-5 * d_ref.abs().max().item())
+    for a, r in zip(g_fused, g_ref):
+        assert torch.allclose(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+
+
+def _model(get_query):
+    torch.manual_seed(0)
+    cfg = ModelConfig(box_size=16, zdim=4, blocks_per_axis=4, n_spatial_tokens=4, token_dim=8,
+                      encoder_hidden=16, encoder_layers=1, density_head_hidden=16,
+                      get_query=get_query, hash_backend="torch",
+                      hash_grid=HashGridConfig(n_levels=3, base_resolution=4,
+                                               finest_resolution=16))
+    model = CryoFormer(cfg)
+    with torch.no_grad():
+        model.feature_volume.encoding.params.uniform_(-1, 1)
+    return model
+
+
+@pytest.mark.parametrize("get_query", ["block", "trilinear"])
+@pytest.mark.parametrize("support", [False, True])
+def test_training_grid_path_equals_decoding_and_plain_autograd(get_query, support, monkeypatch):
+    """Training's slab loop (F_S only on the voxels, small slabs, fused head) gives the
+    decoding path's density, and the gradients of one big autograd slab."""
+    model = _model(get_query)
+    d = model.box_size
+    if support:  # a lopsided support: whole planes of the slab loop are empty
+        mask = torch.zeros(d, d, d, dtype=torch.bool)
+        mask[3:11, 2:12, 4:14] = True
+        model.set_support(mask)
+    index = model.restrict_voxel_index(sphere_voxel_index(d, d / 2 + 2), d)
+    table = model.query_table(torch.randn(3, 4)).detach().requires_grad_(True)
+    upstream = torch.randn(3, index.numel(), generator=torch.Generator().manual_seed(3))
+
+    def grads(chunk_points, fused):
+        monkeypatch.setattr(type(model.transformer.head), "recomputes_in_backward",
+                            lambda self, device: fused)
+        model.chunk_points = chunk_points
+        model.zero_grad()
+        table.grad = None
+        dens = model.density_on_grid(table, d, index)
+        (dens * upstream).sum().backward()
+        return dens.detach(), [table.grad.clone()] + [p.grad.clone() for p in model.parameters()
+                                                      if p.grad is not None]
+
+    with torch.no_grad():
+        decoded = model.density_on_grid(table, d, index)
+    d_one, g_one = grads(1 << 20, False)  # one slab, plain autograd
+    d_ckpt, g_ckpt = grads(2 * d * d, False)  # 8 slabs of 2 planes, checkpointed autograd
+    d_fused, g_fused = grads(2 * d * d, True)  # 8 slabs, fused head (the CPU default)
+    for dens in (d_one, d_ckpt, d_fused):
+        assert torch.allclose(dens, decoded, atol=1e-5)
+    assert len(g_one) == len(g_ckpt) == len(g_fused) > 10  # table, hash grid, MLPs, head
+    for ref, a, b in zip(g_one, g_ckpt, g_fused):
+        tol = 1e-4 * ref.abs().max().item() + 1e-7
+        assert torch.allclose(a, ref, atol=tol) and torch.allclose(b, ref, atol=tol)
+
+
+def test_cpu_training_defaults_to_small_slabs():
+    model = _model("trilinear")
+    cpu = torch.device("cpu")
+    assert model._chunk(cpu) == 1 << 18  # decoding
+    assert model._chunk(cpu, batch=16) == 8192  # training, 2^17 / B
+    assert model._chunk(cpu, batch=1 << 12) == 1 << 11  # floor
+    assert model._chunk(torch.device("cuda"), batch=16) == 1 << 22
+    model.chunk_points = 123
+    assert model._chunk(cpu, batch=16) == 123
+
+
+def test_allocator_tuning(monkeypatch):
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own setting wins
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    applied = allocator.keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    assert allocator.keep_freed_memory() is applied  # once per process
