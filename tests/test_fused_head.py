@@ -32,7 +32,12 @@ def test_fused_head_gradcheck():
     head, table, feats = _head_inputs(3, 5, 4, 4, 6, torch.float64)
     params = (head.value_proj.weight, head.value_proj.bias, head.ffn[0].weight,
               head.ffn[0].bias, head.ffn[2].weight, head.ffn[2].bias)
-    assert torch.autograd.gradcheck(region_wise_density, (table, feats) + params)
+    # the table in voxel-major layout, once contiguous and once as a transposed view
+    assert torch.autograd.gradcheck(region_wise_density,
+                                    (table.detach().transpose(0, 1).contiguous().requires_grad_(),
+                                     feats) + params)
+    assert torch.autograd.gradcheck(lambda t, *rest: region_wise_density(t.transpose(0, 1), *rest),
+                                    (table, feats) + params)
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 3, 4, 5), (16, 300, 8, 8, 32)])

@@ -246,8 +246,15 @@ class CryoFormer(nn.Module):
             m_query = interpolation_matrix(u, n, "block", centred=True)  # one-hot [r, n]
         else:
             m_query = interpolation_matrix(u, n, "trilinear", centred=True)  # [r, n]
+        head = self.transformer.head
         checkpointed = (training and device.type == "cpu" and len(slabs) > 1
-                        and not self.transformer.head.recomputes_in_backward(device))
+                        and not head.recomputes_in_backward(device))
+        fused = training and not want_weights and head.recomputes_in_backward(device)
+        if fused:
+            # The fused head works voxel-major; GetQuery on a table with the batch folded
+            # into the channels ([n, n, n, B·T]) produces that layout without a transpose.
+            t = table.shape[-1]
+            table = table.permute(1, 2, 3, 0, 4).reshape(n, n, n, b * t)
 
         dens_out, w_out = [], []
         for i, (z0, z1, local) in enumerate(slabs):
@@ -260,7 +267,7 @@ class CryoFormer(nn.Module):
                 f = separable_resample(feats, m_feat[z0:z1], m_feat, m_feat)
                 f = f.reshape(-1, feats.shape[-1])
                 f = f if local is None else f[local]
-            args = (table, f, m_query, z0, z1, local, want_weights)
+            args = (table, f, m_query, z0, z1, local, want_weights, b if fused else None)
             if checkpointed:
                 d, w = checkpoint(self._slab_density, *args, use_reentrant=False)
             else:
@@ -273,30 +280,37 @@ class CryoFormer(nn.Module):
 
     def _slab_density(self, table: torch.Tensor, f: torch.Tensor, m_query: torch.Tensor,
                       z0: int, z1: int, local: torch.Tensor | None, want_weights: bool,
+                      fused_batch: int | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Head on the voxels of z-planes ``z0:z1`` (all, or ``local`` flat ids in the slab).
 
-        ``table`` [B, n, n, n, T]; ``f`` [P, K·C], the slab's spatial features; ``m_query``
-        [r, n], GetQuery's 1-D weights (one-hot for "block"). Returns density [B, P] and
-        weights [B, P, K] (None for the no-RSCA head).
+        ``table`` [B, n, n, n, T], or [n, n, n, B·T] for the fused head (``fused_batch`` =
+        B); ``f`` [P, K·C], the slab's spatial features; ``m_query`` [r, n], GetQuery's 1-D
+        weights (one-hot for "block"). Returns density [B, P] and weights [B, P, K] (None
+        for the no-RSCA head and the fused path).
         """
-        b, t = table.shape[0], table.shape[-1]
         r = m_query.shape[0]
-        if local is None:
-            q = separable_resample(table, m_query[z0:z1], m_query, m_query).reshape(b, -1, t)
-        else:
+        my, mx, sub = m_query, m_query, None
+        if local is not None:
             # GetQuery on the bounding box of the slab's voxels only (a compact support is
             # far smaller than the slab), then pick the voxels.
             zz, rest = local // (r * r), local % (r * r)
             yy, xx = rest // r, rest % r
             y0, y1 = int(yy.min()), int(yy.max()) + 1
             x0, x1 = int(xx.min()), int(xx.max()) + 1
-            q = separable_resample(table, m_query[z0:z1], m_query[y0:y1], m_query[x0:x1])
+            my, mx = m_query[y0:y1], m_query[x0:x1]
             sub = (zz * (y1 - y0) + (yy - y0)) * (x1 - x0) + (xx - x0)
-            # index_select, not [:, sub]: its backward is an index_add, not a sorting
-            # accumulate-put (≈ 3× faster on CPU).
-            q = q.reshape(b, -1, t).index_select(1, sub)  # [B, P, T]
+        q = separable_resample(table, m_query[z0:z1], my, mx)
         f = f.reshape(f.shape[0], self.config.n_spatial_tokens, -1)  # [P, K, C]
+        # index_select, not [sub]: its backward is an index_add, not a sorting
+        # accumulate-put (≈ 3× faster on CPU).
+        if fused_batch is not None:
+            q = q.reshape(-1, fused_batch, q.shape[-1] // fused_batch)  # [P_box, B, T]
+            q = q if sub is None else q.index_select(0, sub)  # [P, B, T]
+            return self.transformer.head.fused_density(q, f), None
+        b, t = table.shape[0], table.shape[-1]
+        q = q.reshape(b, -1, t)
+        q = q if sub is None else q.index_select(1, sub)  # [B, P, T]
         return self.transformer.density(q, f, need_weights=want_weights)
 
     # ------------------------------------------------------------------ training forward

@@ -153,6 +153,23 @@ class RegionWiseSpatialHead(nn.Module):
         backward recomputes the activations itself (no activation checkpointing needed)."""
         return device.type == "cpu"
 
+    def fused_density(self, table_vm: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Density by the fused path, table in voxel-major layout.
+
+        Parameters
+        ----------
+        table_vm : Tensor [P, B, 2C]
+        features : Tensor [P, K, C], shared by the batch
+
+        Returns
+        -------
+        Tensor [B, P]
+        """
+        ffn_in, ffn_out = self.ffn[0], self.ffn[2]
+        return region_wise_density(table_vm, features, self.value_proj.weight,
+                                   self.value_proj.bias, ffn_in.weight, ffn_in.bias,
+                                   ffn_out.weight, ffn_out.bias)
+
     def forward(self, table_at_points: torch.Tensor, features: torch.Tensor,
                 need_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Density and attention weights at points.
@@ -176,10 +193,7 @@ class RegionWiseSpatialHead(nn.Module):
         """
         if (not need_weights and features.dim() == 3 and torch.is_grad_enabled()
                 and self.recomputes_in_backward(features.device)):
-            ffn_in, ffn_out = self.ffn[0], self.ffn[2]
-            return region_wise_density(table_at_points, features, self.value_proj.weight,
-                                       self.value_proj.bias, ffn_in.weight, ffn_in.bias,
-                                       ffn_out.weight, ffn_out.bias), None
+            return self.fused_density(table_at_points.transpose(0, 1), features), None
         q, qk = table_at_points.split(self.dim, dim=-1)  # [B, P, C] each
         b, p, c = q.shape
         # Batched [K×C]·[C×·] products per point, written as bmm with the point as batch

@@ -46,10 +46,10 @@ def _forward(qk: torch.Tensor, q: torch.Tensor, feats: torch.Tensor, wv: torch.T
 
 class _RegionWiseDensity(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table_at_points, feats, wv, bv, w1, b1, w2, b2):
-        b, p, t = table_at_points.shape
+    def forward(ctx, table_vm, feats, wv, bv, w1, b1, w2, b2):
+        p, b, t = table_vm.shape
         c = t // 2
-        tab = table_at_points.transpose(0, 1).contiguous()  # [P, B, 2C] voxel-major
+        tab = table_vm.contiguous()  # [P, B, 2C] voxel-major
         q, qk = tab[..., :c], tab[..., c:]
         _, _, _, r = _forward(qk, q, feats, wv, bv, w1, b1)
         dens = torch.addmm(b2, r, w2.t()).reshape(p, b).t().contiguous()  # [B, P]
@@ -82,19 +82,21 @@ class _RegionWiseDensity(torch.autograd.Function):
         g_qk = torch.bmm(g_logits.transpose(1, 2), feats)  # [P, B, C]
         g_feats = torch.bmm(attn, g_pooled)  # [P, K, C]
         g_feats.baddbmm_(g_logits, qk)
-        g_tab = torch.cat([g_h_t.t().reshape(p, b, c), g_qk], dim=-1).transpose(0, 1)  # [B, P, 2C]
+        g_tab = torch.cat([g_h_t.t().reshape(p, b, c), g_qk], dim=-1)  # [P, B, 2C]
         return g_tab, g_feats, g_wv, g_bv, g_w1, g_b1, g_w2, g_b2
 
 
-def region_wise_density(table_at_points: torch.Tensor, feats: torch.Tensor, wv: torch.Tensor,
+def region_wise_density(table_vm: torch.Tensor, feats: torch.Tensor, wv: torch.Tensor,
                         bv: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                         b2: torch.Tensor) -> torch.Tensor:
     """Density of eq. 5 (folded form) at points, features shared by the batch.
 
     Parameters
     ----------
-    table_at_points : Tensor [B, P, 2C]
-        ``[q, q̃]`` read by GetQuery at each point (see ``RegionWiseSpatialHead.table``).
+    table_vm : Tensor [P, B, 2C]
+        ``[q, q̃]`` read by GetQuery at each point (see ``RegionWiseSpatialHead.table``),
+        voxel-major: the canonical renderer builds it in this layout; any other view is
+        copied into it.
     feats : Tensor [P, K, C]
         ``F_S`` at the points, the same for every image.
     wv, bv : Tensor [C, C], [C]
@@ -106,4 +108,4 @@ def region_wise_density(table_at_points: torch.Tensor, feats: torch.Tensor, wv: 
     -------
     Tensor [B, P]
     """
-    return _RegionWiseDensity.apply(table_at_points, feats, wv, bv, w1, b1, w2, b2)
+    return _RegionWiseDensity.apply(table_vm, feats, wv, bv, w1, b1, w2, b2)
