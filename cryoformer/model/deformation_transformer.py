@@ -20,7 +20,9 @@ kept to two ``K×C`` contractions, one ``C×C`` map and a small FFN. The key pro
 folded into the query side (``q·W_k f = (W_kᵀ q)·f``) and applied per *block* (``N`` per
 image), not per point; the value and output projections are folded into one ``C×C`` map
 applied after pooling (``Σ a_k W_o W_v f_k = W_o W_v Σ a_k f_k``). The function class is that
-of standard single-head attention, and ``F_S`` itself is what gets cached.
+of standard single-head attention, and ``F_S`` itself is what gets cached. Training on CPU
+runs the same head through :mod:`.fused_head` (hand-written backward, same values and
+gradients), which is faster there than autograd through these modules (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -232,6 +234,7 @@ class ConcatDensityHead(nn.Module):
         return q
 
     def recomputes_in_backward(self, device: torch.device) -> bool:
+        """No fused path: the renderer checkpoints this head's slabs on CPU instead."""
         return False
 
     def forward(self, table_at_points: torch.Tensor, features: torch.Tensor,

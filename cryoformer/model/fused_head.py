@@ -14,7 +14,8 @@ and ``[B·P, C]`` row-wise ones.
 * forward saves only its inputs (``8 + 8`` channels per point and image, plus the shared
   features) and the backward pass recomputes the activations of the chunk it is given, while
   they are in cache — the renderer calls it per slab of a few thousand voxels;
-* the output layer's input gradient is a broadcast product, and ReLU's mask is applied in place.
+* the output layer's input gradient is a broadcast product (autograd makes it a rank-1
+  matrix product), and ReLU's mask is aten's ``threshold_backward``, one pass.
 
 The result and the gradients equal autograd's through the module (tested in float64 with
 ``torch.autograd.gradcheck`` and against the module); parameters stay those of the module, so
@@ -24,6 +25,7 @@ checkpoints and the decoding path are unchanged.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _forward(qk: torch.Tensor, q: torch.Tensor, feats: torch.Tensor, wv: torch.Tensor,
@@ -57,6 +59,7 @@ class _RegionWiseDensity(torch.autograd.Function):
         return dens
 
     @staticmethod
+    @once_differentiable  # the recomputation is not itself differentiated (no double backward)
     def backward(ctx, grad_dens):
         tab, feats, wv, bv, w1, b1, w2, b2 = ctx.saved_tensors
         p, b, t = tab.shape
