@@ -246,10 +246,9 @@ class CryoFormer(nn.Module):
             m_query = interpolation_matrix(u, n, "block", centred=True)  # one-hot [r, n]
         else:
             m_query = interpolation_matrix(u, n, "trilinear", centred=True)  # [r, n]
-        head = self.transformer.head
-        checkpointed = (training and device.type == "cpu" and len(slabs) > 1
-                        and not head.recomputes_in_backward(device))
-        fused = training and not want_weights and head.recomputes_in_backward(device)
+        recomputes = self.transformer.head.recomputes_in_backward(device)
+        checkpointed = training and device.type == "cpu" and len(slabs) > 1 and not recomputes
+        fused = training and not want_weights and recomputes
         if fused:
             # The fused head works voxel-major; GetQuery on a table with the batch folded
             # into the channels ([n, n, n, B·T]) produces that layout without a transpose.
@@ -311,7 +310,7 @@ class CryoFormer(nn.Module):
         b, t = table.shape[0], table.shape[-1]
         q = q.reshape(b, -1, t)
         q = q if sub is None else q.index_select(1, sub)  # [B, P, T]
-        return self.transformer.density(q, f, need_weights=want_weights)
+        return self.transformer.density(q, f)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, images: torch.Tensor, rotations: torch.Tensor | None = None,

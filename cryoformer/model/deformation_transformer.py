@@ -172,9 +172,10 @@ class RegionWiseSpatialHead(nn.Module):
                                    self.value_proj.bias, ffn_in.weight, ffn_in.bias,
                                    ffn_out.weight, ffn_out.bias)
 
-    def forward(self, table_at_points: torch.Tensor, features: torch.Tensor,
-                need_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Density and attention weights at points.
+    def forward(self, table_at_points: torch.Tensor,
+                features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Density and attention weights at points (autograd path; training on CPU uses
+        :meth:`fused_density`, same values and gradients, no weights).
 
         Parameters
         ----------
@@ -182,20 +183,13 @@ class RegionWiseSpatialHead(nn.Module):
             ``GetQuery(x)`` read from :meth:`table` at each point.
         features : Tensor [P, K, C] (shared across the batch) or [B, P, K, C]
             ``F_S(x)``.
-        need_weights : bool
-            False lets training on CPU with shared features take the fused path
-            (:func:`~cryoformer.model.fused_head.region_wise_density`), same values and
-            gradients; the weights are then None.
 
         Returns
         -------
         density : Tensor [B, P]
-        weights : Tensor [B, P, K] or None
+        weights : Tensor [B, P, K]
             Softmax attention of each point's query over its ``K`` spatial tokens.
         """
-        if (not need_weights and features.dim() == 3 and torch.is_grad_enabled()
-                and self.recomputes_in_backward(features.device)):
-            return self.fused_density(table_at_points.transpose(0, 1), features), None
         q, qk = table_at_points.split(self.dim, dim=-1)  # [B, P, C] each
         b, p, c = q.shape
         # Batched [K×C]·[C×·] products per point, written as bmm with the point as batch
@@ -237,8 +231,8 @@ class ConcatDensityHead(nn.Module):
         """No fused path: the renderer checkpoints this head's slabs on CPU instead."""
         return False
 
-    def forward(self, table_at_points: torch.Tensor, features: torch.Tensor,
-                need_weights: bool = True) -> tuple[torch.Tensor, None]:
+    def forward(self, table_at_points: torch.Tensor,
+                features: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Same contract as :meth:`RegionWiseSpatialHead.forward`; weights are None."""
         # The first layer of an MLP on a concatenation is a sum of two linear maps; the
         # feature half is computed once when F_S is shared across the batch.
@@ -296,7 +290,7 @@ class DeformationTransformer(nn.Module):
         t = self.head.table(conditioned)
         return t.reshape(t.shape[0], self.n, self.n, self.n, t.shape[-1])
 
-    def density(self, table_at_points: torch.Tensor, features: torch.Tensor,
-                need_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def density(self, table_at_points: torch.Tensor,
+                features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-point density; see :meth:`RegionWiseSpatialHead.forward`."""
-        return self.head(table_at_points, features, need_weights)
+        return self.head(table_at_points, features)

@@ -66,8 +66,8 @@ class Reconstruction:
         out = np.empty(len(self.fsc))
         for g, curve in enumerate(self.fsc):
             below = np.nonzero(curve[1:] < threshold)[0]
-            shell = (below[0] + 1) if below.size else D // 2
-            out[g] = D / max(shell - 1, 1) if below.size else 2.0
+            # never below the threshold: resolved to Nyquist (2 px per cycle)
+            out[g] = D / max(int(below[0]), 1) if below.size else 2.0
         return out
 
 
@@ -156,9 +156,10 @@ class FourierBackprojector:
             return torch.zeros(n_shell, dtype=v.dtype).index_add_(0, shell, v)
 
         tent = torch.sinc(c / D) ** 2  # [D]: the tent's transform on the spectrum's grid
-        renderer = (tent[:, None, None] * tent[None, :, None] * tent[None, None, :]).reshape(-1)
-        # the same numbers read in real space (x/D): the gridding correction of the spreading
-        gridding = (tent[:, None, None] * tent[None, :, None] * tent[None, None, :])
+        # Π sinc² over the axes: on the spectrum's grid, the renderer's damping; the same
+        # numbers read in real space (x/D), the gridding correction of the spreading
+        sinc3 = tent[:, None, None] * tent[None, :, None] * tent[None, None, :]  # [D, D, D]
+        renderer, gridding = sinc3.reshape(-1), sinc3
         count = shell_sum(torch.ones(D ** 3))
         half_maps, maps, curves = [], [], []
         for g in range(K):

@@ -260,7 +260,8 @@ def search_poses(model: CryoFormer, data: ParticleData, rotations: np.ndarray, s
         apix = float(data.ctf.array[0, 1]) if data.ctf is not None else None
         shown = ", ".join(f"{r:.2f} px" + (f" ({r * apix:.1f} Å)" if apix else "") for r in res_px[:4])
         logger.info("pose search references: %d gold-standard half-map pair(s) back-projected from %d "
-                    "particles, FSC-0.143 resolution %s%s (%.0f s)", len(res_px), len(data), shown,
+                    "particles, FSC-0.143 resolution %s%s (%.0f s)", len(res_px),
+                    len(data) if reference_rows is None else len(reference_rows), shown,
                     " …" if len(res_px) > 4 else "", time.monotonic() - t0)
     return search_with_references(vols, labels, data, rotations, shifts_px, config, prior_rotations,
                                   progress)
