@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--oracle-particles", type=int, default=500,
                     help="particles for the true-map search (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="training device; a CUDA device runs the searches too")
     ap.add_argument("--extra", default="", help="more `cryoformer train` options, one string")
     args = ap.parse_args(argv)
 
@@ -135,7 +136,8 @@ def main(argv=None) -> int:
     radius = args.radius_deg or max(20.0, 5 * math.ceil(np.degrees(3.4 * args.sigma_rad) / 5))
     radius = min(radius, 180.0)
 
-    result = {"machine": machine.describe(), "dataset": args.dataset, "n_particles": args.n_particles,
+    result = {"machine": machine.describe(), "device": args.device, "dataset": args.dataset,
+              "n_particles": args.n_particles,
               "sigma_rad": args.sigma_rad, "shift_noise_px": args.shift_noise_px, "radius_deg": radius,
               "box": args.box, "reference": args.reference}
     if args.oracle_particles:
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
     cmd = ["train", os.path.join(data, "particles.mrcs"), "--poses", noisy, "--ctf", os.path.join(data, "ctf.pkl"),
            "--gt-poses", os.path.join(data, "gt", "poses.pkl"), "-o", run, "--pose-search",
            "--pose-search-radius", str(radius), "--pose-search-reference", args.reference, "--box", str(args.box), "--epochs", str(args.epochs),
-           "--max-minutes", str(args.minutes), "--seed", str(args.seed), "--device", "cpu"] + args.extra.split()
+           "--max-minutes", str(args.minutes), "--seed", str(args.seed), "--device", args.device] + args.extra.split()
     t0 = time.time()
     rc = cli(cmd)
     wall = time.time() - t0

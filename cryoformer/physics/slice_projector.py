@@ -41,7 +41,8 @@ class FourierSliceProjector:
     ----------
     volumes : torch.Tensor
         ``[K, D, D, D]`` or ``[D, D, D]`` real volumes indexed ``[z, y, x]`` with the origin at
-        voxel ``D//2``.
+        voxel ``D//2``. The spectra live on the volumes' device, and :meth:`slices` takes
+        rotations and frequencies on that device.
     padding : int
         Zero-padding factor (≥ 1) before the FFT.
     match_trilinear : bool
@@ -62,7 +63,7 @@ class FourierSliceProjector:
         # Gridding correction: trilinear interpolation of the spectrum convolves it with a tent,
         # which multiplies the real-space object by sinc²(x/Dp) per axis; dividing by that
         # first cancels the resulting attenuation away from the centre.
-        c = (torch.arange(D, dtype=vol.dtype) - D // 2) / Dp
+        c = (torch.arange(D, dtype=vol.dtype, device=vol.device) - D // 2) / Dp
         apod = torch.sinc(c) ** 2  # [D]
         vol = vol / (apod[:, None, None] * apod[None, :, None] * apod[None, None, :])
         padded = vol.new_zeros(K, Dp, Dp, Dp)
@@ -71,7 +72,7 @@ class FourierSliceProjector:
         dims = (-3, -2, -1)
         spec = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded, dim=dims), dim=dims), dim=dims)
         if match_trilinear:
-            f = (torch.arange(Dp, dtype=spec.real.dtype) - Dp // 2) / Dp  # cycles per voxel
+            f = (torch.arange(Dp, dtype=spec.real.dtype, device=spec.device) - Dp // 2) / Dp  # cycles per voxel
             tent = torch.sinc(f) ** 2  # [Dp]: transform of the unit tent (torch.sinc is sin(πx)/(πx))
             spec = spec * (tent[:, None, None] * tent[None, :, None] * tent[None, None, :])
         # [K, 2, Dp, Dp, Dp]: real and imaginary parts as two channels for grid_sample

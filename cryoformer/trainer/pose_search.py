@@ -31,8 +31,11 @@ RELION does:
    posterior never gets worse.
 
 Cost per particle and level: ``≈ (4π/3)(radius/step)³`` slices of the level's frequencies plus
-one ``[C, M] × [M, S]`` product; the coarse level dominates (measured: 20–35 ms per particle at
-D = 64 on 2 CPU cores). The search runs on the CPU whatever device the model is on.
+one ``[C, M] × [M, S]`` product. Measured at D = 64 on 2 CPU cores with a 20° radius: 20–35 ms
+per particle when the band stops at a box-32 model's 0.25 cycles/px (the coarse level
+dominates), about 100 ms at the full band (back-projected references; the fine levels score
+every coefficient), 70 % of it in ``grid_sample``. The search runs where the model trains when
+that is a CUDA GPU, else on the CPU.
 """
 
 from __future__ import annotations
@@ -229,7 +232,8 @@ def search_poses(model: CryoFormer, data: ParticleData, rotations: np.ndarray, s
     latents : np.ndarray [N, zdim]
         The particles' latents (for the references).
     device : torch.device
-        Where the model decodes the references; the search itself runs on the CPU.
+        Where the model decodes the references, and where the search runs when it is a CUDA
+        device (else on the CPU).
     config : PoseSearchConfig
     prior_rotations : np.ndarray [N, 3, 3], optional
         Centre of the angle prior (the user's input poses); default ``rotations``.
@@ -264,7 +268,7 @@ def search_poses(model: CryoFormer, data: ParticleData, rotations: np.ndarray, s
                     len(data) if reference_rows is None else len(reference_rows), shown,
                     " …" if len(res_px) > 4 else "", time.monotonic() - t0)
     return search_with_references(vols, labels, data, rotations, shifts_px, config, prior_rotations,
-                                  progress)
+                                  progress, device=device if torch.device(device).type == "cuda" else None)
 
 
 @torch.no_grad()
@@ -272,17 +276,22 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, data: Part
                            rotations: np.ndarray, shifts_px: np.ndarray,
                            config: PoseSearchConfig = PoseSearchConfig(),
                            prior_rotations: Optional[np.ndarray] = None,
-                           progress: bool = True) -> PoseSearchResult:
+                           progress: bool = True,
+                           device: Optional[torch.device] = None) -> PoseSearchResult:
     """The search of :func:`search_poses` against given reference volumes.
 
     Parameters
     ----------
     volumes : torch.Tensor [K, D, D, D]
-        References at the particles' original box ``D`` (CPU).
+        References at the particles' original box ``D`` (any device; copied to ``device``).
     labels : np.ndarray [N]
         Which reference each particle is matched against.
     data, rotations, shifts_px, config, prior_rotations, progress
         As :func:`search_poses`.
+    device : torch.device, optional
+        Where the references' spectra are sliced and scored (default the CPU). The particles
+        are read on the CPU and sent there a chunk at a time; the result is the same up to
+        floating-point summation order.
 
     Returns
     -------
@@ -296,27 +305,31 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, data: Part
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (n,) or labels.min(initial=0) < 0 or labels.max(initial=0) >= len(volumes):
         raise ValueError(f"labels must be {n} indices into the {len(volumes)} references")
+    dev = torch.device("cpu") if device is None else torch.device(device)
     prior_rot = torch.from_numpy(np.asarray(rotations if prior_rotations is None else prior_rotations,
-                                            dtype=np.float32))
-    projector = FourierSliceProjector(volumes)
+                                            dtype=np.float32)).to(dev)
+    projector = FourierSliceProjector(volumes.to(dev))
     kmax = config.max_frequency or (0.5 if config.reference == "backprojection" else 0.5 * data.box_size / D)
     k = frequency_grid_2d(D, 1.0)  # [D, D, 2] cycles/px
     band = k.norm(dim=-1) <= kmax
     freqs = k[band]  # [M, 2]
-    scorer = _Scorer(projector, freqs)
-    full = FullBoxStream(data)
-    levels = search_levels(config, D, kmax, freqs)
+    scorer = _Scorer(projector, freqs.to(dev))
+    full = FullBoxStream(data)  # reads on the CPU: `band` stays there
+    levels = [tuple(x.to(dev) if torch.is_tensor(x) else x for x in level)
+              for level in search_levels(config, D, kmax, freqs)]
 
-    rot = torch.from_numpy(np.asarray(rotations, dtype=np.float32)).clone()
-    t = torch.from_numpy(np.asarray(shifts_px, dtype=np.float32)).clone()
+    # copies: the caller's arrays are the poses the search started from
+    rot = torch.from_numpy(np.asarray(rotations, dtype=np.float32)).to(dev, copy=True)  # [N, 3, 3]
+    t = torch.from_numpy(np.asarray(shifts_px, dtype=np.float32)).to(dev, copy=True)  # [N, 2]
     coarse_rot, coarse_shifts, coarse_band, _ = levels[0]
     n_coarse = len(coarse_rot)
     err_coarse = np.empty((n, n_coarse), dtype=np.float64)
     ang_coarse = np.empty((n, n_coarse), dtype=np.float64)
-    best_shift = torch.empty(n, n_coarse, 2)
+    best_shift = torch.empty(n, n_coarse, 2)  # CPU: N × C can outgrow an accelerator's memory
     start_err = np.empty(n)
     bar = tqdm(total=2 * n, desc="pose search", disable=not progress, leave=False)
     for pos, img_f, ctf in full.batches(band):
+        img_f, ctf = img_f.to(dev), ctf.to(dev)
         for j, p in enumerate(pos):
             lab = int(labels[p])
             start_err[p] = float(scorer.errors(lab, img_f[j], ctf[j], rot[p:p + 1], t[p:p + 1]))
@@ -324,9 +337,9 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, data: Part
             e = scorer.errors(lab, img_f[j][coarse_band], ctf[j][coarse_band], cand, t[p] + coarse_shifts,
                               coarse_band)  # [C, S]
             e_min, s_idx = e.min(dim=1)
-            err_coarse[p] = e_min.double().numpy()
-            best_shift[p] = (t[p] + coarse_shifts)[s_idx]
-            ang_coarse[p] = angle_to(cand, prior_rot[p]).double().numpy()
+            err_coarse[p] = e_min.double().cpu().numpy()
+            best_shift[p] = (t[p] + coarse_shifts)[s_idx].cpu()
+            ang_coarse[p] = angle_to(cand, prior_rot[p]).double().cpu().numpy()
             bar.update()
     # White noise, the same power per coefficient at every frequency, estimated from the best
     # coarse fits (in the low band they leave almost only noise). Tried instead: the
@@ -351,12 +364,13 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, data: Part
         for p in range(n):
             c = int(keep[p, 0])
             if post[p, c] > final[p]:
-                final[p], rot[p], t[p] = post[p, c], coarse_rot[c] @ rot[p], best_shift[p, c]
+                final[p], rot[p], t[p] = post[p, c], coarse_rot[c] @ rot[p], best_shift[p, c].to(dev)
     else:
         for pos, img_f, ctf in full.batches(band):
+            img_f, ctf = img_f.to(dev), ctf.to(dev)
             for j, p in enumerate(pos):
                 lab = int(labels[p])
-                seeds = [(coarse_rot[c] @ rot[p], best_shift[p, c]) for c in keep[p]]
+                seeds = [(coarse_rot[c] @ rot[p], best_shift[p, c].to(dev)) for c in keep[p]]
                 for cand_rot, sg, sub, last in levels[1:]:
                     found = []
                     for r0, t0 in seeds:
@@ -381,4 +395,4 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, data: Part
                        config.radius_rad)
     logger.info("pose search: %d particles, %d references, band ≤ %.3g cycles/px (%d coefficients), "
                 "prior σ = %.3g rad, mean log-posterior gain %.3g", n, len(projector), kmax, len(freqs), sigma_p, gain)
-    return PoseSearchResult(rot.numpy(), t.numpy(), sigma_p, noise_power, gain)
+    return PoseSearchResult(rot.cpu().numpy(), t.cpu().numpy(), sigma_p, noise_power, gain)
