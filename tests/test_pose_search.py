@@ -138,11 +138,16 @@ def _data(out, box=None):
     return load_particle_data(cfg)
 
 
+def _true_maps(out):
+    """The ground-truth state maps ``[K, D, D, D]`` and each particle's state ``[N]``."""
+    vols = torch.stack([torch.from_numpy(read_volume(p)[0]) for p in
+                        sorted(glob.glob(os.path.join(out, "gt", "state_*.mrc")))]).float()
+    return vols, np.load(os.path.join(out, "gt", "state.npy"))
+
+
 def test_search_with_true_maps_recovers_poses(sharp_dataset, single_thread):
     data = _data(sharp_dataset)
-    vols = torch.stack([torch.from_numpy(read_volume(p)[0]) for p in
-                        sorted(glob.glob(os.path.join(sharp_dataset, "gt", "state_*.mrc")))]).float()
-    labels = np.load(os.path.join(sharp_dataset, "gt", "state.npy"))
+    vols, labels = _true_maps(sharp_dataset)
     start = (data.poses.rotations.copy(), data.poses.shifts_px.copy())
     res = search_with_references(vols, labels, data, data.poses.rotations, data.poses.shifts_px,
                                  PoseSearchConfig(max_frequency=0.5), progress=False)
@@ -172,9 +177,7 @@ def test_search_with_true_maps_recovers_poses(sharp_dataset, single_thread):
 def test_search_on_cuda_matches_cpu(sharp_dataset):
     """The same search on the GPU: the same poses up to floating-point summation order."""
     data = _data(sharp_dataset)
-    vols = torch.stack([torch.from_numpy(read_volume(p)[0]) for p in
-                        sorted(glob.glob(os.path.join(sharp_dataset, "gt", "state_*.mrc")))]).float()
-    labels = np.load(os.path.join(sharp_dataset, "gt", "state.npy"))
+    vols, labels = _true_maps(sharp_dataset)
     cfg = PoseSearchConfig(max_frequency=0.5)
     cpu = search_with_references(vols, labels, data, data.poses.rotations, data.poses.shifts_px, cfg,
                                  progress=False)

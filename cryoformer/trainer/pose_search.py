@@ -314,7 +314,7 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, data: Part
     band = k.norm(dim=-1) <= kmax
     freqs = k[band]  # [M, 2]
     scorer = _Scorer(projector, freqs.to(dev))
-    full = FullBoxStream(data)  # reads on the CPU: `band` stays there
+    full = FullBoxStream(data)  # reads on the CPU: `band` stays there, the batches go to `dev`
     levels = [tuple(x.to(dev) if torch.is_tensor(x) else x for x in level)
               for level in search_levels(config, D, kmax, freqs)]
 
@@ -328,8 +328,7 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, data: Part
     best_shift = torch.empty(n, n_coarse, 2)  # CPU: N × C can outgrow an accelerator's memory
     start_err = np.empty(n)
     bar = tqdm(total=2 * n, desc="pose search", disable=not progress, leave=False)
-    for pos, img_f, ctf in full.batches(band):
-        img_f, ctf = img_f.to(dev), ctf.to(dev)
+    for pos, img_f, ctf in full.batches(band, dev):
         for j, p in enumerate(pos):
             lab = int(labels[p])
             start_err[p] = float(scorer.errors(lab, img_f[j], ctf[j], rot[p:p + 1], t[p:p + 1]))
@@ -366,8 +365,7 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, data: Part
             if post[p, c] > final[p]:
                 final[p], rot[p], t[p] = post[p, c], coarse_rot[c] @ rot[p], best_shift[p, c].to(dev)
     else:
-        for pos, img_f, ctf in full.batches(band):
-            img_f, ctf = img_f.to(dev), ctf.to(dev)
+        for pos, img_f, ctf in full.batches(band, dev):
             for j, p in enumerate(pos):
                 lab = int(labels[p])
                 seeds = [(coarse_rot[c] @ rot[p], best_shift[p, c].to(dev)) for c in keep[p]]

@@ -46,14 +46,15 @@ logger = logging.getLogger(__name__)
 class FullBoxStream:
     """The particles at their original box, in chunks of ``chunk``.
 
-    ``batches(band)`` yields ``(positions [b], spectra [b, M], ctf [b, M])`` with the centred
-    spectra and the CTF at the frequencies where ``band`` (``[D, D]`` bool) is true."""
+    ``batches(band, device)`` yields ``(positions [b], spectra [b, M], ctf [b, M])`` with the
+    centred spectra and the CTF at the frequencies where ``band`` (``[D, D]`` bool, CPU) is
+    true; read and computed on the CPU, the tensors are sent to ``device`` (default: stay)."""
 
     def __init__(self, data: ParticleData, chunk: int = 64) -> None:
         self.data = dataclasses.replace(data, box_size=data.original_box)
         self.chunk = chunk
 
-    def batches(self, band: torch.Tensor):
+    def batches(self, band: torch.Tensor, device: Optional[torch.device] = None):
         d, n = self.data.original_box, len(self.data)
         for start in range(0, n, self.chunk):
             pos = np.arange(start, min(start + self.chunk, n))
@@ -62,7 +63,7 @@ class FullBoxStream:
                 ctf = ctf_images(self.data.ctf.array[pos], d)[:, band]
             else:
                 ctf = torch.ones(len(pos), int(band.sum()))
-            yield pos, img_f, ctf
+            yield pos, img_f.to(device), ctf.to(device)
 
 
 def kmeans_groups(latents: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
