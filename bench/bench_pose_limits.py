@@ -29,8 +29,6 @@ Writes ``results.json`` into the output directory and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import glob
 import json
 import math
 import os
@@ -42,6 +40,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import machine  # noqa: E402
+from bench_pose_refinement import load_particles, true_maps, write_perturbed  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -59,30 +58,15 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cryoformer.io.cryodrgn import read_poses_pkl, write_poses_pkl
-    from cryoformer.io.mrc import read_volume
     from cryoformer.metrics.pose_error import pose_error_summary
-    from cryoformer.simulation.perturb import perturb_poses
-    from cryoformer.trainer import TrainConfig
-    from cryoformer.trainer.data import load_particle_data
     from cryoformer.trainer.pose_search import PoseSearchConfig, search_with_references
     from cryoformer.trainer.references import backprojected_references, model_references
 
     os.makedirs(args.outdir, exist_ok=True)
-    gt_path = os.path.join(args.data, "gt", "poses.pkl")
-    with open(os.path.join(args.data, "simulation.json")) as handle:
-        box = int(json.load(handle)["box_size"])
-    gt = read_poses_pkl(gt_path, box_size=box)
-    noisy = os.path.join(args.outdir, "perturbed_poses.pkl")
-    write_poses_pkl(perturb_poses(gt, args.sigma_rad, args.shift_noise_px, seed=args.seed + 1), noisy)
-    cfg = TrainConfig(particles=os.path.join(args.data, "particles.mrcs"), poses=noisy,
-                      ctf=os.path.join(args.data, "ctf.pkl"), gt_poses=gt_path,
-                      outdir=os.path.join(args.outdir, "unused"))
-    data = load_particle_data(cfg)
-    states = np.load(os.path.join(args.data, "gt", "state.npy"))
-    sel = np.arange(min(args.search_particles, len(data)))
-    sub = dataclasses.replace(data, indices=data.indices[sel], poses=data.poses.subset(sel),
-                              ctf=data.ctf.subset(sel), gt_poses=data.gt_poses.subset(sel))
+    noisy = write_perturbed(args.data, args.outdir, args.sigma_rad, args.shift_noise_px, args.seed)
+    data, sub = load_particles(args.data, noisy, args.search_particles)
+    sel = np.arange(len(sub))
+    maps, states = true_maps(args.data)
 
     def errors(rot, shifts) -> dict:
         s = pose_error_summary(rot, sub.gt_poses.rotations, shifts, sub.gt_poses.shifts_px)
@@ -100,8 +84,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    maps = sorted(glob.glob(os.path.join(args.data, "gt", "state_*.mrc")))
-    search("true maps", torch.stack([torch.from_numpy(read_volume(p)[0]).float() for p in maps]), states)
+    search("true maps", maps, states)
     true_rot, true_shifts = data.gt_poses.rotations, data.gt_poses.shifts_px
     vols, labels, res_px = backprojected_references(data, true_rot, true_shifts, states)
     extra = {"fsc0143_px": [round(float(r), 2) for r in res_px]}

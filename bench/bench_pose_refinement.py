@@ -69,29 +69,55 @@ def errors_of(rot, shifts, gt) -> dict:
     return {k: summary[k] for k in ("rotation_median_rad", "rotation_median_deg", "shift_median_px")}
 
 
-def oracle(data_dir: str, poses_path: str, radius_rad: float, n: int) -> dict:
-    """The search against the ground-truth maps (first ``n`` particles)."""
-    import torch
+def write_perturbed(data_dir: str, outdir: str, sigma_rad: float, shift_px: float, seed: int) -> str:
+    """The ground-truth poses perturbed as the paper does → ``OUTDIR/perturbed_poses.pkl``."""
+    from cryoformer.io.cryodrgn import read_poses_pkl, write_poses_pkl
+    from cryoformer.simulation.perturb import perturb_poses
 
-    from cryoformer.io.mrc import read_volume
+    with open(os.path.join(data_dir, "simulation.json")) as handle:
+        box = int(json.load(handle)["box_size"])
+    gt = read_poses_pkl(os.path.join(data_dir, "gt", "poses.pkl"), box_size=box)
+    path = os.path.join(outdir, "perturbed_poses.pkl")
+    write_poses_pkl(perturb_poses(gt, sigma_rad, shift_px, seed=seed + 1), path)
+    return path
+
+
+def load_particles(data_dir: str, poses_path: str, n: int):
+    """The data set at ``poses_path`` with its ground truth → (all particles, the first ``n``)."""
     from cryoformer.trainer import TrainConfig
     from cryoformer.trainer.data import load_particle_data
-    from cryoformer.trainer.pose_search import PoseSearchConfig, search_with_references
 
     cfg = TrainConfig(particles=os.path.join(data_dir, "particles.mrcs"), poses=poses_path,
                       ctf=os.path.join(data_dir, "ctf.pkl"), gt_poses=os.path.join(data_dir, "gt", "poses.pkl"),
                       outdir=os.path.join(data_dir, "unused"))
     data = load_particle_data(cfg)
     sel = np.arange(min(n, len(data)))
-    data = dataclasses.replace(data, indices=data.indices[sel], poses=data.poses.subset(sel),
-                               ctf=data.ctf.subset(sel), gt_poses=data.gt_poses.subset(sel))
+    return data, dataclasses.replace(data, indices=data.indices[sel], poses=data.poses.subset(sel),
+                                     ctf=data.ctf.subset(sel), gt_poses=data.gt_poses.subset(sel))
+
+
+def true_maps(data_dir: str):
+    """The ground-truth state maps ``[K, D, D, D]`` and every particle's state ``[N]``."""
+    import torch
+
+    from cryoformer.io.mrc import read_volume
+
     maps = sorted(glob.glob(os.path.join(data_dir, "gt", "state_*.mrc")))
     vols = torch.stack([torch.from_numpy(read_volume(p)[0]).float() for p in maps])
-    labels = np.load(os.path.join(data_dir, "gt", "state.npy"))[sel]
+    return vols, np.load(os.path.join(data_dir, "gt", "state.npy"))
+
+
+def oracle(data_dir: str, poses_path: str, radius_rad: float, n: int) -> dict:
+    """The search against the ground-truth maps (first ``n`` particles)."""
+    from cryoformer.trainer.pose_search import PoseSearchConfig, search_with_references
+
+    _, data = load_particles(data_dir, poses_path, n)
+    vols, states = true_maps(data_dir)
+    labels = states[:len(data)]
     t0 = time.time()
     res = search_with_references(vols, labels, data, data.poses.rotations, data.poses.shifts_px,
                                  PoseSearchConfig(radius_rad=radius_rad, max_frequency=0.5))
-    out = {"n": int(sel.size), "seconds": time.time() - t0, "prior_sigma_rad": res.prior_sigma_rad,
+    out = {"n": len(data), "seconds": time.time() - t0, "prior_sigma_rad": res.prior_sigma_rad,
            "input": errors_of(data.poses.rotations, data.poses.shifts_px, data.gt_poses),
            "refined": errors_of(res.rotations, res.shifts_px, data.gt_poses)}
     return out
@@ -124,14 +150,10 @@ def main(argv=None) -> int:
     import pandas as pd
 
     from cryoformer.cli import main as cli
-    from cryoformer.io.cryodrgn import read_poses_pkl, write_poses_pkl
-    from cryoformer.simulation.perturb import perturb_poses
 
     os.makedirs(args.outdir, exist_ok=True)
     data = make_data(args)
-    gt = read_poses_pkl(os.path.join(data, "gt", "poses.pkl"), box_size=64)
-    noisy = os.path.join(args.outdir, "perturbed_poses.pkl")
-    write_poses_pkl(perturb_poses(gt, args.sigma_rad, args.shift_noise_px, seed=args.seed + 1), noisy)
+    noisy = write_perturbed(data, args.outdir, args.sigma_rad, args.shift_noise_px, args.seed)
     # the angle of a rotation vector with N(0, σ²) components exceeds 3.4σ in 1 % of particles
     radius = args.radius_deg or max(20.0, 5 * math.ceil(np.degrees(3.4 * args.sigma_rad) / 5))
     radius = min(radius, 180.0)
