@@ -12,16 +12,14 @@ so a failed or interrupted command never leaves a half-written result behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from cryoformer.errors import PathLike
+from cryoformer.io.atomic import staged_directory  # noqa: F401  (part of this module's API)
 from cryoformer.io.mrc import write_volume
 
 __all__ = ["decoded_voxel_size", "decode_volumes", "iter_decoded", "write_volumes", "staged_directory"]
@@ -108,41 +106,3 @@ def write_volumes(model, z: np.ndarray, out_dir: PathLike, voxel_size_angstrom: 
     return paths
 
 
-@contextlib.contextmanager
-def staged_directory(target: PathLike, replace: bool = False) -> Iterator[str]:
-    """Yield a temporary directory beside ``target``; publish it only on success.
-
-    Parameters
-    ----------
-    target : path
-        Final directory.
-    replace : bool
-        ``True``: the staged directory replaces ``target`` entirely (stale files of an earlier
-        run disappear). ``False``: its files are moved into ``target`` (created if needed),
-        overwriting files of the same name and keeping the others.
-
-    On any exception the staged directory is deleted and ``target`` is left as it was.
-    """
-    target = os.path.abspath(os.fspath(target))
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
-    try:
-        yield stage
-        if not os.path.isdir(target):
-            os.replace(stage, target)
-        elif replace:
-            old = stage + ".old"
-            os.replace(target, old)
-            os.replace(stage, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            for root, _dirs, files in os.walk(stage):
-                dest = os.path.join(target, os.path.relpath(root, stage))
-                os.makedirs(dest, exist_ok=True)
-                for name in files:
-                    os.replace(os.path.join(root, name), os.path.join(dest, name))
-            shutil.rmtree(stage, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise

@@ -7,7 +7,9 @@ argparse stays here, in the CLI layer, and the library only sees frozen dataclas
 Errors that a user causes (a missing file, a wrong column) are :class:`~cryoformer.errors.InputError`:
 they print one line naming the file and the field and exit with status 2, with a traceback only
 under ``--debug``. Outputs are written to temporary names and renamed, so a failed command never
-leaves a partial file behind.
+leaves a partial file behind. Every command refuses to replace an existing output unless
+``--force`` is given, and refuses outright to write over one of its own inputs
+(:mod:`cryoformer.io.guard`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_parser.add_argument(
             "--debug", action="store_true", help="show full tracebacks on errors"
         )
+        cmd_parser.add_argument(
+            "--force", action="store_true",
+            help="replace outputs that already exist (an input is never overwritten, even so)"
+        )
         cmd_parser.set_defaults(_run=module.run)
     return parser
 
@@ -75,6 +81,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"cryoformer {args.command}: error: {err.one_line()}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except OSError as err:
+        from cryoformer.io.guard import WRITE_ERRNOS
+
+        # A disk that filled up or a permission lost while writing something not covered by
+        # the atomic writers (a log appended to, a directory made): still one line.
+        if err.errno not in WRITE_ERRNOS and not isinstance(err, FileNotFoundError):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        where = err.filename if err.filename else "output"
+        print(f"cryoformer {args.command}: error: {where}: {err.strerror or err}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print(f"cryoformer {args.command}: interrupted", file=sys.stderr)

@@ -29,13 +29,18 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from cryoformer.io.guard import claim_output_file
     from cryoformer.io.particles import StackWriter, open_particles
     from cryoformer.physics.fourier import fourier_crop
 
-    source = open_particles(args.input, datadir=args.datadir)
-    D = source.box_size
     if args.box % 2 or args.box < 2:
         raise InputError(None, "-D", f"new box size must be even and >= 2, got {args.box}")
+    if args.chunk_size < 1:
+        raise InputError(None, "--chunk-size", f"must be a positive number of images, got {args.chunk_size}")
+    source = open_particles(args.input, datadir=args.datadir)
+    # The stacks a .star/.cs/.txt names are inputs too: `-o` must not land on one of them.
+    claim_output_file(args.out, [args.input] + list(source.files), args.force, option="-o")
+    D = source.box_size
     if args.box > D:
         raise InputError(args.input, "box size", f"images are {D}×{D}; cannot downsample to {args.box}")
     apix = source.pixel_size_angstrom * D / args.box

@@ -28,9 +28,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from cryoformer.io.guard import claim_output_file, same_file
     from cryoformer.io.mrc import read_volume
     from cryoformer.metrics.fsc import FscResult, plot_fsc
 
+    inputs = [args.map_a, args.map_b, args.mask]
+    claim_output_file(args.out, inputs, args.force, option="-o")
+    want_plot = bool(args.plot) and args.plot.lower() != "none"
+    if want_plot:
+        if same_file(args.plot, args.out):
+            raise InputError(args.plot, "--plot", "is the same file as -o; give them different names")
+        claim_output_file(args.plot, inputs, args.force, option="--plot")
     vol_a, apix_a = read_volume(args.map_a)
     vol_b, _ = read_volume(args.map_b)
     if vol_a.shape != vol_b.shape:
@@ -51,7 +59,7 @@ def run(args) -> int:
     print(f"FSC=0.143: {result.resolution(0.143):.2f} Å")
     print(f"AU-FSC:    {result.au_fsc:.4f}")
     print(f"curve: {args.out}  (columns: frequency in cycles/px, FSC)")
-    if args.plot and args.plot.lower() != "none":
+    if want_plot:
         plot_fsc(result, args.plot)
         print(f"plot:  {args.plot}")
     return 0

@@ -27,8 +27,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from cryoformer.io.cryodrgn import write_poses_pkl
     from cryoformer.io.dispatch import load_poses
+    from cryoformer.io.guard import claim_output_file
     from cryoformer.metadata import Poses
 
+    claim_output_file(args.out, [args.input], args.force, option="-o")
     poses = load_poses(args.input, box_size=args.box, pixel_size_angstrom=args.Apix)
     if args.box:
         poses = Poses(poses.rotations, poses.shifts_px, args.box)

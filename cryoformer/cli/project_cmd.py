@@ -38,9 +38,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from cryoformer.io.dispatch import load_ctf, load_poses
+    from cryoformer.io.guard import claim_output_file
     from cryoformer.io.mrc import read_volume
     from cryoformer.simulation.simulate import render_particle_stack
 
+    claim_output_file(args.out, [args.volume, args.poses, args.ctf], args.force, option="-o")
+    if args.chunk_size < 1:
+        raise InputError(None, "--chunk-size", f"must be a positive number of images, got {args.chunk_size}")
     volume, voxel_size = read_volume(args.volume, require_cubic=True)
     D = volume.shape[0]
     if D % 2:

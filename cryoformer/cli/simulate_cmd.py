@@ -90,8 +90,11 @@ def state_maps_from_args(args):
 
 
 def run(args) -> int:
+    from cryoformer.io.guard import claim_output_dir
     from cryoformer.simulation.simulate import simulate_dataset
 
+    inputs = list(args.volumes or []) + list(args.atomic_model or []) + list(args.trajectory or [])
+    claim_output_dir(args.outdir, inputs, args.force, option="-o")
     config = config_from_args(args)
     maps = state_maps_from_args(args)
     result = simulate_dataset(maps.volumes, maps.pixel_size_angstrom, config, args.outdir,

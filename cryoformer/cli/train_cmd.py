@@ -163,7 +163,7 @@ def build_configs(args):
         if any(getattr(args, k) is not None for k in _MODEL_OPTIONS):
             raise InputError(None, "--resume", "model options (--preset, --zdim, --feature-grid, "
                              "--variational) come from the run being resumed and cannot be given")
-        saved = load_checkpoint(outputs.last_checkpoint(os.path.abspath(args.outdir)))["train_config"]
+        saved = load_checkpoint(outputs.resume_checkpoint(os.path.abspath(args.outdir)))["train_config"]
         saved.update(given)
         return TrainConfig.from_dict(saved), None
     if args.particles is None:
@@ -190,10 +190,16 @@ def build_configs(args):
 def run(args) -> int:
     from cryoformer.trainer import TrainingDiverged, train
 
+    if os.path.lexists(args.outdir) and not os.path.isdir(args.outdir):
+        raise InputError(args.outdir, "-o", "exists and is not a directory")
+    if args.resume and args.force:
+        raise InputError(None, "--force", "--resume continues the run; --force would start it "
+                         "again from scratch: give one of them")
     config, model_config = build_configs(args)
     command = " ".join(shlex.quote(a) for a in ["cryoformer"] + sys.argv[1:])
     try:
-        result = train(config, model_config, resume=args.resume, command_line=command)
+        result = train(config, model_config, resume=args.resume, command_line=command,
+                       force=args.force)
     except TrainingDiverged as err:
         print(f"cryoformer train: error: {err}", file=sys.stderr)
         return EXIT_DIVERGED

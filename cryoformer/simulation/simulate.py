@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
@@ -30,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from cryoformer import __version__
-from cryoformer.io.atomic import atomic_open
+from cryoformer.errors import InputError
+from cryoformer.io.atomic import atomic_open, staged_directory
 from cryoformer.io.cryodrgn import write_ctf_pkl, write_poses_pkl
 from cryoformer.io.mrc import write_volume
 from cryoformer.io.particles import StackWriter
@@ -196,6 +198,15 @@ def render_particle_stack(
     if contrast not in CONTRASTS:
         raise ValueError(f"contrast must be one of {CONTRASTS}")
     vols = torch.from_numpy(np.asarray(volumes, dtype=np.float32))  # [K, D, D, D]
+    flat = vols.reshape(vols.shape[0], -1)  # [K, D³]
+    if not torch.isfinite(flat).all():
+        raise InputError(None, "map", "holds NaN or infinite voxels; nothing can be projected")
+    constant = torch.nonzero(flat.amax(1) == flat.amin(1)).flatten()
+    if constant.numel():
+        # Its projections carry no signal: no noise level gives the asked SNR (0/0), and a
+        # stack of empty images would train nothing.
+        raise InputError(None, "map", f"state {int(constant[0])} is constant (every voxel "
+                         f"{float(flat[constant[0], 0]):g}); its projections would be empty")
     N, D = len(poses), vols.shape[-1]
     rotations = torch.from_numpy(poses.rotations)  # [N, 3, 3]
     shifts = torch.from_numpy(poses.shifts_px)  # [N, 2]
@@ -207,8 +218,9 @@ def render_particle_stack(
     noise_std = 0.0
     # Running sums for the SNR actually achieved: signal inside the support, and noise.
     sig_sum = sig_sq = sig_n = noise_sq = 0.0
-    bar = tqdm(total=N, desc="project", unit="img", disable=not progress)
-    with StackWriter(path, N, D, pixel_size_angstrom) as writer:
+    # As a context, so a failure closes the bar and the error starts on a line of its own.
+    with tqdm(total=N, desc="project", unit="img", disable=not progress) as bar, \
+            StackWriter(path, N, D, pixel_size_angstrom) as writer:
         for start in range(0, N, chunk_size):
             sl = slice(start, min(N, start + chunk_size))
             clean, signal = _form_images(
@@ -220,6 +232,10 @@ def render_particle_stack(
                 # σ is fixed once, from the first chunk, as one global value (like a detector's
                 # noise level), so every image shares the same noise statistics.
                 noise_std = float(torch.sqrt(inside.var() / snr))
+                if not (math.isfinite(noise_std) and noise_std > 0):
+                    raise InputError(None, "--snr", f"the first {sl.stop} images carry no "
+                                     "measurable signal inside the particle, so no noise level "
+                                     f"gives SNR {snr:g}; check the map and the poses")
             sig_sum += float(inside.sum())
             sig_sq += float((inside**2).sum())
             sig_n += inside.numel()
@@ -229,7 +245,6 @@ def render_particle_stack(
                 signal = signal + noise
             writer.write(signal.numpy(), start)
             bar.update(sl.stop - sl.start)
-    bar.close()
     measured_snr = None
     if snr is not None:
         var_signal = sig_sq / sig_n - (sig_sum / sig_n) ** 2
@@ -286,31 +301,51 @@ def simulate_dataset(
     poses = Poses(rotations.numpy(), shifts, box_size=D)
     ctf = None if config.ctf is None else _draw_ctf(config.ctf, N, D, pixel_size_angstrom, rng)
 
-    os.makedirs(os.path.join(out_dir, "gt"), exist_ok=True)
-    files = {"particles": os.path.join(out_dir, "particles.mrcs")}
+    # Everything is written into a hidden directory beside ``out_dir`` and moved into it only
+    # when complete: an error or Ctrl-C half way leaves no partial dataset behind.
+    with staged_directory(out_dir) as stage:
+        files = _write_dataset(stage, vols_np, pixel_size_angstrom, config, states, poses, ctf,
+                               motion_map, source_description, progress)
+    files = {k: os.path.join(out_dir, os.path.relpath(v, stage)) for k, v in files.items()}
+    record_path = files["record"]
+    with open(record_path, encoding="utf-8") as fh:
+        record = json.load(fh)
+    return SimulationResult(out_dir, files, record["measured_snr"], record["noise_std"])
+
+
+def _write_dataset(stage: str, vols_np: np.ndarray, pixel_size_angstrom: float,
+                   config: SimulationConfig, states: np.ndarray, poses: Poses,
+                   ctf: Optional[CtfParameters], motion_map: Optional[np.ndarray],
+                   source_description: str, progress: bool) -> Dict[str, str]:
+    """Write the particles, metadata and ground truth of :func:`simulate_dataset` into ``stage``;
+    returns the written paths by role."""
+    K, D = vols_np.shape[0], vols_np.shape[-1]
+    N = config.n_particles
+    os.makedirs(os.path.join(stage, "gt"), exist_ok=True)
+    files = {"particles": os.path.join(stage, "particles.mrcs")}
     noise_std, measured_snr = render_particle_stack(
         files["particles"], vols_np, pixel_size_angstrom, states, poses, ctf, config.snr,
         config.contrast, config.seed + 1, config.chunk_size, progress,
     )
 
-    files["poses"] = os.path.join(out_dir, "poses.pkl")
+    files["poses"] = os.path.join(stage, "poses.pkl")
     write_poses_pkl(poses, files["poses"])
-    files["gt_poses"] = os.path.join(out_dir, "gt", "poses.pkl")
+    files["gt_poses"] = os.path.join(stage, "gt", "poses.pkl")
     write_poses_pkl(poses, files["gt_poses"])
     if ctf is not None:
-        files["ctf"] = os.path.join(out_dir, "ctf.pkl")
+        files["ctf"] = os.path.join(stage, "ctf.pkl")
         write_ctf_pkl(ctf, files["ctf"])
-    files["star"] = os.path.join(out_dir, "particles.star")
+    files["star"] = os.path.join(stage, "particles.star")
     image_names = [f"{i + 1:06d}@particles.mrcs" for i in range(N)]
     write_star(files["star"], poses, ctf, image_names, pixel_size_angstrom)
-    files["gt_states"] = os.path.join(out_dir, "gt", "state.npy")
+    files["gt_states"] = os.path.join(stage, "gt", "state.npy")
     with atomic_open(files["gt_states"], "wb") as fh:
         np.save(fh, states.astype(np.int64))
     for k in range(K):
-        write_volume(os.path.join(out_dir, "gt", f"state_{k:03d}.mrc"), vols_np[k], pixel_size_angstrom)
-    files["gt_maps"] = os.path.join(out_dir, "gt", "state_*.mrc")
+        write_volume(os.path.join(stage, "gt", f"state_{k:03d}.mrc"), vols_np[k], pixel_size_angstrom)
+    files["gt_maps"] = os.path.join(stage, "gt", "state_*.mrc")
     if motion_map is not None:
-        files["gt_motion"] = os.path.join(out_dir, "gt", "motion.mrc")
+        files["gt_motion"] = os.path.join(stage, "gt", "motion.mrc")
         write_volume(files["gt_motion"], np.asarray(motion_map, np.float32), pixel_size_angstrom)
 
     record = {
@@ -327,9 +362,9 @@ def simulate_dataset(
         ),
         "noise_std": noise_std,
         "measured_snr": measured_snr,
-        "files": {k: os.path.relpath(v, out_dir) for k, v in files.items()},
+        "files": {k: os.path.relpath(v, stage) for k, v in files.items()},
     }
-    files["record"] = os.path.join(out_dir, "simulation.json")
+    files["record"] = os.path.join(stage, "simulation.json")
     with atomic_open(files["record"], "w") as fh:
         json.dump(record, fh, indent=2)
-    return SimulationResult(out_dir, files, measured_snr, noise_std)
+    return files

@@ -199,6 +199,10 @@ class TrainConfig:
 
         if self.epochs < 0:
             raise bad("--epochs", f"must be >= 0, got {self.epochs}")
+        if self.epochs == 0 and not (self.refine_poses and self.pose_pretrain_epochs > 0):
+            # Nothing would be trained and no epoch written: a run directory nobody can use.
+            raise bad("--epochs", "must be >= 1 (0 is only meaningful with --refine-poses, "
+                      "whose pose pre-training is then the whole run)")
         if self.batch_size < 1:
             raise bad("--batch-size", f"must be >= 1, got {self.batch_size}")
         if not self.lr > 0:

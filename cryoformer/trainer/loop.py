@@ -36,6 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cryoformer.errors import InputError
+from cryoformer.io.fingerprint import compare_fingerprints, fingerprint_files
+from cryoformer.io.guard import inside
 from cryoformer.metadata import Poses
 from cryoformer.model import CryoFormer, ModelConfig
 
@@ -88,19 +90,37 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, model_config: Optional[ModelConfig],
                  info: dist_mod.DistInfo, resume: bool, command_line: Optional[str],
-                 progress: bool) -> None:
+                 progress: bool, force: bool = False) -> None:
         self.config, self.info, self.progress = config, info, progress
         self.run_dir = config.outdir
         state = None
+        self.run_id = outputs.new_run_id()
+        clear_first = False  # files of an earlier start to remove once the inputs check out
         if resume:
-            state = load_checkpoint(outputs.last_checkpoint(self.run_dir))
+            last = outputs.resume_checkpoint(self.run_dir)
+            state = load_checkpoint(last)
+            recorded = (outputs.read_config_yaml(self.run_dir) or {}).get("run_id")
+            if recorded is not None and state.get("run_id") != recorded:
+                raise InputError(last, "run_id", f"belongs to run {state.get('run_id') or '(unknown)'}, "
+                                 f"not to the run recorded in {self.run_dir}/config.yaml "
+                                 f"({recorded}); a checkpoint copied from another run cannot "
+                                 "continue this one")
+            self.run_id = state.get("run_id") or recorded or self.run_id
             bad = config.resume_mismatches(state["train_config"])
             if bad:
                 raise InputError(None, ", ".join(bad), "differs from the run being resumed "
                                  f"({self.run_dir}); only the schedule, time budget and device may change")
-        elif outputs.is_run_dir(self.run_dir):
-            raise InputError(self.run_dir, None, "already holds a training run; pass --resume to "
-                             "continue it or choose another output directory")
+        elif outputs.existing_run_entries(self.run_dir):
+            started = outputs.is_run_dir(self.run_dir) and not outputs.has_checkpoint(self.run_dir)
+            if not (force or started):
+                raise InputError(self.run_dir, None, "already holds a training run; pass --resume to "
+                                 "continue it, --force to start it again from scratch (its "
+                                 "checkpoints, latents, logs and analyses are deleted), or choose "
+                                 "another output directory")
+            if started and not force:  # a start that never reached its first checkpoint
+                logger.warning("%s holds a run that stopped before its first checkpoint; starting "
+                               "it again", self.run_dir)
+            clear_first = True
         if state is not None:
             # The held-out split is part of the run: a resumed run keeps its own (and one begun
             # before images were held out keeps training on all of them).
@@ -117,6 +137,23 @@ class Trainer:
                                  "stop on a held-out loss")
         self.data = load_particle_data(config)
         self.input_poses = self.data.poses  # the pose-search prior is centred on these
+        inputs = [config.particles, config.poses, config.ctf, config.ind, config.gt_poses,
+                  *self.data.source.files]
+        if clear_first:
+            for path in inputs:
+                if path is not None and any(inside(path, entry) for entry in
+                                            outputs.existing_run_entries(self.run_dir)):
+                    raise InputError(self.run_dir, "-o", f"starting again would delete {path}, an "
+                                     "input of this run; move it out of the run directory first")
+        self.data_fingerprint = fingerprint_files(
+            [config.particles, config.poses, config.ctf, config.ind, *self.data.source.files])
+        if state is not None and state.get("data_fingerprint"):
+            changed = compare_fingerprints(state["data_fingerprint"], self.data_fingerprint)
+            if changed:
+                more = f" (and {len(changed) - 2} more)" if len(changed) > 2 else ""
+                raise InputError(self.run_dir, "--resume", "the input data changed since this run "
+                                 f"started: {'; '.join(changed[:2])}{more}. A resumed run must read "
+                                 "the data it began with; start a new run in another directory")
         if state is not None:
             model_config = ModelConfig.from_dict(state["model_config"])
             self.data.image_scale = float(state["data"]["image_scale"])
@@ -169,10 +206,13 @@ class Trainer:
                 find_unused_parameters=config.refine_poses)
         self.log: Optional[TrainLog] = None
         if info.is_main:
+            if clear_first:
+                outputs.clear_run(self.run_dir)
             os.makedirs(os.path.join(self.run_dir, outputs.CHECKPOINT_DIR), exist_ok=True)
             outputs.write_config_yaml(self.run_dir, config, model_config,
                                       outputs.data_summary(self.data, config), command_line,
-                                      info.world, resumed=state is not None)
+                                      info.world, resumed=state is not None, run_id=self.run_id,
+                                      data_fingerprint=self.data_fingerprint)
             outputs.write_indices(self.run_dir, self.data.indices)
             if self.heldout_rows.size:
                 outputs.write_indices(self.run_dir, self.data.indices[self.heldout_rows],
@@ -384,6 +424,7 @@ class Trainer:
             "model_config": self.model_config.to_dict(),
             "data": outputs.data_summary(self.data, self.config), "elapsed_s": self.elapsed(),
             "validation": self.validation.rows,
+            "run_id": self.run_id, "data_fingerprint": self.data_fingerprint,
         }
         if self.model.support_mask is not None:
             state["support"] = self.model.support_mask.detach().cpu()
@@ -400,7 +441,7 @@ class Trainer:
 
 
 def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, resume: bool = False,
-          command_line: Optional[str] = None, progress: bool = True) -> TrainResult:
+          command_line: Optional[str] = None, progress: bool = True, force: bool = False) -> TrainResult:
     """Train a CryoFormer model; write the run directory ``config.outdir``.
 
     Parameters
@@ -416,6 +457,10 @@ def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, re
         Recorded in ``config.yaml``.
     progress : bool
         Show the tqdm progress bar (rank 0).
+    force : bool
+        Start afresh in a directory that holds a run with checkpoints, deleting that run's
+        files (never the inputs). Without it such a directory is refused; one whose run
+        stopped before its first checkpoint is restarted either way.
 
     Returns
     -------
@@ -433,7 +478,7 @@ def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, re
         keep_freed_memory()  # reuse freed activations instead of page-faulting them in again
     trainer = None
     try:
-        trainer = Trainer(config, model_config, info, resume, command_line, progress)
+        trainer = Trainer(config, model_config, info, resume, command_line, progress, force)
         return trainer.run()
     except BaseException as exc:
         # the traceback's frames hold the trainer too: clear them so it can be freed below

@@ -18,14 +18,17 @@ Layout (rank 0 writes everything, each file atomically)::
 from __future__ import annotations
 
 import datetime
+import glob
 import os
 import shutil
+import uuid
 from typing import Any, Optional
 
 import numpy as np
 import yaml
 
 from cryoformer import __version__
+from cryoformer.errors import InputError
 from cryoformer.io.atomic import atomic_open, atomic_path
 from cryoformer.io.cryodrgn import write_poses_pkl
 from cryoformer.metadata import Poses
@@ -42,6 +45,75 @@ LAST_NAME = "last.pt"
 CONTRAST_NOTE = ("images were multiplied by -1 before training (default; RELION/cryoSPARC "
                  "particles, i.e. images = -(projection * CTF)); --uninvert-data trains on the "
                  "images as they are (cryoDRGN convention: images = projection * CTF)")
+
+
+# Everything ``train`` writes in a run directory (and the analyses made of it), relative names:
+# what ``--force`` removes before a run starts again, and nothing else.
+RUN_ENTRIES = (CONFIG_NAME, INDICES_NAME, HELDOUT_NAME, "log.csv", "pose_errors.csv",
+               "validation.json", CHECKPOINT_DIR, LATENT_DIR, POSE_DIR, "tensorboard")
+DERIVED_PATTERNS = ("analysis", "analysis.*", "evaluation", "evaluation.*")
+
+
+def new_run_id() -> str:
+    """A fresh identity for a run (written in config.yaml and every checkpoint)."""
+    return uuid.uuid4().hex
+
+
+def existing_run_entries(run_dir: str) -> list[str]:
+    """Paths in ``run_dir`` that a training run (or an analysis of one) has written."""
+    found = [os.path.join(run_dir, n) for n in RUN_ENTRIES if os.path.lexists(os.path.join(run_dir, n))]
+    for pattern in DERIVED_PATTERNS:
+        found += sorted(glob.glob(os.path.join(glob.escape(run_dir), pattern)))
+    return found
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """True when ``run_dir`` holds ``last.pt`` or any epoch checkpoint."""
+    ckpt = os.path.join(run_dir, CHECKPOINT_DIR)
+    return os.path.isfile(os.path.join(ckpt, LAST_NAME)) or bool(glob.glob(os.path.join(glob.escape(ckpt), "epoch_*.pt")))
+
+
+def clear_run(run_dir: str) -> None:
+    """Remove what :func:`existing_run_entries` lists (the caller checked it may)."""
+    for path in existing_run_entries(run_dir):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+def resume_checkpoint(run_dir: str) -> str:
+    """``last.pt`` of ``run_dir``, or an InputError that says what to do instead."""
+    last = last_checkpoint(run_dir)
+    if os.path.isfile(last):
+        return last
+    if not os.path.isdir(run_dir):
+        raise InputError(run_dir, "--resume", "run directory does not exist; start a run there "
+                         "without --resume")
+    if is_run_dir(run_dir):
+        raise InputError(run_dir, "--resume", "this run has no checkpoint yet (it stopped before "
+                         "the first was written); start it again without --resume, which "
+                         "replaces that partial start")
+    raise InputError(run_dir, "--resume", "is not a training run (no config.yaml or checkpoints/); "
+                     "start one there without --resume")
+
+
+def read_config_yaml(run_dir: str) -> Optional[dict[str, Any]]:
+    """``RUN/config.yaml`` as a dict (None when absent); InputError when unreadable."""
+    path = os.path.join(run_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise InputError(path, None, f"is not a readable run record ({first}); restore it or "
+                         "start a new run in another directory") from None
+    if not isinstance(doc, dict):
+        raise InputError(path, None, "is not a readable run record (expected a mapping); "
+                         "restore it or start a new run in another directory")
+    return doc
 
 
 def epoch_file(run_dir: str, kind: str, epoch: int) -> str:
@@ -82,15 +154,17 @@ def data_summary(data, config) -> dict[str, Any]:
 
 
 def write_config_yaml(run_dir: str, train_config, model_config, data_info: dict[str, Any],
-                      command_line: Optional[str], world_size: int, resumed: bool) -> None:
+                      command_line: Optional[str], world_size: int, resumed: bool,
+                      run_id: Optional[str] = None,
+                      data_fingerprint: Optional[dict[str, Any]] = None) -> None:
     """Write ``RUN/config.yaml``; on resume keep the original and append to ``resumes``."""
     path = os.path.join(run_dir, CONFIG_NAME)
     previous: dict[str, Any] = {}
-    if resumed and os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            previous = yaml.safe_load(handle) or {}
+    if resumed:
+        previous = read_config_yaml(run_dir) or {}
     doc = previous if previous else {
         "cryoformer_version": __version__,
+        "run_id": run_id,
         "created": _now(),
         "command": command_line,
         "world_size": world_size,
@@ -99,6 +173,9 @@ def write_config_yaml(run_dir: str, train_config, model_config, data_info: dict[
         "data": data_info,
         "contrast": CONTRAST_NOTE if data_info["invert_data"] else
         "images were used as they are (--uninvert-data: cryoDRGN convention, projection * CTF)",
+        # Size and sampled hash of every input file (cryoformer.io.fingerprint): a resume
+        # refuses data that changed under the same paths.
+        "data_fingerprint": data_fingerprint,
     }
     if resumed:
         doc.setdefault("resumes", []).append({

@@ -98,6 +98,15 @@ def _require_run(run_dir: str) -> str:
     return run_dir
 
 
+def _load_array(path: str, what: str) -> np.ndarray:
+    """``np.load`` of a run file; a truncated or damaged file is a one-line InputError."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(path, None, f"{what} file is damaged or truncated ({exc}); restore it "
+                         "or choose another --epoch") from None
+
+
 def list_epochs(run_dir: str) -> list[int]:
     """Epochs of ``run_dir`` that have both a checkpoint and latents, ascending.
 
@@ -194,18 +203,27 @@ def load_run(run_dir: str, epoch: Any = None, device: Any = "cpu") -> TrainedRun
     run_dir = _require_run(run_dir)
     epoch, why = select_epoch(run_dir, epoch)
     dev = resolve_device(device)
-    state = load_checkpoint(outputs.epoch_file(run_dir, outputs.CHECKPOINT_DIR, epoch), map_location=dev)
-    model_config = ModelConfig.from_dict(state["model_config"])
-    model = CryoFormer(model_config)
-    model.load_state_dict(state["model"])
+    ckpt_path = outputs.epoch_file(run_dir, outputs.CHECKPOINT_DIR, epoch)
+    state = load_checkpoint(ckpt_path, map_location=dev)
+    try:
+        model_config = ModelConfig.from_dict(state["model_config"])
+        model = CryoFormer(model_config)
+        model.load_state_dict(state["model"])
+        missing = [k for k in ("data", "train_config", "phase", "epoch_complete") if k not in state]
+        if missing:
+            raise KeyError(missing[0])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(ckpt_path, None, f"is not a complete cryoformer checkpoint "
+                         f"({exc.__class__.__name__}: {first[:200]})") from None
     model.to(dev).eval()
     if state.get("support") is not None:  # the density was trained inside this mask
         model.set_support(state["support"])
     latent_path = outputs.epoch_file(run_dir, outputs.LATENT_DIR, epoch)
-    latents = np.load(latent_path, allow_pickle=False)
+    latents = _load_array(latent_path, "latents")
     indices_path = os.path.join(run_dir, outputs.INDICES_NAME)
     if os.path.isfile(indices_path):
-        indices = np.load(indices_path, allow_pickle=False)
+        indices = _load_array(indices_path, "particle indices")
     else:
         indices = np.arange(latents.shape[0], dtype=np.int64)
     if latents.ndim != 2 or latents.shape[1] != model_config.zdim or latents.shape[0] != indices.shape[0]:

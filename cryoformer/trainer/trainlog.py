@@ -12,8 +12,12 @@ had never stopped.
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import time
 from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
 
 LOG_COLUMNS = (
     "kind", "epoch", "step", "phase", "images", "loss", "mse", "pose_loss", "kl", "lr",
@@ -24,13 +28,27 @@ POSE_COLUMNS = ("epoch", "stage", "n", "rotation_median_rad", "rotation_median_d
                 "rotation_mean_square_rad2", "shift_median_px", "shift_mean_square_px2")
 
 
-def _truncate_csv(path: str, keep) -> None:
-    """Rewrite ``path`` keeping the header and the rows for which ``keep(row)`` is true."""
+def _truncate_csv(path: str, keep, columns) -> None:
+    """Rewrite ``path`` keeping the header and the rows for which ``keep(row)`` is true.
+
+    A log that cannot be read back as this table (damaged, truncated mid-row, edited by hand)
+    is not a reason to stop training: it is kept beside, as ``NAME.damaged-TIME``, with a
+    warning, and a new log starts.
+    """
     if not os.path.isfile(path):
         return
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
         fields = rows and list(rows[0].keys())
+        if fields and (fields != list(columns) or any(None in r or None in r.values() for r in rows)):
+            raise ValueError("its columns are not those of this log")
+        kept = [r for r in rows if keep(r)]
+    except (ValueError, KeyError, UnicodeDecodeError, csv.Error) as exc:
+        aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, aside)
+        logger.warning("%s could not be read (%s); kept as %s, a new log starts", path, exc, aside)
+        return
     if not fields:
         return
     from cryoformer.io.atomic import atomic_open
@@ -38,7 +56,7 @@ def _truncate_csv(path: str, keep) -> None:
     with atomic_open(path, "w") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(r for r in rows if keep(r))
+        writer.writerows(kept)
 
 
 class CsvTable:
@@ -100,9 +118,9 @@ class TrainLog:
         else:
             _truncate_csv(log_path, lambda r: int(r["step"]) <= resume_step and not (
                 r["kind"] == "heldout" and keep_heldout_epochs_upto is not None
-                and int(r["epoch"]) > keep_heldout_epochs_upto))
+                and int(r["epoch"]) > keep_heldout_epochs_upto), LOG_COLUMNS)
             _truncate_csv(pose_path, lambda r: r["stage"] == "input"
-                          or int(r["epoch"]) <= keep_pose_epochs_upto)
+                          or int(r["epoch"]) <= keep_pose_epochs_upto, POSE_COLUMNS)
         self.log = CsvTable(log_path, LOG_COLUMNS)
         self._pose_path = pose_path
         self.poses: Optional[CsvTable] = None
