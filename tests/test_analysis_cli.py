@@ -141,7 +141,8 @@ def test_bad_inputs_one_line_nothing_written(run, capsys, tmp_path):
     rundir, sim = str(run / "run"), run / "sim"
     fails(["analyze", str(tmp_path)], capsys, "not a cryoformer training run")
     fails(["analyze", rundir, "--epoch", "9"], capsys, "epoch 9 not found")
-    fails(["analyze", rundir, "--k", "100"], capsys, "--k", "24")
+    # --force: an earlier test analysed this run; the point here is the cluster count
+    fails(["analyze", rundir, "--k", "100", "--force"], capsys, "--k", "24")
     fails(["export", rundir, "--clusters", "7", "--format", "pkl", "-o", str(tmp_path / "x.pkl")], capsys,
           "--clusters", "out of range")
     np.save(tmp_path / "short.npy", np.zeros(10, np.int64))

@@ -327,6 +327,20 @@ def test_disk_full_while_writing_leaves_nothing_behind(work, command):
     assert snapshot(work) == before
 
 
+def test_disk_full_during_training_is_one_line_and_the_run_restarts(work):
+    """The checkpoint cannot be written: one line naming it, and no dead-end run directory."""
+    argv = ["train", str(work / "ds" / "particles.star"), "-o", str(work / "run"), *TINY_TRAIN]
+    proc = _cli(argv, preexec_fn=_limit_file_size(300_000))
+    assert proc.returncode == EXIT_INPUT_ERROR, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and "%|" not in x]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "epoch_001.pt" in lines[0] and "cannot be written" in lines[0]
+    assert not [f for f in os.listdir(work / "run" / "checkpoints") if f.endswith(".tmp")]
+    proc = _cli(argv)  # room again: the same command starts the run afresh
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "run" / "checkpoints" / "last.pt").is_file()
+
+
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run as another user")
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
 @pytest.mark.parametrize("command", ["parse-poses", "downsample", "simulate"])
@@ -382,6 +396,13 @@ def test_outputs_get_the_modes_the_umask_gives(tmp_path, umask):
             seen += 1
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     assert seen >= 8
+
+
+def test_a_device_is_never_an_output(work, capsys):
+    """Renaming a temporary file onto /dev/null would replace the device node itself."""
+    a = str(work / "ds" / "gt" / "state_000.mrc")
+    refused(capsys, ["fsc", a, a, "-o", os.devnull, "--plot", "none", "--force"], work,
+            "not a regular file")
 
 
 def test_guard_functions_compare_resolved_paths(tmp_path, monkeypatch):

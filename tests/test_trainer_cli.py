@@ -93,7 +93,7 @@ def test_bad_inputs_give_one_line_and_write_nothing(data_dir, tmp_path, capsys):
     # poses missing for a plain stack; resume of a non-run
     no_poses = [a for a in args if a not in ("--poses", str(data_dir / "poses.pkl"))]
     _expect_input_error(capsys, no_poses, "--poses", out)
-    _expect_input_error(capsys, ["-o", str(out), "--resume"], "checkpoint does not exist", out)
+    _expect_input_error(capsys, ["-o", str(out), "--resume"], "run directory does not exist", out)
     _expect_input_error(capsys, [*args, "--lr", "-1"], "--lr", out)
     _expect_input_error(capsys, [*args, "--pose-search", "--pose-search-radius", "0"], "--pose-search-radius", out)
     _expect_input_error(capsys, [*args, "--pose-search", "--pose-search-prior", "-2"], "--pose-search-prior", out)

@@ -103,6 +103,9 @@ def claim_output_file(path: PathLike, inputs: Iterable[Optional[PathLike]], forc
                               "with --force)")
     if os.path.isdir(path):
         raise OutputError(path, option, "is a directory; expected a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # A device or pipe (/dev/null): the atomic rename would replace the node itself.
+        raise OutputError(path, option, "exists and is not a regular file; expected a file name")
     if os.path.lexists(path) and not force:
         raise OutputError(path, option, "already exists; pass --force to replace it")
     _check_writable_dir(os.path.dirname(os.path.abspath(path)), path, option)

@@ -19,6 +19,7 @@ A checkpoint is a dict of tensors and plain containers only, so it loads with
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from typing import Any
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from cryoformer.errors import InputError
-from cryoformer.io.atomic import atomic_path
+from cryoformer.io.atomic import atomic_open
+from cryoformer.io.guard import require_free_space
 
 CHECKPOINT_FORMAT = 1
 
@@ -64,10 +66,17 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(state: dict[str, Any], path: str) -> None:
     """Write ``state`` to ``path`` atomically (temp file in the same directory, then rename).
 
-    A crash or a second Ctrl-C during the write leaves the previous file intact.
+    A crash or a second Ctrl-C during the write leaves the previous file intact. The state is
+    serialised in memory first: torch's zip writer reports a full disk as an opaque
+    "unexpected pos" error, where a plain write raises ENOSPC, which is reported as one line
+    naming the checkpoint.
     """
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    require_free_space(path, data.nbytes)
+    with atomic_open(path, "wb", suffix=".pt") as handle:
+        handle.write(data)
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
