@@ -134,19 +134,41 @@ def test_resume_rejects_changed_options(data_dir, finished_run):
         train(train_config(data_dir, cfg.outdir, epochs=5, lr=1e-2), progress=False)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
-    """Epoch 1 trains on clean data; NaN pixels then appear in the stack; epoch 2 must stop."""
+def test_nan_pixels_are_refused_at_load_and_keep_the_run(data_dir, tmp_path):
+    """Epoch 1 trains on clean data; NaN pixels then appear in the stack: the resume is refused
+    before a step is taken (the scan at load, and the changed data), the run left as it was."""
     import shutil
+
+    from cryoformer.errors import InputError
 
     local = tmp_path / "data"
     shutil.copytree(data_dir, local)
-    cfg = train_config(local, tmp_path / "run", epochs=1)
-    train(cfg, tiny_model_config(), progress=False)
+    train(train_config(local, tmp_path / "run", epochs=1), tiny_model_config(), progress=False)
     good = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     with mrcfile.mmap(local / "particles.mrcs", mode="r+") as m:
         m.data[3, 4:8, 4:8] = np.nan
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at train epoch 2.*last good checkpoint"):
+    with pytest.raises(InputError, match=r"NaN or infinite.*particles 3"):
         train(train_config(local, tmp_path / "run", epochs=2), resume=True, progress=False)
+    after = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert after["step"] == good["step"] == 6
+    assert max_param_diff(after["model"], good["model"]) == 0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    """Images that turn non-finite while training (a failing disk under a memory map): the
+    step is not taken and the last good checkpoint stays."""
+    from cryoformer.trainer.data import ParticleData
+
+    train(train_config(data_dir, tmp_path / "run", epochs=1), tiny_model_config(), progress=False)
+    good = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    clean_images = ParticleData.images
+
+    def failing_read(self, positions, normalise=True):
+        imgs = clean_images(self, positions, normalise)
+        return imgs * float("nan") if normalise else imgs  # training batches only
+    monkeypatch.setattr(ParticleData, "images", failing_read)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at train epoch 2.*last good checkpoint"):
+        train(train_config(data_dir, tmp_path / "run", epochs=2), resume=True, progress=False)
     after = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert after["step"] == good["step"] == 6
     assert max_param_diff(after["model"], good["model"]) == 0

@@ -181,6 +181,14 @@ def evaluate_run(run, gt_maps: Union[str, Sequence[PathLike]], gt_labels: PathLi
         # cryoDRGN .pkl shifts are box fractions: read them in pixels of the original box D₀.
         pkl = os.fspath(gt_poses).lower().endswith(".pkl")
         truth_poses = load_poses(gt_poses, box_size=_original_box(run) if pkl else None)
+        if run.paths.get("particles"):
+            # Row k of the truth must be image k of the particles: by name when it has names.
+            from cryoformer.io.pairing import match_rows
+            from cryoformer.io.particles import open_particles
+
+            source = open_particles(run.paths["particles"], datadir=run.paths.get("datadir"))
+            truth_poses = match_rows(source, run.paths["particles"], gt_poses, len(truth_poses),
+                                     run.paths.get("datadir")).apply(truth_poses)
     maps, d, D_gt, phys = _gt_on_grid(paths, run, box_size)
     if motion is not None and motion.shape[0] != D_gt:
         raise InputError(gt_motion, "shape", f"motion map box {motion.shape[0]} differs from the maps' {D_gt}")

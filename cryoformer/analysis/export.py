@@ -253,7 +253,7 @@ def export_run(run, rows: np.ndarray, fmt: str, out: PathLike, source: Optional[
     dict
         ``{"n_particles", "indices" (first few), "files": [...], "how"}``.
     """
-    from cryoformer.io.dispatch import load_ctf, load_poses
+    from cryoformer.io.pairing import load_paired_metadata
     from cryoformer.io.particles import open_particles
 
     if fmt not in EXPORT_FORMATS:
@@ -283,10 +283,11 @@ def export_run(run, rows: np.ndarray, fmt: str, out: PathLike, source: Optional[
         # Poses / CTF given with the particles (.cs input) when no separate file was used.
         pose_path = paths.get("poses") or paths["particles"]
         ctf_path = paths.get("ctf") or (paths["particles"] if ext == ".cs" else None)
-        poses = load_poses(pose_path, box_size=stack.box_size)
-        ctf = load_ctf(ctf_path, box_size=stack.box_size) if ctf_path else None
-        apix = (ctf.pixel_size_angstrom if ctf is not None else stack.pixel_size_angstrom) or (
-            run.pixel_size_angstrom * run.box_size / stack.box_size)
+        # Rows paired with the stack's images by name (a shuffled .star), as in training.
+        meta = load_paired_metadata(stack, paths["particles"], pose_path, ctf_path,
+                                    paths.get("datadir"), rows=idx)
+        poses, ctf = meta.poses, meta.ctf
+        apix = meta.pixel_size_angstrom or (run.pixel_size_angstrom * run.box_size / stack.box_size)
         names = image_names_for(paths["particles"], paths.get("datadir"),
                                 os.path.dirname(os.path.abspath(out)))
         if len(names) != len(poses):

@@ -46,7 +46,8 @@ def run(args) -> int:
     apix = source.pixel_size_angstrom * D / args.box
     n = len(source)
     with StackWriter(args.out, n, args.box, apix) as writer:
-        with tqdm(total=n, desc="downsample", unit="img") as bar:
+        # disable=None: a bar on a terminal only, not in logs and pipes
+        with tqdm(total=n, desc="downsample", unit="img", disable=None) as bar:
             for start, chunk in source.chunks(args.chunk_size):
                 small = fourier_crop(torch.from_numpy(chunk), args.box)  # [n, box, box]
                 writer.write(small.numpy(), start)

@@ -39,6 +39,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from cryoformer.io.dispatch import load_ctf, load_poses
     from cryoformer.io.guard import claim_output_file
+    from cryoformer.io.pairing import match_metadata_rows
+    from cryoformer.io.validate import (PHYSICAL_BOX_RTOL, PLACEHOLDER_PIXEL_SIZE,
+                                        check_one_pixel_size)
     from cryoformer.io.mrc import read_volume
     from cryoformer.simulation.simulate import render_particle_stack
 
@@ -54,10 +57,17 @@ def run(args) -> int:
     ctf = None
     if args.ctf:
         ctf = load_ctf(args.ctf, box_size=D, pixel_size_angstrom=args.Apix)
-        if len(ctf) != len(poses):
-            raise InputError(args.ctf, "particle count", f"{len(ctf)} CTF rows but {len(poses)} poses in {args.poses}")
+        # CTF row k must be the particle of pose row k: paired by image name when both carry one.
+        ctf = match_metadata_rows(args.poses, args.ctf, len(poses), len(ctf)).apply(ctf)
+        check_one_pixel_size(ctf, args.ctf)
         if ctf.box_size != D:
             raise InputError(args.ctf, "box size", f"CTF parameters are for D={ctf.box_size}, the volume is D={D}")
+        ctf_apix = float(ctf.pixel_size_angstrom)
+        # A header of 0 or exactly 1 Å records no voxel size (1 is a common placeholder).
+        known = bool(args.Apix) or voxel_size not in (0.0, PLACEHOLDER_PIXEL_SIZE)
+        if known and abs(ctf_apix - apix) > PHYSICAL_BOX_RTOL * apix:
+            raise InputError(args.ctf, "pixel size", f"CTF parameters are for {ctf_apix:g} Å/px but the "
+                             f"volume's voxels are {apix:g} Å; resample the map or pass --Apix")
     snr = None if math.isinf(args.snr) else args.snr
     if snr is not None and snr <= 0:
         raise InputError(None, "--snr", f"must be > 0, got {snr}")

@@ -10,6 +10,7 @@ from cryoformer.io.cryodrgn import read_ctf_pkl, read_poses_pkl, write_ctf_pkl, 
 from cryoformer.io.cryosparc import cs_image_locations, ctf_from_cs, poses_from_cs, read_cs, write_cs
 from cryoformer.io.dispatch import check_counts, load_ctf, load_poses
 from cryoformer.io.mrc import read_volume, read_volume_stack, write_volume
+from cryoformer.io.pairing import PairedMetadata, RowMatch, load_paired_metadata, match_metadata_rows, match_rows
 from cryoformer.io.particles import ImageSource, StackWriter, open_particles, write_stack
 from cryoformer.io.safe_pickle import load_pickle, save_pickle
 from cryoformer.io.star import (
@@ -21,6 +22,7 @@ from cryoformer.io.star import (
     star_pixel_size,
     write_star,
 )
+from cryoformer.io.validate import check_ctf, check_one_pixel_size, check_rotations, scan_images
 
 __all__ = [
     "atomic_open", "atomic_path",
@@ -32,4 +34,6 @@ __all__ = [
     "read_volume", "read_volume_stack", "write_volume",
     "ImageSource", "open_particles", "StackWriter", "write_stack",
     "load_poses", "load_ctf", "check_counts",
+    "RowMatch", "match_rows", "match_metadata_rows", "PairedMetadata", "load_paired_metadata",
+    "check_rotations", "check_ctf", "check_one_pixel_size", "scan_images",
 ]

@@ -19,19 +19,24 @@ import numpy as np
 
 from cryoformer.errors import InputError, PathLike
 from cryoformer.io.safe_pickle import load_pickle, save_pickle
-from cryoformer.metadata import CtfParameters, Poses
+from cryoformer.io.validate import check_finite_rows, check_rotations, ctf_fields
+from cryoformer.metadata import CTF_COLUMNS, CtfParameters, Poses
 
 __all__ = ["read_poses_pkl", "write_poses_pkl", "read_ctf_pkl", "write_ctf_pkl"]
 
 
 def _as_float_array(value, path: str, what: str) -> np.ndarray:
-    """``value`` as a float ndarray, or an InputError saying what ``what`` should have been."""
+    """``value`` as a float ndarray, or an InputError saying what ``what`` should have been.
+
+    Finiteness is checked by the callers once the shape is known, so the message can name
+    the particle.
+    """
     if not isinstance(value, np.ndarray):
         raise InputError(path, what, f"expected a numpy array, found {type(value).__name__}")
     if not np.issubdtype(value.dtype, np.number):
         raise InputError(path, what, f"expected a numeric array, found dtype {value.dtype}")
-    if not np.all(np.isfinite(value)):
-        raise InputError(path, what, "contains NaN or infinite values")
+    if value.ndim == 0:
+        raise InputError(path, what, "expected an array with one row per particle, found a single number")
     return value.astype(np.float32, copy=False)
 
 
@@ -55,7 +60,9 @@ def read_poses_pkl(path: PathLike, box_size: Optional[int] = None) -> Poses:
     Raises
     ------
     InputError
-        Wrong structure or shapes, non-finite values, or translations without ``box_size``.
+        Wrong structure or shapes, non-finite values, matrices that are not rotations
+        (:func:`cryoformer.io.validate.check_rotations`, naming the first bad particle), or
+        translations without ``box_size``.
     """
     path = os.fspath(path)
     obj = load_pickle(path)
@@ -79,7 +86,9 @@ def read_poses_pkl(path: PathLike, box_size: Optional[int] = None) -> Poses:
         if box_size is None:
             raise InputError(path, "trans", "translations are stored as fractions of the box, so the box size "
                              "is needed to convert them to pixels (pass box_size / -D)")
+        check_finite_rows(trans, path, "trans", "translation")
         shifts = trans * np.float32(box_size)
+    check_rotations(rot, path, "rot")
     return Poses(rot, shifts, None if box_size is None else int(box_size))
 
 
@@ -111,6 +120,8 @@ def read_ctf_pkl(path: PathLike) -> CtfParameters:
     arr = _as_float_array(load_pickle(path), path, "ctf")
     if arr.ndim != 2 or arr.shape[1] != 9:
         raise InputError(path, "ctf", f"expected CTF parameters of shape [N, 9], found {list(arr.shape)}")
+    for name, field in ctf_fields(path).items():  # NaN named by column and particle
+        check_finite_rows(arr[:, CTF_COLUMNS.index(name)], path, field)
     return CtfParameters(arr)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from cryoformer.errors import InputError, PathLike, require_file
 from cryoformer.io._rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from cryoformer.io.atomic import atomic_open
+from cryoformer.io.validate import check_finite_rows
 from cryoformer.metadata import CtfParameters, Poses
 
 __all__ = ["read_cs", "poses_from_cs", "ctf_from_cs", "write_cs", "cs_image_locations"]
@@ -62,21 +63,30 @@ def _field(cs: np.ndarray, path: Optional[str], name: str, width: Optional[int] 
     expected = (len(cs),) if width is None else (len(cs), width)
     if values.shape != expected:
         raise InputError(path, name, f"expected shape {list(expected)}, found {list(values.shape)}")
-    if not np.all(np.isfinite(values)):
-        raise InputError(path, name, "contains NaN or infinite values")
+    check_finite_rows(values, path, name)
     return values
 
 
-def _box(cs: np.ndarray, path: Optional[str], override: Optional[int], required: bool) -> Optional[int]:
+def _box(cs: np.ndarray, path: Optional[str], override: Optional[int], required: bool,
+         default: Optional[int] = None) -> Optional[int]:
     if override is not None:
         return int(override)
     if "blob/shape" not in cs.dtype.names:
+        if default is not None:
+            return int(default)
         if required:
             raise InputError(path, "blob/shape", "box size not found; pass the box size (-D) explicitly")
         return None
-    shapes = np.unique(_field(cs, path, "blob/shape", 2))
+    shape = _field(cs, path, "blob/shape", 2)  # [N, 2]
+    shapes = np.unique(shape)
     if shapes.size != 1:
-        raise InputError(path, "blob/shape", f"expected one square box size, found {shapes.tolist()}")
+        parts = []
+        for size in shapes[:6]:
+            rows = np.nonzero((shape == size).any(axis=1))[0]
+            parts.append(f"{int(size)} px ({rows.size} particles, first {int(rows[0])})")
+        raise InputError(path, "blob/shape", f"expected one square box size for all particles, found "
+                         f"{shapes.size}: {'; '.join(parts)}; select particles of one box (e.g. one exposure "
+                         "group) or re-extract them at one box size")
     return int(shapes[0])
 
 
@@ -94,8 +104,11 @@ def poses_from_cs(cs: CsLike, box_size: Optional[int] = None) -> Poses:
 def ctf_from_cs(cs: CsLike, box_size: Optional[int] = None, pixel_size_angstrom: Optional[float] = None,
                 voltage_kv: Optional[float] = None, spherical_aberration_mm: Optional[float] = None,
                 amplitude_contrast: Optional[float] = None, phase_shift_deg: Optional[float] = None,
-                ) -> CtfParameters:
-    """CTF parameters as cryoDRGN's ``parse_ctf_csparc`` builds them; overrides replace file values."""
+                default_box_size: Optional[int] = None) -> CtfParameters:
+    """CTF parameters as cryoDRGN's ``parse_ctf_csparc`` builds them; overrides replace file values.
+
+    ``default_box_size`` is used when the file has no ``blob/shape`` and ``box_size`` is not given.
+    """
     cs, path = _load(cs)
     n = len(cs)
 
@@ -109,7 +122,7 @@ def ctf_from_cs(cs: CsLike, box_size: Optional[int] = None, pixel_size_angstrom:
     return CtfParameters.from_columns(
         n,
         bfactor_angstrom2=bfactor,
-        box_size=_box(cs, path, box_size, required=True),
+        box_size=_box(cs, path, box_size, required=True, default=default_box_size),
         pixel_size_angstrom=value(pixel_size_angstrom, "blob/psize_A"),
         defocus_u_angstrom=_field(cs, path, "ctf/df1_A"),
         defocus_v_angstrom=_field(cs, path, "ctf/df2_A"),

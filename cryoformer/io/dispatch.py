@@ -1,7 +1,9 @@
 """Choose the reader for poses and CTF parameters by file extension.
 
 ``.pkl`` → cryoDRGN pickle, ``.star`` → RELION, ``.cs`` → cryoSPARC. Anything else is an
-:class:`InputError`, never a guess.
+:class:`InputError`, never a guess. Every command reads poses and CTF through these two
+functions, so what they check (:mod:`cryoformer.io.validate`: rotations, finite shifts, CTF
+values after the overrides) holds for all of them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 from typing import Optional
 
 from cryoformer.errors import InputError, PathLike, require_file
+from cryoformer.io.validate import check_ctf, check_finite_rows, ctf_fields
 from cryoformer.metadata import CTF_COLUMNS, CtfParameters, Poses
 
 __all__ = ["load_poses", "load_ctf", "check_counts"]
@@ -49,11 +52,15 @@ def load_poses(path: PathLike, box_size: Optional[int] = None,
     if ext == ".pkl":
         from cryoformer.io.cryodrgn import read_poses_pkl
 
-        return read_poses_pkl(path, box_size=box_size)
+        return read_poses_pkl(path, box_size=box_size)  # checks the matrices are rotations
+    # Rotations built from Euler angles / rotation vectors are rotations; the shifts are
+    # divided by a pixel size, which could still make them infinite.
     if ext == ".star":
         from cryoformer.io.star import poses_from_star, read_star
 
-        return poses_from_star(read_star(path), box_size=box_size, pixel_size_angstrom=pixel_size_angstrom)
+        poses = poses_from_star(read_star(path), box_size=box_size, pixel_size_angstrom=pixel_size_angstrom)
+        check_finite_rows(poses.shifts_px, path, "_rlnOriginXAngst", "origin")
+        return poses
     from cryoformer.io.cryosparc import poses_from_cs
 
     return poses_from_cs(path, box_size=box_size)
@@ -62,40 +69,54 @@ def load_poses(path: PathLike, box_size: Optional[int] = None,
 def load_ctf(path: PathLike, box_size: Optional[int] = None, pixel_size_angstrom: Optional[float] = None,
              voltage_kv: Optional[float] = None, spherical_aberration_mm: Optional[float] = None,
              amplitude_contrast: Optional[float] = None, phase_shift_deg: Optional[float] = None,
-             ) -> CtfParameters:
+             default_box_size: Optional[int] = None) -> CtfParameters:
     """Read CTF parameters from a cryoDRGN ``.pkl``, RELION ``.star`` or cryoSPARC ``.cs`` file.
 
     Every override given replaces the corresponding value for all particles (as cryoDRGN's
     ``parse_ctf_star`` / ``parse_ctf_csparc`` options do), for ``.pkl`` files too.
+    ``default_box_size`` is the box for a ``.star``/``.cs`` that records none (a ``box_size``
+    override replaces the file's box; this only fills a missing one).
 
     Returns
     -------
     CtfParameters
         ``[N, 9]`` in the cryoDRGN column order.
+
+    Raises
+    ------
+    InputError
+        Besides unreadable files: a value that is not finite or not physical
+        (:func:`cryoformer.io.validate.check_ctf`), naming the column and first particle.
     """
     path = require_file(path, "CTF file")
     ext = _extension(path, "CTF")
     overrides = dict(voltage_kv=voltage_kv, spherical_aberration_mm=spherical_aberration_mm,
                      amplitude_contrast=amplitude_contrast, phase_shift_deg=phase_shift_deg)
+    columns = dict(box_size=box_size, pixel_size_angstrom=pixel_size_angstrom, **overrides)
+    overridden = [name for name, value in columns.items() if value is not None]
     if ext == ".star":
-        from cryoformer.io.star import ctf_from_star, read_star
+        from cryoformer.io.star import ctf_from_star, read_star, star_pixel_size_column
 
-        return ctf_from_star(read_star(path), box_size, pixel_size_angstrom, **overrides)
-    if ext == ".cs":
+        star = read_star(path)
+        ctf = ctf_from_star(star, box_size, pixel_size_angstrom, **overrides, default_box_size=default_box_size)
+        fields = ctf_fields(path, overridden, star_pixel_size_column(star))
+    elif ext == ".cs":
         from cryoformer.io.cryosparc import ctf_from_cs
 
-        return ctf_from_cs(path, box_size, pixel_size_angstrom, **overrides)
-    from cryoformer.io.cryodrgn import read_ctf_pkl
+        ctf = ctf_from_cs(path, box_size, pixel_size_angstrom, **overrides, default_box_size=default_box_size)
+        fields = ctf_fields(path, overridden)
+    else:
+        from cryoformer.io.cryodrgn import read_ctf_pkl
 
-    ctf = read_ctf_pkl(path)
-    columns = dict(box_size=box_size, pixel_size_angstrom=pixel_size_angstrom, **overrides)
-    if all(v is None for v in columns.values()):
-        return ctf
-    array = ctf.array.copy()
-    for name, value in columns.items():
-        if value is not None:
-            array[:, CTF_COLUMNS.index(name)] = value
-    return CtfParameters(array, ctf.bfactor_angstrom2)
+        ctf = read_ctf_pkl(path)
+        if overridden:
+            array = ctf.array.copy()
+            for name in overridden:
+                array[:, CTF_COLUMNS.index(name)] = columns[name]
+            ctf = CtfParameters(array, ctf.bfactor_angstrom2)
+        fields = ctf_fields(path, overridden)
+    check_ctf(ctf, path, fields)
+    return ctf
 
 
 def check_counts(n_images: int, n_meta: int, image_path: PathLike, meta_path: PathLike) -> None:

@@ -67,16 +67,32 @@ class ImageSource:
         Image size ``D`` in pixels.
     pixel_size_angstrom : float or None
         Å/px from the metadata (star/cs) or the first stack header; ``None`` if unrecorded.
+    files : list of str
+        Absolute paths of the stacks.
+    stack_pixel_sizes : list of (float or None)
+        Å/px each stack's header records (``None`` where it records none).
     """
 
     def __init__(self, files: Sequence[str], file_of: np.ndarray, index_in_file: np.ndarray,
-                 box_size: int, pixel_size_angstrom: Optional[float]):
+                 box_size: int, pixel_size_angstrom: Optional[float],
+                 stack_pixel_sizes: Optional[Sequence[Optional[float]]] = None):
         self.files = list(files)
         self._file_of = np.asarray(file_of, dtype=np.int64)
         self._index = np.asarray(index_in_file, dtype=np.int64)
         self.box_size = int(box_size)
         self.pixel_size_angstrom = pixel_size_angstrom
+        self.stack_pixel_sizes = list(stack_pixel_sizes) if stack_pixel_sizes is not None else [None] * len(files)
         self._open: "OrderedDict[int, object]" = OrderedDict()
+
+    @property
+    def file_of(self) -> np.ndarray:
+        """``[N]`` int64: which of :attr:`files` holds particle ``i``."""
+        return self._file_of
+
+    @property
+    def index_in_file(self) -> np.ndarray:
+        """``[N]`` int64: 0-based index of particle ``i`` in its stack."""
+        return self._index
 
     def __len__(self) -> int:
         return int(self._file_of.shape[0])
@@ -100,6 +116,10 @@ class ImageSource:
         data = self._open[file_id].data
         return data.reshape((-1,) + data.shape[-2:])
 
+    def stack_data(self, file_id: int) -> np.ndarray:
+        """The read-only memory map ``[n, D, D]`` (file dtype) of stack ``files[file_id]``."""
+        return self._data(file_id)
+
     def images(self, indices: Sequence[int]) -> np.ndarray:
         """Images ``indices`` (any order, repeats allowed) as ``[n, D, D]`` float32, in that order."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -117,12 +137,23 @@ class ImageSource:
             out[where] = np.asarray(self._data(int(file_id))[uniq], dtype=np.float32)[inverse]
         return out
 
-    def chunks(self, chunk_size: int = 1024) -> Iterator[Tuple[int, np.ndarray]]:
-        """Yield ``(start, images[start:start + chunk_size])`` over the whole source in order."""
+    def chunks(self, chunk_size: int = 1024, check: bool = True) -> Iterator[Tuple[int, np.ndarray]]:
+        """Yield ``(start, images[start:start + chunk_size])`` over the whole source in order.
+
+        With ``check`` (default) a chunk holding a NaN or infinite pixel raises
+        :class:`InputError` naming the stack and the particles, before it is yielded: a copy
+        or downsampled stack never carries NaN on.
+        """
+        from cryoformer.io.validate import check_images
+
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
         for start in range(0, len(self), chunk_size):
-            yield start, self.images(np.arange(start, min(start + chunk_size, len(self))))
+            positions = np.arange(start, min(start + chunk_size, len(self)))
+            images = self.images(positions)
+            if check:
+                check_images(self, images, positions)
+            yield start, images
 
     def close(self) -> None:
         """Unmap every open stack (reading again reopens them)."""
@@ -153,7 +184,7 @@ def _from_locations(locations: Sequence[Tuple[str, int]], meta_path: str, field:
     headers = [_stack_header(f, meta_path, field) for f in files]
     sizes = {h[1] for h in headers}
     if len(sizes) != 1:
-        raise InputError(meta_path, field, f"stacks have different image sizes {sorted(sizes)}")
+        _refuse_mixed_sizes(files, headers, file_of, meta_path, field)
     counts = np.array([h[0] for h in headers])
     bad = np.nonzero((index < 0) | (index >= counts[file_of]))[0]
     if bad.size:
@@ -162,7 +193,24 @@ def _from_locations(locations: Sequence[Tuple[str, int]], meta_path: str, field:
                          f"{files[file_of[i]]}, which holds {counts[file_of[i]]} images")
     if pixel_size_angstrom is None and headers[0][2] > 0:
         pixel_size_angstrom = headers[0][2]
-    return ImageSource(files, file_of, index, sizes.pop(), pixel_size_angstrom)
+    return ImageSource(files, file_of, index, sizes.pop(), pixel_size_angstrom,
+                       [h[2] if h[2] > 0 else None for h in headers])
+
+
+def _refuse_mixed_sizes(files: Sequence[str], headers, file_of: np.ndarray, meta_path: str,
+                        field: Optional[str]) -> None:
+    """InputError listing each image size with a stack and its particle count."""
+    by_size: "OrderedDict[int, List[int]]" = OrderedDict()
+    for fid, h in enumerate(headers):
+        by_size.setdefault(h[1], []).append(fid)
+    counts = np.bincount(file_of, minlength=len(files))
+    parts = [f"{size} px ({int(counts[ids].sum())} particles, e.g. {os.path.basename(files[ids[0]])})"
+             for size, ids in by_size.items()]
+    raise InputError(meta_path, field or "image size", f"the stacks hold images of {len(by_size)} "
+                     f"different sizes: {'; '.join(parts)}; one model has one box: select particles of one size "
+                     "(e.g. one optics group: relion_star_handler --select rlnOpticsGroup --minval 1 "
+                     "--maxval 1) or rescale every stack to one box and pixel size "
+                     "(relion_image_handler --rescale_angpix A --new_box D)")
 
 
 def _read_txt(path: str, datadir: Optional[PathLike]) -> List[str]:
@@ -195,7 +243,7 @@ def open_particles(path: PathLike, datadir: Optional[PathLike] = None) -> ImageS
     if ext in (".mrcs", ".mrc", ".st", ".map"):
         n, box, apix = _stack_header(path, None, None)
         return ImageSource([os.path.abspath(path)], np.zeros(n, np.int64), np.arange(n), box,
-                           apix if apix > 0 else None)
+                           apix if apix > 0 else None, [apix if apix > 0 else None])
     if ext == ".txt":
         stacks = _read_txt(path, datadir)
         locations = []
@@ -246,11 +294,29 @@ class StackWriter:
         self._stats = [np.inf, -np.inf, 0.0, 0.0]  # min, max, sum, sum of squares (float64)
 
     def __enter__(self) -> "StackWriter":
+        from cryoformer.io.guard import require_free_space
+
+        image_bytes = 4 * self.box_size * self.box_size
+        # Known size: a full disk is reported now, not half way through.
+        require_free_space(self.path, self.n_images * image_bytes + 1024)
         self._atomic = atomic_path(self.path, suffix=os.path.splitext(self.path)[1])
         tmp = self._atomic.__enter__()
         try:
-            self._mrc = mrcfile.new_mmap(tmp, shape=(self.n_images, self.box_size, self.box_size),
-                                         mrc_mode=2, overwrite=True)
+            # The header is written through mrcfile; the images with ordinary writes at their
+            # offsets. Writing through a memory map instead turns a full disk into SIGBUS,
+            # which kills the process and leaves the temporary file behind.
+            with mrcfile.new(tmp, overwrite=True) as mrc:
+                mrc.set_data(np.zeros((1, self.box_size, self.box_size), dtype=np.float32))
+                # ispg 0 (a stack of 2-D images, as RELION writes .mrcs; mz = 1) before the
+                # voxel size, which sets the cell from mx, my, mz. Only nz and the statistics
+                # of this header change when the stack is complete.
+                mrc.set_image_stack()
+                mrc.voxel_size = self.pixel_size_angstrom
+                self._header = mrc.header.copy()
+                self._data_offset = int(mrc.header.nbytes) + int(mrc.header.nsymbt)
+            self._file = open(tmp, "r+b")
+            self._file.truncate(self._data_offset)
+            self._tmp = tmp
         except BaseException:
             self._atomic.__exit__(*sys.exc_info())
             raise
@@ -266,7 +332,11 @@ class StackWriter:
         if images.shape[1:] != (self.box_size, self.box_size) or start < 0 or stop > self.n_images:
             raise ValueError(f"cannot write images of shape {images.shape} at {start} into a stack of "
                              f"{self.n_images}×{self.box_size}×{self.box_size}")
-        self._mrc.data[start:stop] = images
+        if not np.isfinite(images).all():
+            bad = start + int(np.nonzero(~np.isfinite(images).reshape(images.shape[0], -1).all(1))[0][0])
+            raise ValueError(f"{self.path}: image {bad} has NaN or infinite pixels; not written")
+        os.pwrite(self._file.fileno(), np.ascontiguousarray(images).tobytes(),
+                  self._data_offset + start * 4 * self.box_size * self.box_size)
         self._written[start:stop] = True
         self._next = stop
         if images.size:
@@ -280,11 +350,11 @@ class StackWriter:
             if exc_type is None and not self._written.all():
                 missing = int((~self._written).sum())
                 raise RuntimeError(f"{self.path}: {missing} of {self.n_images} images were never written")
+            self._file.close()
             if exc_type is None:
                 self._finish_header()
-            self._mrc.close()
         except BaseException:
-            self._mrc.close()
+            self._file.close()
             self._atomic.__exit__(*sys.exc_info())
             raise
         # Renames on success; on error removes the temporary file and re-raises the exception.
@@ -292,16 +362,16 @@ class StackWriter:
 
     def _finish_header(self) -> None:
         # Statistics come from the running sums: recomputing them would read the whole stack.
-        h = self._mrc.header
+        h = self._header
+        h.nz = self.n_images
         count = self.n_images * self.box_size * self.box_size
         mean = self._stats[2] / count
         h.dmin, h.dmax, h.dmean = self._stats[0], self._stats[1], mean
         h.rms = float(np.sqrt(max(self._stats[3] / count - mean * mean, 0.0)))
-        # ispg 0 (a stack of 2-D images, as RELION writes .mrcs) before the voxel size, which
-        # sets the cell from mx, my, mz and set_image_stack changes mz.
-        self._mrc.set_image_stack()
-        self._mrc.voxel_size = self.pixel_size_angstrom
-        self._mrc.flush()
+        with open(self._tmp, "r+b") as handle:
+            handle.write(h.tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def write_stack(path: PathLike, images: np.ndarray, pixel_size_angstrom: float) -> None:

@@ -33,11 +33,12 @@ import starfile
 from cryoformer.errors import InputError, PathLike, require_file
 from cryoformer.io._rotations import euler_to_matrix, matrix_to_euler
 from cryoformer.io.atomic import atomic_path
+from cryoformer.io.validate import check_finite_rows
 from cryoformer.metadata import CtfParameters, Poses
 
 __all__ = [
     "RelionStar", "read_star", "poses_from_star", "ctf_from_star", "write_star", "image_locations",
-    "star_pixel_size",
+    "star_pixel_size", "star_pixel_size_column",
 ]
 
 # Keep names that look numeric as text. Older starfile releases lack the option; names then
@@ -157,8 +158,7 @@ def _column(star: RelionStar, name: str, dtype=np.float64) -> np.ndarray:
         values = pd.to_numeric(star.particles[name], errors="raise").to_numpy(dtype=dtype)
     except (ValueError, TypeError) as exc:
         raise InputError(star.path, f"_{name}", f"expected numbers ({exc})") from exc
-    if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
-        raise InputError(star.path, f"_{name}", "contains NaN or infinite values")
+    check_finite_rows(values, star.path, f"_{name}")
     return values
 
 
@@ -171,26 +171,60 @@ def star_pixel_size(star: RelionStar, override: Optional[float] = None) -> np.nd
     rlnDetectorPixelSize (µm) · 1e4 / rlnMagnification (RELION 3.0)."""
     n = len(star)
     if override is not None:
+        if not float(override) > 0:
+            raise InputError(None, "--Apix", f"the pixel size must be > 0 Å, got {override:g}")
         return np.full(n, float(override))
+    column = star_pixel_size_column(star)
+    if column == "_rlnDetectorPixelSize":
+        apix = _column(star, "rlnDetectorPixelSize") * 1e4 / _column(star, "rlnMagnification")
+    elif column is not None:
+        apix = _column(star, column.lstrip("_"))
+    else:
+        raise InputError(star.path, "_rlnImagePixelSize", "pixel size not found (no rlnImagePixelSize, "
+                         "rlnPixelSize or rlnDetectorPixelSize + rlnMagnification); pass the pixel size "
+                         "explicitly")
+    bad = np.nonzero(~(apix > 0))[0]
+    if bad.size:
+        raise InputError(star.path, column, f"particle {int(bad[0])} has a pixel size of {apix[bad[0]]:g} Å; "
+                         f"expected > 0 ({bad.size} of {n} particles); pass the pixel size explicitly (--Apix)")
+    return apix
+
+
+def star_pixel_size_column(star: RelionStar) -> Optional[str]:
+    """The column :func:`star_pixel_size` reads (``_rlnImagePixelSize``, ``_rlnPixelSize`` or
+    ``_rlnDetectorPixelSize`` with ``_rlnMagnification``), ``None`` if there is none."""
     for name in ("rlnImagePixelSize", "rlnPixelSize"):
         if star.has(name):
-            return _column(star, name)
+            return f"_{name}"
     if star.has("rlnDetectorPixelSize") and star.has("rlnMagnification"):
-        return _column(star, "rlnDetectorPixelSize") * 1e4 / _column(star, "rlnMagnification")
-    raise InputError(star.path, "_rlnImagePixelSize", "pixel size not found (no rlnImagePixelSize, rlnPixelSize "
-                     "or rlnDetectorPixelSize + rlnMagnification); pass the pixel size explicitly")
+        return "_rlnDetectorPixelSize"
+    return None
 
 
-def _box_size(star: RelionStar, override: Optional[int], required: bool) -> Optional[int]:
+def _box_size(star: RelionStar, override: Optional[int], required: bool,
+              default: Optional[int] = None) -> Optional[int]:
     if override is not None:
         return int(override)
     if not star.has("rlnImageSize"):
+        if default is not None:
+            return int(default)
         if required:
             raise InputError(star.path, "_rlnImageSize", "box size not found; pass the box size (-D) explicitly")
         return None
-    sizes = np.unique(_column(star, "rlnImageSize"))
+    values = _column(star, "rlnImageSize")
+    sizes = np.unique(values)
     if sizes.size != 1:
-        raise InputError(star.path, "_rlnImageSize", f"particles have different box sizes {sizes.tolist()}")
+        groups = star.particles["rlnOpticsGroup"].astype(str).to_numpy() if star.has("rlnOpticsGroup") else None
+        parts = []
+        for size in sizes[:6]:
+            rows = np.nonzero(values == size)[0]
+            where = f"optics group {groups[rows[0]]}: " if groups is not None else ""
+            parts.append(f"{where}{int(size)} px ({rows.size} particles, first {int(rows[0])})")
+        raise InputError(star.path, "_rlnImageSize", f"the particles have {sizes.size} different box sizes "
+                         f"({'; '.join(parts)}); cryoformer needs one box: select one optics group "
+                         "(relion_star_handler --select rlnOpticsGroup --minval 1 --maxval 1) or rescale "
+                         "the images to one box and pixel size (relion_image_handler --rescale_angpix A "
+                         "--new_box D)")
     return int(sizes[0])
 
 
@@ -229,14 +263,15 @@ def poses_from_star(star: RelionStar, box_size: Optional[int] = None,
 def ctf_from_star(star: RelionStar, box_size: Optional[int] = None, pixel_size_angstrom: Optional[float] = None,
                   voltage_kv: Optional[float] = None, spherical_aberration_mm: Optional[float] = None,
                   amplitude_contrast: Optional[float] = None, phase_shift_deg: Optional[float] = None,
-                  ) -> CtfParameters:
+                  default_box_size: Optional[int] = None) -> CtfParameters:
     """CTF parameters as cryoDRGN's ``parse_ctf_star`` builds them.
 
     Every given override replaces the file's values for all particles. Required unless
     overridden: ``rlnImageSize``, a pixel size (see :func:`star_pixel_size`), ``rlnVoltage``,
     ``rlnSphericalAberration``, ``rlnAmplitudeContrast``; always required: ``rlnDefocusU``,
     ``rlnDefocusV``, ``rlnDefocusAngle``. ``rlnPhaseShift`` defaults to 0; ``rlnCtfBfactor``
-    (Å²) becomes ``bfactor_angstrom2`` when present.
+    (Å²) becomes ``bfactor_angstrom2`` when present. ``default_box_size`` is used when the
+    file records no ``rlnImageSize`` (RELION 3.0) and ``box_size`` is not given.
     """
     n = len(star)
 
@@ -248,7 +283,7 @@ def ctf_from_star(star: RelionStar, box_size: Optional[int] = None, pixel_size_a
         return _column(star, name)
 
     columns = dict(
-        box_size=_box_size(star, box_size, required=True),
+        box_size=_box_size(star, box_size, required=True, default=default_box_size),
         pixel_size_angstrom=star_pixel_size(star, pixel_size_angstrom),
         defocus_u_angstrom=_column(star, "rlnDefocusU"),
         defocus_v_angstrom=_column(star, "rlnDefocusV"),

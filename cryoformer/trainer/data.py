@@ -1,9 +1,12 @@
 """Training data: particle images (memory-mapped), poses, CTF and the selected subset.
 
 :func:`load_particle_data` opens and cross-checks every input once, before anything is
-written, so bad input stops with one :class:`~cryoformer.errors.InputError`. Images stay on
-disk (:class:`~cryoformer.io.ImageSource` maps them), so memory is bounded by a batch and a
-stack larger than RAM trains.
+written, so bad input stops with one :class:`~cryoformer.errors.InputError`: metadata rows are
+matched to images by name where the files carry names (:mod:`cryoformer.io.pairing`), the CTF
+is checked against the stack's physical box and brought to its box, and every image used is
+scanned once for NaN/inf pixels and blank images (:func:`cryoformer.io.validate.scan_images`).
+Images stay on disk (:class:`~cryoformer.io.ImageSource` maps them), so memory is bounded by a
+batch and a stack larger than RAM trains.
 
 Each batch is ``dict(images [b, D, D], rotations [b, 3, 3], shifts_px [b, 2], ctf [b, 9],
 position [b])`` at the *training* box ``D``: images Fourier-cropped from ``D₀`` when ``--box``
@@ -15,6 +18,7 @@ training ``D`` keeps the physical box, SPEC §2). ``position`` is the row in the
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from cryoformer.errors import InputError, require_file
-from cryoformer.io import check_counts, load_ctf, load_poses, open_particles
+from cryoformer.io import load_paired_metadata, load_poses, match_rows, open_particles, scan_images
 from cryoformer.io.particles import ImageSource
 from cryoformer.io.safe_pickle import load_pickle
 from cryoformer.metadata import CtfParameters, Poses
@@ -33,6 +37,8 @@ from .config import TrainConfig
 
 # Images used to estimate the global image scale (enough for a stable std, cheap to read).
 SCALE_SAMPLE = 1000
+
+logger = logging.getLogger(__name__)
 
 
 def read_indices(path: str, n_total: int) -> np.ndarray:
@@ -81,7 +87,9 @@ class ParticleData:
     poses : Poses
         Input poses of the selected particles, shifts in pixels of ``original_box``.
     ctf : CtfParameters or None
-        CTF rows of the selected particles (cryoDRGN order), or None for no CTF.
+        CTF rows of the selected particles (cryoDRGN order) at the stack's box: column 0 is
+        ``D₀`` and column 1 the Å/px at ``D₀`` whatever box the file was written for (the
+        physical box is kept); or None for no CTF.
     gt_poses : Poses or None
         Ground-truth poses of the selected particles (for error reports only).
     original_box : int
@@ -89,7 +97,7 @@ class ParticleData:
     box_size : int
         ``D`` trained at (px).
     pixel_size_angstrom : float or None
-        Of the stack (Å/px at ``D₀``).
+        Of the stack (Å/px at ``D₀``; the CTF's when a CTF is given).
     invert : bool
         Multiply images by −1.
     image_scale : float
@@ -167,37 +175,41 @@ def load_particle_data(config: TrainConfig) -> ParticleData:
     Raises
     ------
     InputError
-        Missing or unreadable files, particle/pose/CTF count mismatches, a bad ``--ind``, or
-        a ``--box`` that is odd or larger than the images.
+        Missing or unreadable files, particle/pose/CTF count mismatches, metadata rows that
+        name other images (:func:`cryoformer.io.match_rows`), rotations that are not rotations,
+        impossible CTF values, a CTF for another physical box or several pixel sizes among the
+        used particles, NaN/inf or blank images, a bad ``--ind``, or a ``--box`` that is odd or
+        larger than the images.
     """
     source = open_particles(config.particles, datadir=config.datadir)
     d0, n_total = source.box_size, len(source)
-    apix = source.pixel_size_angstrom
     poses_path = _metadata_path(config.poses, config.particles, "--poses")
     if poses_path is None:
         raise InputError(None, "--poses", f"required for {os.path.basename(config.particles)} "
                          "(only .star/.cs particle files carry poses)")
-    poses = load_poses(poses_path, box_size=d0, pixel_size_angstrom=apix)
-    check_counts(n_total, len(poses), config.particles, poses_path)
-    ctf_path = _metadata_path(config.ctf, config.particles, "--ctf")
-    ctf = None
-    if ctf_path is not None:
-        # A .pkl keeps its own (D, Å/px): like cryoDRGN, only the physical box D·Å/px matters
-        # (ctf_images rescales to the training D), so a stack downsampled after CTF
-        # estimation still trains. A .star/.cs takes the stack's box, as parse_ctf_star -D.
-        is_pkl = ctf_path.lower().endswith(".pkl")
-        ctf = load_ctf(ctf_path, box_size=None if is_pkl else d0)
-        check_counts(n_total, len(ctf), config.particles, ctf_path)
-    gt = None
-    if config.gt_poses is not None:
-        gt = load_poses(config.gt_poses, box_size=d0, pixel_size_angstrom=apix)
-        check_counts(n_total, len(gt), config.particles, config.gt_poses)
     box = config.box_size or d0
     if box > d0:
         raise InputError(None, "--box", f"{box} px is larger than the images ({d0} px); --box only downsamples")
     indices = read_indices(config.ind, n_total) if config.ind else np.arange(n_total, dtype=np.int64)
+    # Rows matched to images by name, CTF at the stack's box D₀ after checking its physical
+    # box D·Å/px (a .pkl keeps its own D, as in cryoDRGN: a stack downsampled after CTF
+    # estimation still trains); pixel sizes must agree among the used particles only.
+    meta = load_paired_metadata(source, config.particles, poses_path,
+                                _metadata_path(config.ctf, config.particles, "--ctf"),
+                                datadir=config.datadir, rows=indices)
+    apix = meta.pixel_size_angstrom
+    gt = None
+    if config.gt_poses is not None:
+        gt = load_poses(config.gt_poses, box_size=d0, pixel_size_angstrom=apix)
+        gt = match_rows(source, config.particles, config.gt_poses, len(gt), config.datadir).apply(gt)
+    rank = int(os.environ.get("RANK", "0"))
+    scan_images(source, indices, progress=rank == 0)
+    if rank == 0:
+        for note in meta.notes:  # only once everything passed, so a refusal stays one line
+            logger.info(note)
+    ctf = meta.ctf
     data = ParticleData(
-        source=source, indices=indices, poses=poses.subset(indices),
+        source=source, indices=indices, poses=meta.poses.subset(indices),
         ctf=None if ctf is None else ctf.subset(indices),
         gt_poses=None if gt is None else gt.subset(indices),
         original_box=d0, box_size=box, pixel_size_angstrom=apix, invert=config.invert_data)
