@@ -45,19 +45,6 @@ def open_run(args):
     return load_run(args.run_dir, epoch=args.epoch, device=getattr(args, "device", "cpu"))
 
 
-def run_inputs(loaded) -> list:
-    """Every file a command reading ``loaded`` depends on: the run's own files of that epoch
-    and the particle data it was trained on (outputs must never land on any of them)."""
-    from cryoformer.trainer import outputs
-
-    run = loaded.run_dir
-    files = [os.path.join(run, outputs.CONFIG_NAME), os.path.join(run, outputs.INDICES_NAME),
-             outputs.epoch_file(run, outputs.CHECKPOINT_DIR, loaded.epoch),
-             outputs.epoch_file(run, outputs.LATENT_DIR, loaded.epoch),
-             outputs.last_checkpoint(run), loaded.refined_poses_path]
-    return files + [p for p in loaded.paths.values() if p]
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "analyze",
@@ -101,7 +88,7 @@ def run(args) -> int:
     loaded = open_run(args)
     # "last" names the directory by its number, so `--epoch N` finds it later too.
     out_dir = args.outdir or analysis_dir(args.run_dir, loaded.epoch if args.epoch == "last" else args.epoch)
-    claim_output_dir(out_dir, run_inputs(loaded), args.force, option="-o")
+    claim_output_dir(out_dir, loaded.input_files(), args.force, option="-o")
     config = AnalyzeConfig(k=args.k, seed=args.seed, n_traversal=args.n_traversal, traversal_pcs=args.pcs,
                            box_size=args.box, flex_method=args.flex_method, batch_size=args.batch_size)
     record = analyze_run(loaded, out_dir, config)

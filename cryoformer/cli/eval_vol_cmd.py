@@ -59,7 +59,7 @@ def _latents(args, zdim: int):
 
 def run(args) -> int:
     from cryoformer.analysis.volumes import decoded_voxel_size, staged_directory, write_volumes
-    from cryoformer.cli.analyze_cmd import open_run, run_inputs
+    from cryoformer.cli.analyze_cmd import open_run
     from cryoformer.io.guard import claim_output_dir
 
     if args.box is not None and (args.box < 2 or args.box % 2):
@@ -67,7 +67,7 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise InputError(None, "--batch-size", f"must be positive, got {args.batch_size}")
     loaded = open_run(args)
-    claim_output_dir(args.outdir, run_inputs(loaded) + [args.zfile], args.force, option="-o")
+    claim_output_dir(args.outdir, loaded.input_files() + [args.zfile], args.force, option="-o")
     z = _latents(args, loaded.model.config.zdim)
     D = args.box or loaded.box_size
     # No recorded pixel size: maps in training-pixel units (voxel size 1 at the training box).

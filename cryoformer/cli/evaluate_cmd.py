@@ -62,7 +62,7 @@ def run(args) -> int:
         raise InputError(None, "--support-fraction", f"must be in (0, 1), got {args.support_fraction}")
     if args.gt_motion is None and (args.motion_threshold is not None):
         raise InputError(None, "--motion-threshold", "needs --gt-motion")
-    from cryoformer.cli.analyze_cmd import open_run, run_inputs
+    from cryoformer.cli.analyze_cmd import open_run
     from cryoformer.io.guard import claim_output_file
 
     loaded = open_run(args)
@@ -72,7 +72,7 @@ def run(args) -> int:
     plot = os.path.join(os.path.dirname(os.path.abspath(out)), "fsc_per_state.png")
     gt_inputs = list(args.gt_maps) + [args.gt_labels, args.gt_motion, args.gt_poses]
     for path, option in ((out, "-o"), (plot, "-o (FSC plot beside it)")):
-        claim_output_file(path, run_inputs(loaded) + gt_inputs, args.force, option=option)
+        claim_output_file(path, loaded.input_files() + gt_inputs, args.force, option=option)
     config = EvaluateConfig(motion_threshold_angstrom=args.motion_threshold,
                             support_fraction=args.support_fraction, mask_radius_px=args.mask_radius,
                             fsc_plot=plot, seed=args.seed)

@@ -74,7 +74,7 @@ def _rows(args, n_particles: int, epoch: int):
 
 def run(args) -> int:
     from cryoformer.analysis.export import export_run
-    from cryoformer.cli.analyze_cmd import open_run, run_inputs
+    from cryoformer.cli.analyze_cmd import open_run
     from cryoformer.io.guard import claim_output_file
 
     if args.particles_star and args.particles_cs:
@@ -87,7 +87,7 @@ def run(args) -> int:
     if source and not os.path.isfile(source):
         raise InputError(source, None, "file does not exist")
     loaded = open_run(args)
-    inputs = run_inputs(loaded) + [source, args.selection]
+    inputs = loaded.input_files() + [source, args.selection]
     outs = [args.out]
     if args.format == "cs-index" and (source or loaded.paths.get("particles") or "").lower().endswith(".cs"):
         outs.append(os.path.splitext(args.out)[0] + ".cs")  # the filtered .cs goes beside it

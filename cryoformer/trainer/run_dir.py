@@ -88,6 +88,17 @@ class TrainedRun:
     def n_particles(self) -> int:
         return int(self.latents.shape[0])
 
+    def input_files(self) -> list[str]:
+        """Every file that reading this run depends on: the run's own files of this epoch and
+        the particle data it was trained on. Outputs made from the run must never land on one."""
+        run = self.run_dir
+        files = [os.path.join(run, outputs.CONFIG_NAME), os.path.join(run, outputs.INDICES_NAME),
+                 outputs.epoch_file(run, outputs.CHECKPOINT_DIR, self.epoch),
+                 outputs.epoch_file(run, outputs.LATENT_DIR, self.epoch),
+                 outputs.last_checkpoint(run)]
+        files += [self.refined_poses_path] if self.refined_poses_path else []
+        return files + [p for p in self.paths.values() if p]
+
 
 def _require_run(run_dir: str) -> str:
     run_dir = os.path.abspath(os.fspath(run_dir))

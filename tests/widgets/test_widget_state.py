@@ -12,6 +12,7 @@ import pytest
 
 from cryoformer.analysis import kmeans, load_selection, to_original_indices
 from cryoformer.io import read_star
+from cryoformer.io.guard import OutputError
 from cryoformer.trainer import load_run
 from cryoformer_widgets.decode_worker import DecodeWorker, VolumeCache, latent_key
 from cryoformer_widgets.state import ExplorerState, points_in_polygon, stratified_subsample
@@ -211,6 +212,14 @@ def test_selection_save_and_export_round_trip(run, tmp_path, tiny_dataset):
         assert info["n_particles"] == len(star) == st.selection.size
         names = list(original.particles["rlnImageName"])
         assert list(star.particles["rlnImageName"]) == [names[i] for i in want]
+        # Never replaced without force; the run's own star never, even with it.
+        before = (tmp_path / "chosen.star").read_bytes()
+        with pytest.raises(OutputError, match="already exists"):
+            st.export_selection(tmp_path / "chosen.star", "star")
+        assert (tmp_path / "chosen.star").read_bytes() == before
+        with pytest.raises(OutputError, match="is also an input"):
+            st.export_selection(tiny_dataset.sim / "particles.star", "star", force=True)
+        assert st.export_selection(tmp_path / "chosen.star", "star", force=True)["n_particles"] == len(star)
         st.clear_selection()
         with pytest.raises(ValueError, match="nothing is selected"):
             st.export_selection(tmp_path / "none.star")

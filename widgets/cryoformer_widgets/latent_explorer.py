@@ -190,7 +190,16 @@ class LatentExplorer(anywidget.AnyWidget):
         return self.state.selection
 
     def _out(self, path: Optional[str], default: str) -> str:
-        return os.path.abspath(path) if path else os.path.join(self.output_dir, default)
+        """``path``, else a name in ``output_dir`` that is not taken yet (``name-2.ext``, …):
+        a click never replaces an earlier file."""
+        if path:
+            return os.path.abspath(path)
+        stem, ext = os.path.splitext(os.path.join(self.output_dir, default))
+        candidate, k = stem + ext, 1
+        while os.path.lexists(candidate):
+            k += 1
+            candidate = f"{stem}-{k}{ext}"
+        return candidate
 
     def save_selection(self, path: Optional[str] = None) -> str:
         """Write the selected rows as ``.npy`` (default ``output_dir/selection_<M>.npy``)."""

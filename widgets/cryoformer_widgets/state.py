@@ -25,6 +25,7 @@ from cryoformer.analysis import (analysis_dir, decoded_voxel_size, kmeans, pc_tr
                                  select_clusters)
 from cryoformer.analysis.export import export_run
 from cryoformer.io import atomic_open, write_volume
+from cryoformer.io.guard import claim_output_file
 from cryoformer.trainer import TrainedRun, load_run
 
 from .decode_worker import DecodeResult, DecodeWorker
@@ -277,23 +278,29 @@ class ExplorerState:
     def clear_selection(self) -> None:
         self.selection = np.zeros(0, dtype=np.int64)
 
-    def save_selection(self, path: str) -> str:
+    def save_selection(self, path: str, force: bool = False) -> str:
         """Write the selected rows as an int64 ``.npy`` (what ``cryoformer export --selection``
-        and :func:`cryoformer.analysis.load_selection` read); atomic. Returns the path."""
+        and :func:`cryoformer.analysis.load_selection` read); atomic. Returns the path.
+
+        An existing file is replaced only with ``force``; a file of the run never."""
         path = os.path.abspath(os.fspath(path))
         if not path.endswith(".npy"):
             raise ValueError(f"a selection is saved as .npy, got {path}")
+        claim_output_file(path, self.run.input_files(), force, option="path")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_open(path, "wb") as fh:
             np.save(fh, self.selection.astype(np.int64), allow_pickle=False)
         return path
 
-    def export_selection(self, path: str, fmt: str = "star") -> dict:
+    def export_selection(self, path: str, fmt: str = "star", force: bool = False) -> dict:
         """Write the selection for RELION / cryoSPARC / cryoDRGN through
-        :func:`cryoformer.analysis.export.export_run` (indices of the original stack)."""
+        :func:`cryoformer.analysis.export.export_run` (indices of the original stack).
+
+        An existing file is replaced only with ``force``; a file of the run never."""
         if self.selection.size == 0:
             raise ValueError("nothing is selected")
         path = os.path.abspath(os.fspath(path))
+        claim_output_file(path, self.run.input_files(), force, option="path")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return export_run(self.run, self.selection, fmt, path)
 
@@ -312,9 +319,12 @@ class ExplorerState:
         """Decode at ``z`` now (cached): ``[D, D, D]`` float32, voxel :attr:`voxel_size_angstrom`."""
         return self.worker.decode_now(z, self.decode_box)
 
-    def save_volume(self, path: str, volume: np.ndarray) -> str:
-        """Write ``volume`` as ``.mrc`` with the decoded voxel size (atomic). Returns the path."""
+    def save_volume(self, path: str, volume: np.ndarray, force: bool = False) -> str:
+        """Write ``volume`` as ``.mrc`` with the decoded voxel size (atomic). Returns the path.
+
+        An existing file is replaced only with ``force``; a file of the run never."""
         path = os.path.abspath(os.fspath(path))
+        claim_output_file(path, self.run.input_files(), force, option="path")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_volume(path, np.asarray(volume, dtype=np.float32), self.voxel_size_angstrom or 1.0)
         return path
