@@ -435,3 +435,31 @@ def test_pickled_ctf_of_the_original_box_fits_a_downsampled_stack(data):
     meta = load_paired_metadata(source, d / "particles.mrcs", d / "poses.pkl", d / "ctf_full.pkl")
     np.testing.assert_allclose(meta.ctf.array[:, :2], [[D, APIX]] * N, rtol=1e-6)
     assert meta.pixel_size_angstrom == pytest.approx(APIX)
+
+
+# ----------------------------------------------------------------------------- contrast flag
+@pytest.fixture(scope="module")
+def two_conventions(tmp_path_factory):
+    """The hinged molecule at SNR 0.1 (200 particles, CTF, shifts) in both contrast conventions."""
+    root = tmp_path_factory.mktemp("contrast")
+    for convention in ("relion", "cryodrgn"):
+        assert main(["simulate", "-o", str(root / convention), "-n", "200", "-D", "32", "--snr", "0.1",
+                     "--shift-range", "2", "--contrast", convention, "--seed", "4"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("convention, flags, fix", [
+    ("relion", ["--uninvert-data"], "without --uninvert-data"),
+    ("cryodrgn", [], "add --uninvert-data"),
+])
+def test_contrast_contradicting_the_flag_is_refused(two_conventions, tmp_path, capsys, convention,
+                                                    flags, fix):
+    d = two_conventions / convention
+    refuse(capsys, ["train", str(d / "particles.star"), "-o", str(tmp_path / "run"), *TRAIN, *flags],
+           d, tmp_path / "run", "contrast", fix, "--no-contrast-check", progress_bar=True)
+
+
+def test_contrast_check_can_be_turned_off(two_conventions, tmp_path):
+    d = two_conventions / "relion"
+    assert main(["train", str(d / "particles.star"), "-o", str(tmp_path / "run"), *TRAIN,
+                 "--box", "16", "--uninvert-data", "--no-contrast-check"]) == 0

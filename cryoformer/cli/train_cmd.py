@@ -54,6 +54,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "particles (and `cryoformer simulate --contrast relion`) are -(projection*CTF); "
                         "use this flag for cryoDRGN-convention data (+projection*CTF) and for CTF-free "
                         "images with positive (white) density")
+    p.add_argument("--no-contrast-check", dest="check_contrast", action="store_false", default=None,
+                   help="skip the check that the images' contrast (read from the lowest Fourier rings "
+                        "of up to 2000 phase-flipped images) agrees with --uninvert-data; for stacks "
+                        "the check cannot read, e.g. images already phase-flipped")
     p.add_argument("--box", dest="box_size", type=int,
                    help="train at this box size in px (even, <= D), Fourier-cropping on the fly; shifts and "
                         "the CTF pixel size (Å/px) are rescaled (default: the stack's D)")
@@ -143,7 +147,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 _TRAIN_FIELDS = ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_poses", "box_size",
-                 "invert_data", "epochs", "batch_size", "lr", "weight_decay", "kl_weight", "seed",
+                 "invert_data", "check_contrast", "epochs", "batch_size", "lr", "weight_decay", "kl_weight", "seed",
                  "max_minutes", "device", "num_workers", "refine_poses", "pose_pretrain_epochs",
                  "pose_weight", "pose_search", "pose_search_start", "pose_search_radius_deg",
                  "pose_search_prior_deg", "pose_search_reference", "pose_search_groups", "amp", "heldout_fraction",

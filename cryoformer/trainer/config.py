@@ -78,8 +78,11 @@ class TrainConfig:
         None = the stack's box.
     invert_data : bool
         Multiply images by −1 before training (default True): RELION/cryoSPARC particles are
-        contrast-inverted relative to the model's ``projection ⊛ CTF`` (SPEC §2). False
-        (``--uninvert-data``) for data already in cryoDRGN's convention.
+        contrast-inverted relative to the model's ``projection ⊛ CTF`` (docs/conventions.md,
+        "Contrast"). False (``--uninvert-data``) for data already in cryoDRGN's convention.
+    check_contrast : bool
+        Before a new run, read the contrast convention from the images and refuse a
+        ``invert_data`` that contradicts it (default True; :func:`.data.check_contrast`).
     epochs : int
         Training epochs (passes over the particles with the image loss); the pose
         pre-training of ``refine_poses`` comes on top.
@@ -163,6 +166,7 @@ class TrainConfig:
     gt_poses: Optional[str] = None
     box_size: Optional[int] = None
     invert_data: bool = True
+    check_contrast: bool = True
     epochs: int = 20
     batch_size: int = 16
     lr: float = 2e-3

@@ -31,6 +31,7 @@ from cryoformer.io import load_paired_metadata, load_poses, match_rows, open_par
 from cryoformer.io.particles import ImageSource
 from cryoformer.io.safe_pickle import load_pickle
 from cryoformer.metadata import CtfParameters, Poses
+from cryoformer.physics.contrast import ContrastEstimate, estimate_contrast_from_source
 from cryoformer.physics.fourier import fourier_crop
 
 from .config import TrainConfig
@@ -216,6 +217,35 @@ def load_particle_data(config: TrainConfig) -> ParticleData:
     data.image_scale = data.estimate_image_scale(config.seed)
     return data
 
+
+def check_contrast(data: ParticleData, particles_path: str, seed: int) -> ContrastEstimate:
+    """Refuse training when the images' contrast contradicts ``data.invert``.
+
+    The convention is read from the data (:mod:`cryoformer.physics.contrast`: the sign of the
+    phase-flipped lowest Fourier rings over up to 2000 images, a verdict only at |z| ≥ 6).
+    An undecided estimate lets training go on (the caller logs it).
+
+    Raises
+    ------
+    InputError
+        The estimate says the other convention: names the flag that matches the data, and
+        ``--no-contrast-check`` for data the user knows better (e.g. phase-flipped stacks).
+    """
+    est = estimate_contrast_from_source(data.source, data.poses, data.ctf, rows=data.indices,
+                                        seed=seed)
+    if est.invert_data is None or est.invert_data == data.invert:
+        return est
+    if est.invert_data:
+        found = ("protein is white: RELION/cryoSPARC convention, images = -(projection * CTF)"
+                 if data.ctf is not None else "protein is dark")
+        fix = "train without --uninvert-data"
+    else:
+        found = ("protein is dark: cryoDRGN convention, images = projection * CTF"
+                 if data.ctf is not None else "protein is white and there is no CTF")
+        fix = "add --uninvert-data"
+    raise InputError(particles_path, "contrast", f"the images say {found} (z = {est.z_score:+.1f} "
+                     f"over {est.n_images} images, margin {est.margin_z:g}), which the contrast "
+                     f"flag contradicts; {fix}, or pass --no-contrast-check if you are sure")
 
 class BatchPlan:
     """Deterministic, resumable, rank-aware batches of subset rows (a distributed sampler).

@@ -47,7 +47,7 @@ from . import outputs
 from .allocator import keep_freed_memory
 from .checkpoint import CHECKPOINT_FORMAT, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig, default_model_config
-from .data import BatchPlan, load_particle_data, make_loader
+from .data import BatchPlan, check_contrast, load_particle_data, make_loader
 from .inference import encode_particles
 from .step import LossAccumulator, LossModule, StopFlag, step_seed
 from .trainlog import TrainLog
@@ -145,6 +145,12 @@ class Trainer:
                                             outputs.existing_run_entries(self.run_dir)):
                     raise InputError(self.run_dir, "-o", f"starting again would delete {path}, an "
                                      "input of this run; move it out of the run directory first")
+        if state is None and config.check_contrast:
+            # Before anything is written: a wrong contrast flag trains a map of inverted sign.
+            est = check_contrast(self.data, config.particles, config.seed)
+            if info.is_main:
+                logger.info("%s%s", est.summary(), "" if est.invert_data is not None else
+                            "; too few images or too little signal to check the contrast flag")
         self.data_fingerprint = fingerprint_files(
             [config.particles, config.poses, config.ctf, config.ind, *self.data.source.files])
         if state is not None and state.get("data_fingerprint"):
