@@ -1,6 +1,6 @@
 """Per-particle metadata shared by every part of the package: poses and CTF parameters.
 
-Conventions (SPEC §2)
+Conventions (docs/conventions.md)
 ---------------------
 * ``rotations[i]`` is the 3×3 matrix ``R`` of particle ``i`` as cryoDRGN's pose ``.pkl`` stores it
   and as RELION's ZYZ Euler matrix of ``(rot, tilt, psi)`` gives it. The clean image is
@@ -39,7 +39,7 @@ class Poses:
     Attributes
     ----------
     rotations : np.ndarray
-        ``[N, 3, 3]`` float32 rotation matrices (SPEC §2 convention).
+        ``[N, 3, 3]`` float32 rotation matrices (docs/conventions.md convention).
     shifts_px : np.ndarray
         ``[N, 2]`` float32 in-plane shifts ``(sx, sy)`` in pixels of ``box_size``.
     box_size : int or None

@@ -1,4 +1,4 @@
-"""cryoformer.analysis — what users do with a trained run (issue 4 §4–5).
+"""cryoformer.analysis — what users do with a trained run.
 
 Public API (what the notebooks and the napari widgets call)
 -----------------------------------------------------------

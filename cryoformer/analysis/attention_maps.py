@@ -1,4 +1,4 @@
-"""3-D attention maps and the flexible-region score (paper §4.4, SPEC §3 and §5).
+"""3-D attention maps and the flexible-region score (paper §4.4, docs/conventions.md).
 
 Attention maps
 --------------

@@ -1,4 +1,4 @@
-"""``evaluate`` as a library call: SPEC §5 metrics of a trained run against ground truth.
+"""``evaluate`` as a library call: metrics of a trained run against ground truth (docs/conventions.md, "Metrics").
 
 :func:`evaluate_run` reads the ground truth (state maps, per-particle state labels, optionally a
 motion map and poses), brings it onto the run's grid and particle subset, and computes
@@ -142,7 +142,7 @@ def _original_count(run) -> Optional[int]:
 def evaluate_run(run, gt_maps: Union[str, Sequence[PathLike]], gt_labels: PathLike,
                  gt_motion: Optional[PathLike] = None, gt_poses: Optional[PathLike] = None,
                  config: EvaluateConfig = EvaluateConfig(), box_size: Optional[int] = None) -> dict:
-    """SPEC §5 metrics of ``run`` against ground truth (see module docstring).
+    """metrics (docs/conventions.md) of ``run`` against ground truth (see module docstring).
 
     Parameters
     ----------

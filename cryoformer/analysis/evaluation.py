@@ -1,4 +1,4 @@
-"""Accuracy against ground truth (SPEC §5): heterogeneous FSC, flexible-region ROC-AUC, poses.
+"""Accuracy against ground truth (docs/conventions.md, "Metrics"): heterogeneous FSC, flexible-region ROC-AUC, poses.
 
 Everything here takes arrays and a model; reading a run directory and the ground-truth files is
 done by :func:`cryoformer.analysis.pipeline.evaluate_run`.
@@ -45,7 +45,7 @@ def resample_real(volume: np.ndarray, new_D: int, order: int = 1) -> np.ndarray:
     """Resample ``[D, D, D]`` onto a ``new_D³`` grid spanning the same box (real space).
 
     Voxel ``i`` of the new grid sits at ``(i − new_D//2) · D/new_D + D//2`` old voxels, so the
-    centres coincide (SPEC §2). Values beyond the edge are the nearest edge values.
+    centres coincide (docs/conventions.md). Values beyond the edge are the nearest edge values.
     """
     from scipy.ndimage import map_coordinates
 
@@ -119,7 +119,7 @@ def voxel_variance(model, z: np.ndarray, D: Optional[int] = None, max_latents: i
                    seed: int = 0, progress: bool = False) -> np.ndarray:
     """Per-voxel variance ``[D, D, D]`` of volumes decoded at (at most ``max_latents``) latents.
 
-    The SPEC §5 baseline for flexible-region localisation: where the decoded density changes
+    The baseline (docs/conventions.md) for flexible-region localisation: where the decoded density changes
     across the particles' latents. Streaming (Welford), so memory stays at a few volumes.
     """
     from cryoformer.analysis.attention_maps import subsample_latents
@@ -145,7 +145,7 @@ def support_mask(maps: np.ndarray, fraction: float = 0.05) -> np.ndarray:
 
 def flex_roc_auc(scores: Dict[str, np.ndarray], motion_angstrom: np.ndarray,
                  threshold_angstrom: float, support: Optional[np.ndarray] = None) -> Dict[str, object]:
-    """ROC-AUC of each score map at predicting moving voxels (SPEC §5).
+    """ROC-AUC of each score map at predicting moving voxels (docs/conventions.md, "Metrics").
 
     Parameters
     ----------

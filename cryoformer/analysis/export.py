@@ -1,4 +1,4 @@
-"""Write chosen particles back for RELION, cryoSPARC and cryoDRGN (issue 4 §5).
+"""Write chosen particles back for RELION, cryoSPARC and cryoDRGN.
 
 Selections are made on the run's particles (rows of ``z.npy``, cluster labels, a lasso in the
 latent scatter); exports always refer to the **original** particle stack, so rows are mapped

@@ -1,6 +1,6 @@
-"""Latent-space analysis: PCA, K-means and traversals (issue 4 §4).
+"""Latent-space analysis: PCA, K-means and traversals.
 
-What users analyse is the deformation latent ``z`` (SPEC §3): one ``zdim`` vector per particle,
+What users analyse is the deformation latent ``z`` (docs/conventions.md, "The model"): one ``zdim`` vector per particle,
 the mean of the encoder's output. Everything here is pure numpy / scikit-learn on a ``[N, zdim]``
 array, so the notebook and napari widgets call it directly.
 

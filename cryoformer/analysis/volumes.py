@@ -1,4 +1,4 @@
-"""Decoding volumes at latents and writing them as MRC maps (issue 4 §4–5).
+"""Decoding volumes at latents and writing them as MRC maps.
 
 A :class:`~cryoformer.model.CryoFormer` decodes a volume from a latent alone
 (:meth:`~cryoformer.model.CryoFormer.decode_volume`). The decoded volume always spans the

@@ -1,4 +1,4 @@
-"""``cryoformer evaluate``: SPEC §5 metrics of a trained run against ground truth."""
+"""``cryoformer evaluate``: metrics of a trained run against ground truth (docs/conventions.md, "Metrics")."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description=(
             "Real-space projection of VOLUME at the poses in --poses (cryoDRGN .pkl, RELION "
             ".star or cryoSPARC .cs), optionally modulated by a CTF (--ctf: cryoDRGN .pkl or the "
-            "same .star/.cs) and with white noise at --snr. Shifts move the image by −s (SPEC §2)."
+            "same .star/.cs) and with white noise at --snr. Shifts move the image by −s (docs/conventions.md)."
         ),
     )
     p.add_argument("volume", help="input volume (.mrc), cubic, even box")

@@ -2,7 +2,7 @@
 
 All readers validate what they read and raise :class:`cryoformer.errors.InputError` naming the
 file (and field) at fault; all writers are atomic (:mod:`cryoformer.io.atomic`). Conventions
-for poses and CTF are those of SPEC §2 (see :mod:`cryoformer.metadata`).
+for poses and CTF are those of docs/conventions.md (see :mod:`cryoformer.metadata`).
 """
 
 from cryoformer.io.atomic import atomic_open, atomic_path

@@ -20,7 +20,7 @@ def _call(name: str, array: np.ndarray) -> np.ndarray:
 
 
 def euler_to_matrix(euler_deg: np.ndarray) -> np.ndarray:
-    """RELION ``(rot, tilt, psi)`` degrees ``[N, 3]`` → ``[N, 3, 3]`` float64 (SPEC §2 ``R``)."""
+    """RELION ``(rot, tilt, psi)`` degrees ``[N, 3]`` → ``[N, 3, 3]`` float64 (docs/conventions.md ``R``)."""
     return _call("euler_relion_to_matrix", euler_deg)
 
 

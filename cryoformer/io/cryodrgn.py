@@ -2,7 +2,7 @@
 
 Formats (as written by ``cryodrgn parse_pose_star`` / ``parse_ctf_star`` and friends)
 ---------------------------------------------------------------------------------------
-* Poses: a tuple ``(rot, trans)`` with ``rot`` ``[N, 3, 3]`` (the SPEC §2 matrix ``R``) and
+* Poses: a tuple ``(rot, trans)`` with ``rot`` ``[N, 3, 3]`` (the docs/conventions.md matrix ``R``) and
   ``trans`` ``[N, 2]`` in *fractions of the box*; or ``rot`` alone (no shifts). cryoformer keeps
   shifts in pixels, so ``shifts_px = trans × D`` and reading ``trans`` needs the box size ``D``.
 * CTF: ``[N, 9]`` float32 in the column order of :data:`cryoformer.metadata.CTF_COLUMNS`.

@@ -4,7 +4,7 @@ Fields used (units as cryoSPARC stores them)
 --------------------------------------------
 * ``alignments3D/pose`` ``[N, 3]``: axis-angle vector (rad) of ``Rᵀ``; cryoDRGN's
   ``parse_pose_csparc`` converts it and transposes, and so do we, so the rotation matches
-  SPEC §2. ``alignments3D/shift`` ``[N, 2]``: shift in pixels of the refinement box (= ``s``).
+  docs/conventions.md. ``alignments3D/shift`` ``[N, 2]``: shift in pixels of the refinement box (= ``s``).
 * ``ctf/df1_A``, ``ctf/df2_A`` (Å), ``ctf/df_angle_rad``, ``ctf/accel_kv``, ``ctf/cs_mm``,
   ``ctf/amp_contrast``, ``ctf/phase_shift_rad``, optional ``ctf/bfactor`` (Å²).
 * ``blob/path`` (bytes), ``blob/idx`` (0-based), ``blob/shape`` ``[N, 2]`` (px),

@@ -45,7 +45,7 @@ def load_poses(path: PathLike, box_size: Optional[int] = None,
     Returns
     -------
     Poses
-        Rotations ``[N, 3, 3]`` and shifts in pixels ``[N, 2]`` (SPEC §2).
+        Rotations ``[N, 3, 3]`` and shifts in pixels ``[N, 2]`` (docs/conventions.md).
     """
     path = require_file(path, "pose file")
     ext = _extension(path, "pose")

@@ -1,6 +1,6 @@
 """MRC/CCP4 volumes: reading with validation, atomic writing with the voxel size set.
 
-Arrays follow SPEC §2: a volume is ``[z, y, x]`` float32, which is the order mrcfile uses
+Arrays follow docs/conventions.md: a volume is ``[z, y, x]`` float32, which is the order mrcfile uses
 (``nz, ny, nx``), so no transpose is needed.
 
 Multi-channel volumes (e.g. the attention maps, ``[C, D, D, D]``) are written as an MRC

@@ -7,7 +7,7 @@ missing stacks, non-square images and out-of-range indices are reported. At most
 :data:`MAX_OPEN_STACKS` stacks are kept mapped at a time (a RELION project can have one stack
 per micrograph, more than the open-file limit).
 
-Images are returned as ``[n, D, D]`` float32 ``[y, x]`` arrays (SPEC §2).
+Images are returned as ``[n, D, D]`` float32 ``[y, x]`` arrays (docs/conventions.md).
 """
 
 from __future__ import annotations

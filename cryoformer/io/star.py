@@ -230,7 +230,7 @@ def _box_size(star: RelionStar, override: Optional[int], required: bool,
 
 def poses_from_star(star: RelionStar, box_size: Optional[int] = None,
                     pixel_size_angstrom: Optional[float] = None) -> Poses:
-    """Poses from Euler angles and origins (SPEC §2: ``s`` = ``rlnOriginX/Y`` in px).
+    """Poses from Euler angles and origins (docs/conventions.md: ``s`` = ``rlnOriginX/Y`` in px).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""cryoformer.metrics: FSC, resolution, AU-FSC and pose errors (SPEC §5)."""
+"""cryoformer.metrics: FSC, resolution, AU-FSC and pose errors (docs/conventions.md, "Metrics")."""
 
 from cryoformer.metrics.fsc import FscResult, au_fsc, fsc, plot_fsc, resolution_at, soft_spherical_mask
 from cryoformer.metrics.pose_error import (

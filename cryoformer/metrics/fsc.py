@@ -1,4 +1,4 @@
-"""Fourier shell correlation, resolution and AU-FSC (SPEC §5).
+"""Fourier shell correlation, resolution and AU-FSC (docs/conventions.md, "Metrics").
 
 Shells are one Fourier pixel wide: shell ``k`` holds the frequencies ``(kx, ky, kz)`` (integer
 Fourier pixels) with ``round(|k|) == k``, for ``k = 0 … D//2``; its frequency is ``k / D``
@@ -110,7 +110,7 @@ def resolution_at(freq, curve, threshold: float, pixel_size_angstrom: float) -> 
     threshold, the resolution of the last shell is returned: the Nyquist resolution
     ``2 · pixel_size_angstrom`` for a full curve. (The DC shell is ignored: its correlation says
     nothing about resolution. CryoBench takes the first shell below without interpolating.)
-    Use 0.5 against a ground truth and 0.143 between half-maps (SPEC §5).
+    Use 0.5 against a ground truth and 0.143 between half-maps (docs/conventions.md, "Metrics").
     """
     f = np.asarray(freq, dtype=np.float64)
     c = np.asarray(curve, dtype=np.float64)
@@ -132,7 +132,7 @@ def au_fsc(freq, curve, max_freq: float = 0.5, absolute: bool = True) -> float:
     ``[0, 0.5]``. CryoBench (Jeon et al. 2024; ``metrics/fsc/per_conf_plot.py``) integrates the
     signed FSC with ``sklearn.metrics.auc`` over its shells ``0 … (D/2 − 1)/D`` (its curves stop
     one shell short of Nyquist), so its perfect score is ``0.5 − 1/D``; to reproduce it pass
-    ``absolute=False, max_freq=0.5 − 1/D``. SPEC §5 asks for |FSC| up to 0.5, the default here.
+    ``absolute=False, max_freq=0.5 − 1/D``. the metric definition (docs/conventions.md) asks for |FSC| up to 0.5, the default here.
     """
     f = np.asarray(freq, dtype=np.float64)
     c = np.asarray(curve, dtype=np.float64)

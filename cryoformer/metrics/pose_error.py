@@ -1,4 +1,4 @@
-"""Pose errors against ground truth (SPEC §5, paper Table 2).
+"""Pose errors against ground truth (docs/conventions.md, "Metrics", paper Table 2).
 
 Rotation error: the geodesic angle (rad) between predicted and true rotation,
 ``θ = arccos((tr(R̂ Rᵀ) − 1)/2)``, computed with ``atan2`` so small angles stay accurate.
@@ -8,7 +8,7 @@ Global alignment (for ab-initio results)
 ----------------------------------------
 A reconstruction without reference poses lives in an arbitrary frame: if the map is the truth
 rotated, ``V̂(y) = V(G y)``, every image is explained by ``R̂_i = R_i G`` (with the projection of
-SPEC §2). If it is also the mirror image, ``R̂_i = F R_i G F`` with ``F = diag(1, 1, −1)`` (flipping
+docs/conventions.md). If it is also the mirror image, ``R̂_i = F R_i G F`` with ``F = diag(1, 1, −1)`` (flipping
 the projection axis leaves projections unchanged). :func:`global_alignment` estimates ``G`` (and
 whether to flip) before the errors are measured; shifts are unaffected by either.
 """
@@ -139,7 +139,7 @@ def apply_global_alignment(R_pred, G: np.ndarray, flipped: bool = False) -> np.n
 
 def pose_error_summary(R_pred, R_true, s_pred=None, s_true=None, align: bool = False,
                        allow_flip: bool = True, box_size: Optional[int] = None) -> dict:
-    """Median and mean-square pose errors (SPEC §5, paper Table 2).
+    """Median and mean-square pose errors (docs/conventions.md, "Metrics", paper Table 2).
 
     Parameters
     ----------

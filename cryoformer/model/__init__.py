@@ -1,4 +1,4 @@
-"""cryoformer.model — the CryoFormer network (paper §3, SPEC §3–4).
+"""cryoformer.model — the CryoFormer network (paper §3, docs/conventions.md, "The model").
 
 Public API
 ----------

@@ -3,7 +3,7 @@
 Every architectural choice of paper §3 (and every ablation of its Table 3) is a field of
 :class:`ModelConfig`, so a checkpoint's config fully determines the network that loads it.
 
-Notation (paper §3.4, SPEC §3): ``D`` box size (px), ``C`` token width, ``K`` spatial tokens
+Notation (paper §3.4, docs/conventions.md, "The model"): ``D`` box size (px), ``C`` token width, ``K`` spatial tokens
 per point (``F_S(x) ∈ R^{K×C}``), ``M`` deformation tokens (``F_D ∈ R^{M×C}``), ``N = n³``
 structure queries, one per block of a uniform ``n×n×n`` partition of the box.
 """
@@ -71,11 +71,11 @@ class ModelConfig:
         MLP sees the concatenation of ``GetQuery(x)`` and the flattened ``F_S(x)``.
     literal_paper_attention : bool
         Decoder cross-attention computed literally as ``Attention(Q, F_D, Q)`` (keys from
-        ``F_D``, values from ``Q``); default (SPEC §3) takes the values from ``F_D``.
+        ``F_D``, values from ``Q``); default (docs/conventions.md, "The model") takes the values from ``F_D``.
     use_orientation_encoder : bool
         Build the orientation encoder (pose refinement). Off when poses are trusted.
     renderer : {"canonical", "direct"}
-        Image formation used by ``forward`` (SPEC §4).
+        Image formation used by ``forward`` (docs/conventions.md, "The model").
     feature_grid_resolution : int or None
         Resolution ``G`` of the canonical grid on which ``F_S`` is evaluated before trilinear
         upsampling to ``D`` (paper: "downsample F_S to an affordable resolution"); None = ``D``.
@@ -147,7 +147,7 @@ class ModelConfig:
         return self.feature_grid_resolution or self.box_size
 
     def hash_grid_for_box(self) -> HashGridConfig:
-        """Hash-grid config with ``finest_resolution`` filled in (default ``D``, SPEC §3).
+        """Hash-grid config with ``finest_resolution`` filled in (default ``D``, docs/conventions.md, "The model").
 
         For boxes smaller than ``base_resolution`` the finest resolution is the base one
         (a single-resolution grid), since tcnn's growth factor must be ``≥ 1``.
@@ -170,7 +170,7 @@ class ModelConfig:
         return cls(**d, **({"hash_grid": hg} if hg is not None else {}))
 
 
-# Named presets (SPEC §3). ``K`` and ``M`` are ours (the paper does not give them): K·C = 64
+# Named presets (docs/conventions.md, "The model"). ``K`` and ``M`` are ours (the paper does not give them): K·C = 64
 # keeps the tiny MLP's output at its hidden width for the paper preset.
 PRESETS: dict[str, dict[str, Any]] = {
     # ECCV paper, §4.2: N = 4096 queries (n = 16), C = 8.

@@ -323,7 +323,7 @@ class CryoFormer(nn.Module):
         images : Tensor [B, D, D]
             Observed particle images.
         rotations : Tensor [B, 3, 3] or None
-            Given (initial) rotations ``R₀`` (SPEC §2 convention).
+            Given (initial) rotations ``R₀`` (docs/conventions.md convention).
         shifts_px : Tensor [B, 2] or None
             Given shifts ``t₀`` in pixels (None = no shift).
         ctf : Tensor [B, 9] or [B, D, D] or None

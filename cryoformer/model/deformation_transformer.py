@@ -4,7 +4,7 @@
   ``n×n×n`` partition of the box (flat index ``z·n² + y·n + x``, see :mod:`.sampling`).
 * **Deformation-aware decoder blocks** (×3): pre-norm residual self-attention
   ``Attention(Q, Q, Q)``, cross-attention to ``F_D``, FFN. The paper writes the cross-attention
-  as ``Attention(Q, F_D, Q)``; by default (SPEC §3) the values come from ``F_D`` so the
+  as ``Attention(Q, F_D, Q)``; by default (docs/conventions.md, "The model") the values come from ``F_D`` so the
   deformation *content* reaches the queries, not only attention weights; the literal form is
   ``literal_paper_attention``. Ablation (Table 3, no DDB): each query is concatenated with the
   flattened ``F_D`` and mapped by an MLP.

@@ -112,7 +112,7 @@ class OrientationEncoder(nn.Module):
         -------
         rotations : Tensor [B, 3, 3]
         shifts_px : Tensor [B, 2]
-            ``(sx, sy)`` in pixels, same convention as the given poses (SPEC §2).
+            ``(sx, sy)`` in pixels, same convention as the given poses (docs/conventions.md).
         """
         f_o = self.net(prepare_encoder_input(images, self.mask, self.normalisation))  # [B, 8]
         return sixd_to_matrix(f_o[:, :6]), f_o[:, 6:]
@@ -134,7 +134,7 @@ def pose_loss(rotations: torch.Tensor, shifts_px: torch.Tensor, rotations0: torc
         Predicted and initial shifts, pixels.
     reduction : {"mean", "sum", "none"}
         The paper sums over images; ``"mean"`` (default) keeps the weight ``λ`` independent
-        of the batch size, matching the mean-squared image loss (SPEC §4).
+        of the batch size, matching the mean-squared image loss (docs/conventions.md, "The model").
 
     Returns
     -------

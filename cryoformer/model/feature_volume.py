@@ -6,7 +6,7 @@ whose output is split into ``K`` spatial tokens of width ``C`` — the keys/valu
 region-wise spatial cross-attention (eq. 5).
 
 ``F_S`` does not depend on the image, so a renderer may evaluate it once on a fixed grid and
-share it across a batch, and the decoder may cache it across latents (SPEC §4).
+share it across a batch, and the decoder may cache it across latents (docs/conventions.md, "The model").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-resolution hash-grid encoding with tiny-cuda-nn's exact semantics (SPEC §3).
+"""Multi-resolution hash-grid encoding with tiny-cuda-nn's exact semantics (docs/conventions.md, "The model").
 
 The feature volume ``V_Θ`` of the paper is a 3-D multi-resolution hash grid as in
 Instant-NGP, with the rules of tiny-cuda-nn's ``GridEncoding`` (``encodings/grid.h`` and

@@ -1,4 +1,4 @@
-"""Image formation from a density field (paper eqs. 1 and 6, SPEC §4).
+"""Image formation from a density field (paper eqs. 1 and 6, docs/conventions.md, "The model").
 
 Both renderers compute the clean projection ``P(p) = Σ_z σ̂(Rᵀ p)`` over the image-frame
 sample grid ``p = (x, y, z)`` (pixels relative to ``D//2``) restricted to the sphere
@@ -54,7 +54,7 @@ def form_image(projection: torch.Tensor, shifts_px: torch.Tensor | None = None,
     ----------
     projection : Tensor [B, D, D]
     shifts_px : Tensor [B, 2] or None
-        ``s`` in pixels; the image is ``I(p) = P(p + s)`` (SPEC §2).
+        ``s`` in pixels; the image is ``I(p) = P(p + s)`` (docs/conventions.md).
     ctf : Tensor [B, 9] or [B, D, D] or None
         cryoDRGN CTF parameter rows (computed here with
         :func:`~cryoformer.physics.ctf.ctf_images`) or precomputed CTF images

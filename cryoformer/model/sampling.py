@@ -2,7 +2,7 @@
 
 Three coordinate systems appear in the model:
 
-* **pixel coordinates** ``(x, y, z)`` relative to the box centre ``D//2`` (SPEC §2), as
+* **pixel coordinates** ``(x, y, z)`` relative to the box centre ``D//2`` (docs/conventions.md), as
   :func:`cryoformer.physics.projector.rotated_sample_points` returns them;
 * **unit coordinates** ``u = x / D + 1/2`` in ``[0, 1]³`` — what the hash grid takes. Voxel
   ``i`` of a ``D'``-grid spanning the same box has ``u = i / D'`` (D' even), so grids of any
@@ -61,7 +61,7 @@ def grid_points_unit(resolution: int, device=None, dtype=torch.float32) -> torch
 def sphere_voxel_index(resolution: int, radius_px: float, device=None) -> torch.Tensor:
     """Flat indices of the voxels of a ``resolution³`` grid within ``radius_px`` of the centre.
 
-    Coordinates are ``i - resolution//2`` on each axis (SPEC §2).
+    Coordinates are ``i - resolution//2`` on each axis (docs/conventions.md).
 
     Returns
     -------

@@ -1,7 +1,7 @@
 """Image-formation physics: rotations, Fourier tools, projection, CTF and noise.
 
 All functions are torch, batched over leading dimensions, differentiable where it makes sense,
-float32 by default and device-agnostic. Conventions: SPEC §2 and ``docs/architecture.md``.
+float32 by default and device-agnostic. Conventions: docs/conventions.md and ``docs/architecture.md``.
 """
 
 from cryoformer.physics.ctf import apply_ctf, compute_ctf, ctf_images, electron_wavelength_angstrom

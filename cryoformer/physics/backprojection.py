@@ -18,7 +18,7 @@ Two details make the maps match the rest of the package:
 
 * **Gridding correction.** Trilinear spreading convolves the spectrum with a tent, which
   multiplies the real-space map by ``sinc²(x/D)`` per axis; the map is divided by it.
-* **The real-space renderer's damping.** Images formed as SPEC §2 does (and as the model
+* **The real-space renderer's damping.** Images formed as docs/conventions.md does (and as the model
   renders) carry the trilinear-sampling damping ``Π sinc²(q_i)`` in the volume frame
   (:mod:`.slice_projector`); the spectrum is divided by it so that slicing the map with
   ``match_trilinear`` reproduces the images instead of damping them twice.
@@ -106,7 +106,7 @@ class FourierBackprojector:
         ctf : torch.Tensor
             ``[B, M]`` CTF at the same frequencies (ones when there is none).
         rotations : torch.Tensor
-            ``[B, 3, 3]`` pose rotations (SPEC §2).
+            ``[B, 3, 3]`` pose rotations (docs/conventions.md).
         shifts_px : torch.Tensor
             ``[B, 2]`` image shifts, pixels.
         groups : torch.Tensor

@@ -1,4 +1,4 @@
-"""Contrast transfer function (SPEC §2), numerically cryoDRGN's ``compute_ctf``.
+"""Contrast transfer function (docs/conventions.md), numerically cryoDRGN's ``compute_ctf``.
 
 Sign convention
 ---------------

@@ -1,6 +1,6 @@
 """Centred 2-D Fourier transforms, frequency grids, Fourier cropping and sub-pixel shifts.
 
-Conventions (SPEC §2): images are ``[..., y, x]`` with box ``D`` even; the real-space origin
+Conventions (docs/conventions.md): images are ``[..., y, x]`` with box ``D`` even; the real-space origin
 and the zero frequency (DC) both sit at index ``D//2``. Pixel coordinates are ``i - D//2``, so
 they run over ``-D/2 … D/2 - 1``; frequency index ``k`` likewise means ``k - D//2`` cycles per
 box. The forward transform is unnormalised and the inverse carries ``1/D²`` (numpy/torch
@@ -121,7 +121,7 @@ def fourier_crop(images: torch.Tensor, new_D: int) -> torch.Tensor:
 def shift_images(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
     """Move image content by ``-s``: ``out(p) = in(p + s)``, by a Fourier phase ramp.
 
-    This is the SPEC §2 in-plane shift (``s`` = RELION ``rlnOriginX/Y`` in pixels): the image
+    This is the docs/conventions.md in-plane shift (``s`` = RELION ``rlnOriginX/Y`` in pixels): the image
     at pose ``(R, s)`` is the projection moved by ``-s``. Images are treated as periodic; an
     integer shift is then exact (``np.roll`` by ``-s``). For fractional shifts the Nyquist
     row/column keeps only the real part of its phase factor.

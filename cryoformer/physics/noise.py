@@ -1,4 +1,4 @@
-"""Noise at a prescribed signal-to-noise ratio (SPEC §2).
+"""Noise at a prescribed signal-to-noise ratio (docs/conventions.md).
 
 Definition used throughout cryoformer (as in the paper's simulations)::
 

@@ -1,4 +1,4 @@
-"""Real-space projection of volumes at given poses (SPEC §2 image formation, §4).
+"""Real-space projection of volumes at given poses (docs/conventions.md, "Poses" and "The model: renderer").
 
 The image of volume ``V`` at pose ``(R, s)`` is ``I(p) = Σ_z V(Rᵀ (p + s))`` with
 ``p = (x, y, z)`` the image-frame point and ``s = (sx, sy, 0)``: the projection
@@ -126,7 +126,7 @@ def project(
         ``[D, D, D]`` (one volume for all poses) or ``[B, D, D, D]`` (one per pose), indexed
         ``[z, y, x]``.
     rotations : torch.Tensor
-        ``[B, 3, 3]`` pose rotations ``R`` (SPEC §2).
+        ``[B, 3, 3]`` pose rotations ``R`` (docs/conventions.md).
     shifts_px : torch.Tensor, optional
         ``[B, 2]`` shifts ``(sx, sy)`` in pixels; the image moves by ``-s``.
     restrict_to_sphere : bool

@@ -2,7 +2,7 @@
 
 Every function works on tensors with arbitrary leading batch dimensions ``[...]`` and keeps
 the dtype and device of its input. Matrices are *active* rotations acting on column vectors
-(``y = R @ x``); the pose matrix ``R`` of SPEC §2 is used as ``P(x, y) = ∫ V(Rᵀ (x, y, z)ᵀ) dz``.
+(``y = R @ x``); the pose matrix ``R`` of docs/conventions.md is used as ``P(x, y) = ∫ V(Rᵀ (x, y, z)ᵀ) dz``.
 
 Relations to other conventions (verified numerically in ``tests/test_rotations.py``):
 

@@ -1,6 +1,6 @@
 """Projection by the Fourier slice theorem, for scoring many poses of one volume quickly.
 
-The 2-D spectrum of the projection ``P(x, y) = ∫ V(Rᵀ(x, y, z)ᵀ) dz`` (SPEC §2, what
+The 2-D spectrum of the projection ``P(x, y) = ∫ V(Rᵀ(x, y, z)ᵀ) dz`` (docs/conventions.md, what
 :func:`cryoformer.physics.projector.project` sums in real space) is the central slice
 ``P̂(k) = V̂(Rᵀ (kx, ky, 0)ᵀ)`` of the volume's 3-D spectrum. Sampling a slice costs one
 interpolation per frequency instead of ``D`` per pixel, which is what makes exhaustive local
@@ -17,7 +17,7 @@ axis are damped by ``sinc²``, those between axes less. A pose search scored wit
 damping prefers poses whose projections keep the most high-frequency energy (measured: a
 median bias of 0.024 rad on 32-px images at SNR 100). With ``match_trilinear`` (the default)
 the spectrum is multiplied by the tent's transform ``Π_i sinc²(k_i)`` in the volume frame, so
-slices reproduce SPEC §2 image formation, which is both how the data are simulated and how
+slices reproduce docs/conventions.md image formation, which is both how the data are simulated and how
 the model renders.
 
 Frequencies are in cycles per pixel, as :func:`cryoformer.physics.fourier.frequency_grid_2d`
@@ -89,7 +89,7 @@ class FourierSliceProjector:
         index : int
             Which volume.
         rotations : torch.Tensor
-            ``[C, 3, 3]`` pose rotations ``R`` (SPEC §2).
+            ``[C, 3, 3]`` pose rotations ``R`` (docs/conventions.md).
         freqs : torch.Tensor
             ``[M, 2]`` image frequencies ``(kx, ky)`` in cycles per pixel of the volume's box
             (``|k| ≤ 0.5``).

@@ -14,7 +14,7 @@ which is what :func:`atoms_to_volume` puts on the grid (the same function as gem
 an atom's contribution to its neighbourhood is an outer product of three short 1-D profiles:
 cheap to vectorise and exact to integrate over a voxel with ``erf``.
 
-Conventions (SPEC §2): positions are ``(x, y, z)`` in Å relative to the box centre; the map is
+Conventions (docs/conventions.md): positions are ``(x, y, z)`` in Å relative to the box centre; the map is
 indexed ``[z, y, x]`` and voxel ``i`` sits at coordinate ``(i − D//2)·pixel_size_angstrom``.
 """
 

@@ -4,7 +4,7 @@ Given ``K`` state maps, each particle gets a state, a uniform random rotation, a
 CTF parameters drawn from ranges and white noise at a target SNR. Images are generated in
 chunks and streamed to disk, so a dataset larger than memory can be made.
 
-Image formation (SPEC §2)::
+Image formation (docs/conventions.md)::
 
     clean_i   = project(V_{state_i}, R_i, s_i)                     # P(Rᵀ(p + s)) summed along z
     signal_i  = sign · real(IFFT(FFT(clean_i) · CTF_i))            # if a CTF is applied
@@ -180,7 +180,7 @@ def render_particle_stack(
     states : np.ndarray
         ``[N]`` int state index of each particle (into ``volumes``).
     poses : Poses
-        ``N`` poses (SPEC §2), shifts in pixels of ``D``.
+        ``N`` poses (docs/conventions.md), shifts in pixels of ``D``.
     ctf : CtfParameters or None
         ``N`` CTF parameter rows (their box size must be ``D``), or ``None`` for no CTF.
     snr : float or None

@@ -274,7 +274,7 @@ DEFAULT_PRESET = "n512"
 # A 32-wide density head instead of 64: the head runs per image on every voxel, so its width
 # sets the training cost; 32 trains 1.8x faster at D = 64 on CPU (docs/benchmarks.md).
 # GetQuery by trilinear blend of the neighbouring block queries instead of the paper's block
-# lookup (SPEC §3 leaves the choice to FSC): on the AdK benchmark (SNR 0.1, box 32) four minutes
+# lookup (docs/conventions.md, "The model", leaves the choice to FSC): on the AdK benchmark (SNR 0.1, box 32) four minutes
 # of training reached a mean FSC-0.5 of 6.8 Å against the truth with the blend and ~19 Å with
 # blocks, whose jumps at block faces the field cannot smooth away (docs/benchmarks.md).
 DEFAULT_MODEL_OVERRIDES: dict[str, Any] = {"density_head_hidden": 32, "get_query": "trilinear"}

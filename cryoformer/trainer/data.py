@@ -13,7 +13,7 @@ position [b])`` at the *training* box ``D``: images Fourier-cropped from ``D₀`
 is given, multiplied by −1 unless ``--uninvert-data``, and divided by one global scale
 (:attr:`ParticleData.image_scale`, so the learning rate does not depend on the detector's grey
 units); shifts scaled by ``D/D₀``; CTF rows left in the stack's units (``ctf_images`` with the
-training ``D`` keeps the physical box, SPEC §2). ``position`` is the row in the selected subset.
+training ``D`` keeps the physical box, docs/conventions.md). ``position`` is the row in the selected subset.
 """
 
 from __future__ import annotations

@@ -226,7 +226,7 @@ def search_poses(model: CryoFormer, data: ParticleData, rotations: np.ndarray, s
     data : ParticleData
         The particles (read at their original box whatever the training box).
     rotations : np.ndarray [N, 3, 3]
-        Current rotations (SPEC §2); the grids are centred on them.
+        Current rotations (docs/conventions.md); the grids are centred on them.
     shifts_px : np.ndarray [N, 2]
         Current shifts, pixels of the original box.
     latents : np.ndarray [N, zdim]

@@ -1,5 +1,5 @@
 """CTF values computed by cryoDRGN's own ``cryodrgn.ctf.compute_ctf`` on the frequency grid of
-cryoDRGN's ``add_ctf`` / SPEC §2: ``arange(-D/2, D/2) / (D * apix)``, x along columns.
+cryoDRGN's ``add_ctf`` / docs/conventions.md: ``arange(-D/2, D/2) / (D * apix)``, x along columns.
 
 Run with the cryoDRGN virtual environment's python.  Usage: python cryodrgn_ctf_values.py OUT.npz
 """

@@ -9,7 +9,7 @@ Without ground truth, errors are measured against the input poses instead (how f
 moved them).
 
 The viewing direction of a pose is the direction of the beam in the volume's frame: the clean
-image is ``∫ V(Rᵀ (x, y, z)ᵀ) dz`` (SPEC §2), so the line through image point ``(x, y)`` runs
+image is ``∫ V(Rᵀ (x, y, z)ᵀ) dz`` (docs/conventions.md), so the line through image point ``(x, y)`` runs
 along ``Rᵀ e_z``, the third row of ``R``.
 """
 
