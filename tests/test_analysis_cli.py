@@ -111,6 +111,20 @@ def test_evaluate_metrics_and_pose_errors(run, capsys, tmp_path):
         assert s["resolution_fsc0.5_angstrom"] >= 24.0 - 1e-6  # never better than Nyquist
         assert 0 <= s["au_fsc"] <= 0.5
     assert m["pose_error"]["rotation_median_rad"] < 1e-3 and m["pose_error"]["shift_median_px"] < 1e-3
+    # The consensus baseline: the particle-weighted mean of the true maps, scored per state.
+    # Known answer: it equals a by-hand FSC of that mean against each true map.
+    from cryoformer.analysis.evaluation import fourier_crop_volume
+    from cryoformer.metrics.fsc import FscResult
+
+    base = m["fsc_consensus_baseline"]["states"]
+    assert [b["state"] for b in base] == [0, 1, 2] and "consensus" in text
+    maps = np.stack([fourier_crop_volume(read_volume(sim / "gt" / f"state_{k:03d}.mrc")[0], 16)
+                     for k in range(3)])
+    counts = np.bincount(labels, minlength=3)
+    mean_map = np.tensordot(counts / counts.sum(), maps, axes=1).astype(np.float32)
+    for k, b in enumerate(base):
+        want = FscResult.compute(mean_map, maps[k], 12.0).au_fsc
+        assert b["au_fsc"] == pytest.approx(want, rel=1e-4)
     auc = m["flexible_region"]["auc"]
     assert set(auc) == {"flex_queries", "flex_weights", "distance_from_centre", "voxel_variance"}
     assert all(a is None or 0 <= a <= 1 for a in auc.values())

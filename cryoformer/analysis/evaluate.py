@@ -163,7 +163,7 @@ def evaluate_run(run, gt_maps: Union[str, Sequence[PathLike]], gt_labels: PathLi
                                                 resample_real, state_mean_latents, summarise_fsc,
                                                 support_mask, voxel_variance)
     from cryoformer.io.mrc import read_volume
-    from cryoformer.metrics.fsc import plot_fsc, soft_spherical_mask
+    from cryoformer.metrics.fsc import FscResult, plot_fsc, soft_spherical_mask
 
     paths = gt_map_paths(gt_maps)
     n_orig = _original_count(run)
@@ -205,6 +205,14 @@ def evaluate_run(run, gt_maps: Union[str, Sequence[PathLike]], gt_labels: PathLi
            # Near zero means the latents collapsed (no heterogeneity learned yet).
            "latent_std_mean": float(z.std(axis=0).mean()),
            "fsc": summarise_fsc(results, [int(np.sum(labels == k)) for k in sorted(results)])}
+    # The trivial baseline every per-state score is read against: one map with no
+    # heterogeneity at all, the particle-weighted mean of the true maps (what a perfect
+    # homogeneous refinement of these particles would give), scored the same way.
+    counts = np.bincount(labels, minlength=len(paths)).astype(np.float64)  # [K]
+    consensus = np.tensordot(counts / max(counts.sum(), 1.0), maps, axes=1).astype(np.float32)
+    baseline = {k: FscResult.compute(consensus, maps[k], apix, mask=mask, label=f"consensus vs state {k}")
+                for k in sorted(results)}
+    out["fsc_consensus_baseline"] = summarise_fsc(baseline, [int(counts[k]) for k in sorted(baseline)])
     missing = [k for k in range(len(paths)) if k not in results]
     if missing:
         out["fsc"]["states_without_particles"] = missing
@@ -261,16 +269,27 @@ def format_table(result: dict) -> str:
     """The metrics as readable text (one line per state, then means, poses and ROC-AUC)."""
     lines = [f"evaluation at {result['evaluation_box_voxels']}³ voxels of "
              f"{result['voxel_size_angstrom']:.3f} Å (epoch {result['epoch']})",
-             f"{'state':>5} {'particles':>9} {'FSC=0.5 (Å)':>12} {'AU-FSC':>7}"]
-    def res(value) -> str:
-        return f"{value:>12.2f}" if value is not None else f"{'n/a':>12}"
+             f"{'state':>5} {'particles':>9} {'FSC=0.5 (Å)':>12} {'AU-FSC':>7}   "
+             f"{'consensus: FSC=0.5 (Å)':>22} {'AU-FSC':>7}"]
 
+    def res(value, width=12) -> str:
+        return f"{value:>{width}.2f}" if value is not None else f"{'n/a':>{width}}"
+
+    base = result.get("fsc_consensus_baseline") or {"states": [], "mean_au_fsc": None}
+    base_rows = {row["state"]: row for row in base["states"]}
     for row in result["fsc"]["states"]:
+        b = base_rows.get(row["state"])
+        trivial = f"   {res(b['resolution_fsc0.5_angstrom'], 22)} {b['au_fsc']:>7.4f}" if b else ""
         lines.append(f"{row['state']:>5} {row['n_particles']:>9} {res(row['resolution_fsc0.5_angstrom'])} "
-                     f"{row['au_fsc']:>7.4f}" + (f"  ({row['note']})" if "note" in row else ""))
+                     f"{row['au_fsc']:>7.4f}{trivial}" + (f"  ({row['note']})" if "note" in row else ""))
     if result["fsc"]["mean_au_fsc"] is not None:
+        trivial = (f"   {res(base.get('mean_resolution_fsc0.5_angstrom'), 22)} {base['mean_au_fsc']:>7.4f}"
+                   if base["mean_au_fsc"] is not None else "")
         lines.append(f"{'mean':>5} {'':>9} {res(result['fsc']['mean_resolution_fsc0.5_angstrom'])} "
-                     f"{result['fsc']['mean_au_fsc']:>7.4f}")
+                     f"{result['fsc']['mean_au_fsc']:>7.4f}{trivial}")
+    if base["mean_au_fsc"] is not None:
+        lines.append("consensus = the particle-weighted mean of the true maps, one map with no "
+                     "heterogeneity: per-state scores near it show little of the motion")
     if result["fsc"].get("states_without_particles"):
         lines.append(f"states without particles in the run: {result['fsc']['states_without_particles']}")
     pe = result.get("pose_error")
