@@ -55,6 +55,21 @@ def test_cs_pose_is_transposed_rodrigues(tmp_path):
     assert poses.box_size == 128 and poses_from_cs(cs, box_size=64).box_size == 64
 
 
+def test_cs_shift_is_rescaled_from_the_alignment_pixel_size():
+    """A refinement at 2 Å/px of particles stored at 1 Å/px: its 1.5 px are 3 image pixels."""
+    cs = np.zeros(2, dtype=[("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)),
+                            ("alignments3D/psize_A", "<f4"), ("blob/psize_A", "<f4"),
+                            ("blob/shape", "<u4", (2,))])
+    cs["alignments3D/shift"] = [[1.5, -2.5], [1.5, -2.5]]
+    cs["alignments3D/psize_A"] = [2.0, 1.0]
+    cs["blob/psize_A"] = 1.0
+    cs["blob/shape"] = 64
+    np.testing.assert_allclose(poses_from_cs(cs).shifts_px, [[3.0, -5.0], [1.5, -2.5]])
+    cs["alignments3D/psize_A"][1] = 0.0
+    with pytest.raises(InputError, match="alignments3D/psize_A.*particle 1"):
+        poses_from_cs(cs)
+
+
 def test_cs_overrides(tmp_path, rng):
     ctf = make_ctf(rng, 3)
     out = tmp_path / "p.cs"

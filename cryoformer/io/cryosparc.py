@@ -94,10 +94,25 @@ def poses_from_cs(cs: CsLike, box_size: Optional[int] = None) -> Poses:
     """Poses from ``alignments3D/pose`` (transposed Rodrigues matrix) and ``alignments3D/shift`` (px).
 
     ``box_size`` overrides ``blob/shape``; it is only recorded in the result.
+
+    cryoSPARC stores the shift in pixels of the box the alignment was done at, whose pixel size
+    is ``alignments3D/psize_A``. When that differs from the particles' ``blob/psize_A`` (a
+    refinement run on downsampled particles, a heterogeneous refinement), the shift is rescaled
+    to pixels of the particle images; read as it is, it would be wrong by that ratio.
     """
     cs, path = _load(cs)
     rotations = np.swapaxes(axis_angle_to_matrix(_field(cs, path, "alignments3D/pose", 3)), -1, -2)
     shifts = _field(cs, path, "alignments3D/shift", 2)
+    names = cs.dtype.names or ()
+    if "alignments3D/psize_A" in names and "blob/psize_A" in names:
+        align = np.asarray(cs["alignments3D/psize_A"], dtype=np.float64)  # [N] Å/px
+        blob = np.asarray(cs["blob/psize_A"], dtype=np.float64)  # [N] Å/px
+        bad = np.nonzero(~(np.isfinite(align) & (align > 0) & np.isfinite(blob) & (blob > 0)))[0]
+        if bad.size:
+            raise InputError(path, "alignments3D/psize_A", f"particle {int(bad[0])}: pixel sizes "
+                             f"{align[bad[0]]:g} (alignment) and {blob[bad[0]]:g} (blob) Å must be "
+                             "positive")
+        shifts = (shifts * (align / blob)[:, None]).astype(np.float32)
     return Poses(rotations, shifts, _box(cs, path, box_size, required=False))
 
 
