@@ -12,7 +12,7 @@ from cryoformer.analysis.export import (export_run, filter_star_rows, load_selec
                                        to_original_indices, write_cs_subset, write_index_npy,
                                        write_index_pkl)
 from cryoformer.errors import InputError
-from cryoformer.io import read_cs, read_star, write_cs, write_star
+from cryoformer.io import open_particles, read_cs, read_star, write_cs, write_stack, write_star
 from cryoformer.io.safe_pickle import load_pickle
 from cryoformer.metadata import CtfParameters, Poses
 
@@ -56,6 +56,22 @@ def test_star_rows_copied_verbatim(tmp_path, star_file):
     assert list(a.particles.columns) == list(b.particles.columns)
     pd.testing.assert_frame_equal(a.particles.iloc[idx].reset_index(drop=True), b.particles)
     pd.testing.assert_frame_equal(a.optics, b.optics)
+
+
+def test_star_written_elsewhere_still_reaches_its_stacks(tmp_path, star_file):
+    """Exported into another folder, the relative stack names are made absolute; everything
+    else stays as it was, and the new file opens the same images without --datadir."""
+    write_stack(tmp_path / "stack.mrcs", np.arange(12 * 16, dtype=np.float32).reshape(12, 4, 4), 2.5)
+    idx = np.array([2, 7, 9])
+    out = tmp_path / "elsewhere" / "deeper" / "sub.star"
+    assert filter_star_rows(star_file, out, idx) == 3
+    a, b = read_star(star_file), read_star(out)
+    stack = str(tmp_path / "stack.mrcs")
+    assert list(b.particles["rlnImageName"]) == [f"{i + 1:06d}@{stack}" for i in idx]
+    rest = [c for c in a.particles.columns if c != "rlnImageName"]
+    pd.testing.assert_frame_equal(a.particles.iloc[idx][rest].reset_index(drop=True), b.particles[rest])
+    np.testing.assert_array_equal(open_particles(out).images([0, 1, 2]),
+                                  open_particles(star_file).images(idx))
 
 
 def test_star_relion30_single_block(tmp_path):

@@ -40,6 +40,12 @@ def snapshot(root) -> dict:
     return out
 
 
+def error_lines(stderr: str) -> list:
+    """What a command said besides progress bars and INFO log lines (the refusal must be one)."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and "%|" not in line and not line.startswith("INFO ")]
+
+
 def refused(capsys, argv, root, *words):
     """Run ``argv``; assert exit 2, one stderr line holding ``words``, ``root`` unchanged."""
     before = snapshot(root)
@@ -47,7 +53,7 @@ def refused(capsys, argv, root, *words):
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == EXIT_INPUT_ERROR, (rc, err)
-    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
+    lines = error_lines(err)
     assert len(lines) == 1 and "Traceback" not in err, err
     for word in words:
         assert word in lines[0], (word, lines[0])
@@ -321,7 +327,7 @@ def test_disk_full_while_writing_leaves_nothing_behind(work, command):
     before = snapshot(work)
     proc = _cli(argv, preexec_fn=_limit_file_size(20_000))
     assert proc.returncode == EXIT_INPUT_ERROR, proc.stderr
-    lines = [x for x in proc.stderr.splitlines() if x.strip() and "%|" not in x]
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "too large" in lines[0] or "no space" in lines[0], lines[0]
     assert snapshot(work) == before
@@ -332,7 +338,7 @@ def test_disk_full_during_training_is_one_line_and_the_run_restarts(work):
     argv = ["train", str(work / "ds" / "particles.star"), "-o", str(work / "run"), *TINY_TRAIN]
     proc = _cli(argv, preexec_fn=_limit_file_size(300_000))
     assert proc.returncode == EXIT_INPUT_ERROR, proc.stderr
-    lines = [x for x in proc.stderr.splitlines() if x.strip() and "%|" not in x]
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "epoch_001.pt" in lines[0] and "cannot be written" in lines[0]
     assert not [f for f in os.listdir(work / "run" / "checkpoints") if f.endswith(".tmp")]
@@ -369,7 +375,7 @@ def test_read_only_output_directory_is_one_line(dataset, command):
         if "Permission denied" in proc.stderr and "python" in proc.stderr.split("\n")[0]:
             pytest.skip("the unprivileged user cannot run this interpreter")
         assert proc.returncode == EXIT_INPUT_ERROR, proc.stderr
-        lines = [x for x in proc.stderr.splitlines() if x.strip()]
+        lines = error_lines(proc.stderr)
         assert len(lines) == 1 and "permission denied" in lines[0], proc.stderr
         assert ".tmp" not in lines[0]
         assert snapshot(top) == before

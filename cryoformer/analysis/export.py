@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -115,11 +115,40 @@ def _loop_rows(lines: List[str], start: int, end: int) -> Optional[List[int]]:
     return [j for j in range(i, end) if lines[j].strip() and not lines[j].lstrip().startswith("#")]
 
 
-def filter_star_rows(source: PathLike, out: PathLike, indices: np.ndarray) -> int:
+def moved_image_names(star, out: PathLike, datadir: Optional[PathLike] = None) -> Optional[List[str]]:
+    """``rlnImageName`` of every row of ``star`` as it must read from a file at ``out``.
+
+    Relative stack paths are resolved from the star file's own place (or ``datadir``). From
+    another directory they may name other files or none: RELION resolves them against the
+    directory it runs in, cryoformer against the file's directory and its parents. Returns None
+    when ``out`` sits beside the source and no ``datadir`` was needed (rows can be copied
+    verbatim), else the names with absolute stack paths, which every reader resolves alike.
+    """
+    from cryoformer.io.star import image_locations
+
+    out_dir = os.path.dirname(os.path.abspath(os.fspath(out)))
+    if datadir is None and os.path.realpath(out_dir) == os.path.realpath(os.path.dirname(star.path)):
+        return None
+    here = image_locations(star, datadir)
+    entries = star.particles["rlnImageName"].astype(str)
+    return [f"{entry.strip().split('@', 1)[0]}@{path}" for entry, (path, _) in zip(entries, here)]
+
+
+def _column(lines: List[str], start: int, end: int, name: str) -> Tuple[Optional[int], int]:
+    """0-based column of ``name`` (``_rlnImageName``) in the loop header of ``lines[start:end]``,
+    and the number of columns."""
+    labels = [line.split()[0] for line in lines[start:end] if line.strip().startswith("_")]
+    return (labels.index(name) if name in labels else None), len(labels)
+
+
+def filter_star_rows(source: PathLike, out: PathLike, indices: np.ndarray,
+                     datadir: Optional[PathLike] = None) -> int:
     """Copy a particle ``.star`` keeping only the particle rows ``indices`` (0-based), verbatim.
 
     Every other line (optics block, headers, comments) is copied unchanged, and each kept row is
-    the original line, so the result differs from the input only by the dropped rows. The row
+    the original line, so the result differs from the input only by the dropped rows — except
+    ``rlnImageName``, which is rewritten with absolute stack paths when the relative ones would
+    not reach the same stacks from ``out``'s directory (:func:`moved_image_names`). The row
     count found in the text is checked against :func:`cryoformer.io.read_star`; files whose
     rows cannot be told apart line by line (key/value blocks) are rewritten through
     ``starfile`` instead, keeping every column. Returns the number of rows written.
@@ -128,6 +157,7 @@ def filter_star_rows(source: PathLike, out: PathLike, indices: np.ndarray) -> in
 
     source = os.path.abspath(require_file(source, "star file"))
     star = read_star(source)
+    names = moved_image_names(star, out, datadir)
     idx = np.asarray(indices, dtype=np.int64)
     if idx.size and idx.max() >= len(star):
         raise InputError(source, None, f"particle index {int(idx.max())} is beyond the file's "
@@ -135,13 +165,23 @@ def filter_star_rows(source: PathLike, out: PathLike, indices: np.ndarray) -> in
     with open(source, "r", encoding="utf-8") as fh:
         lines = fh.read().splitlines(keepends=True)
     blocks = _star_blocks(lines)
-    names = [b[0] for b in blocks]
-    pick = "particles" if "particles" in names else next(
-        (n for n in names if n != "optics"), None)
+    block_names = [b[0] for b in blocks]
+    pick = "particles" if "particles" in block_names else next(
+        (n for n in block_names if n != "optics"), None)
     block = next((b for b in blocks if b[0] == pick), None)
     rows = None if block is None else _loop_rows(lines, block[1], block[2])
-    if rows is None or len(rows) != len(star):
-        return _rewrite_star_rows(source, out, idx, pick)
+    column, n_columns = (None, 0) if block is None else _column(lines, block[1], block[2], "_rlnImageName")
+    # Rows are edited by whitespace-separated fields, so only where every row splits into
+    # exactly the header's columns (no quoted values with spaces); otherwise through starfile.
+    if (rows is None or len(rows) != len(star)
+            or (names is not None and (column is None or any(len(lines[r].split()) != n_columns
+                                                             for r in rows)))):
+        return _rewrite_star_rows(source, out, idx, pick, names)
+    if names is not None:
+        for i, r in enumerate(rows):
+            fields = lines[r].split()
+            fields[column] = names[i]
+            lines[r] = " ".join(fields) + "\n"
     drop = set(rows) - {rows[i] for i in idx}
     with atomic_open(out, "w") as fh:
         fh.writelines(line for j, line in enumerate(lines) if j not in drop)
@@ -150,8 +190,10 @@ def filter_star_rows(source: PathLike, out: PathLike, indices: np.ndarray) -> in
     return int(idx.size)
 
 
-def _rewrite_star_rows(source: str, out: PathLike, idx: np.ndarray, block: Optional[str]) -> int:
-    """Fallback of :func:`filter_star_rows` through ``starfile`` (all blocks kept)."""
+def _rewrite_star_rows(source: str, out: PathLike, idx: np.ndarray, block: Optional[str],
+                       names: Optional[List[str]] = None) -> int:
+    """Fallback of :func:`filter_star_rows` through ``starfile`` (all blocks kept); ``names``
+    replace ``rlnImageName`` when given."""
     import starfile
 
     from cryoformer.io.atomic import atomic_path
@@ -163,6 +205,9 @@ def _rewrite_star_rows(source: str, out: PathLike, idx: np.ndarray, block: Optio
         import pandas as pd
 
         table = pd.DataFrame([table])
+    if names is not None:
+        table = table.copy()
+        table["rlnImageName"] = names
     raw[key] = table.iloc[idx].reset_index(drop=True)
     with atomic_path(out, suffix=".star") as tmp:
         starfile.write(raw, tmp)
@@ -276,7 +321,7 @@ def export_run(run, rows: np.ndarray, fmt: str, out: PathLike, source: Optional[
             files.append(cs_out)
             how += "; the input's .cs rows, filtered"
     elif ext == ".star":
-        filter_star_rows(src, out, idx)
+        filter_star_rows(src, out, idx, paths.get("datadir") if source is None else None)
         how = f"rows of {src} copied verbatim"
     else:
         stack = open_particles(paths["particles"], datadir=paths.get("datadir"))
