@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml widgets/pyproject.toml scripts/setup.sh
 	touch $@
 
 demo: setup
-	$(VENV)/bin/cryoformer demo -o demo_out
+	$(VENV)/bin/cryoformer demo -o demo_out --force  # demo_out is make's own scratch folder
 
 test: setup
 	$(VENV)/bin/python -m pytest

@@ -237,19 +237,3 @@ def test_simulate_from_trajectory(hinged_pdb, tmp_path):
                  "-o", str(out), "-n", "16", "-D", "32", "--Apix", "5", "--snr", "1"]) == 0
     labels = np.load(out / "gt" / "state.npy")
     assert labels.max() <= 2 and (out / "gt" / "state_002.mrc").exists()
-
-
-def test_demo_runs_the_whole_pipeline_small(tmp_path, capsys):
-    """simulate → train → analyze → evaluate → end-state comparison, at toy size."""
-    import json
-
-    out = tmp_path / "demo"
-    assert main(["demo", "-o", str(out), "-n", "40", "--minutes", "0.05", "--box", "16", "--k", "3"]) == 0
-    text = capsys.readouterr().out
-    assert "5/5" in text and "told apart" in text
-    summary = json.loads((out / "metrics.json").read_text())
-    assert len(summary["metrics"]["fsc"]["states"]) == 10
-    corr = np.asarray(summary["end_states"]["correlation_recovered_vs_true"])
-    assert corr.shape == (2, 2) and np.all(np.abs(corr) <= 1)
-    for name in ("overview.png", "fsc_per_state.png", "run/analysis/summary.html"):
-        assert (out / name).is_file(), name
