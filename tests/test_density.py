@@ -96,7 +96,9 @@ def test_five_thousand_atoms_in_a_64_box_is_fast(rng):
     t0 = time.perf_counter()
     vol = atoms_to_volume(pos, els, 64, 3.5)
     elapsed = time.perf_counter() - t0
-    assert elapsed < 2.0, f"{elapsed:.2f} s"
+    # Measured 0.2–0.6 s on 2 loaded cores (any CPU kernel path): a guard against a rewrite
+    # that loops over voxels, with room for a slow or busy machine; not a benchmark.
+    assert elapsed < 10.0, f"{elapsed:.2f} s"
     assert vol.sum() * 3.5 ** 3 == pytest.approx(sum(_sum_a(e) for e in els), rel=1e-5)
 
 

@@ -98,7 +98,7 @@ def test_renderers_agree_on_smooth_model():
         table = model.query_table(torch.randn(3, 4))
         direct = DirectRenderer(D)(model, table, rot)
         canon = CanonicalGridRenderer(D)(model, table, rot)
-    assert rel_err(canon, direct) < 0.03  # measured ≈ 0.013
+    assert rel_err(canon, direct) < 0.03  # measured 0.0204 (AVX-512, AVX2, default)
 
 
 def test_block_query_renderers_agree_at_grid_aligned_poses():
