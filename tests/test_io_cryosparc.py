@@ -65,6 +65,8 @@ def test_cs_shift_is_rescaled_from_the_alignment_pixel_size():
     cs["blob/psize_A"] = 1.0
     cs["blob/shape"] = 64
     np.testing.assert_allclose(poses_from_cs(cs).shifts_px, [[3.0, -5.0], [1.5, -2.5]])
+    # Images downsampled from the 64-px blobs to 16 px: the same shift is a quarter as many pixels.
+    np.testing.assert_allclose(poses_from_cs(cs, box_size=16).shifts_px, [[0.75, -1.25], [0.375, -0.625]])
     cs["alignments3D/psize_A"][1] = 0.0
     with pytest.raises(InputError, match="alignments3D/psize_A.*particle 1"):
         poses_from_cs(cs)

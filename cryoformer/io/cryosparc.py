@@ -93,7 +93,10 @@ def _box(cs: np.ndarray, path: Optional[str], override: Optional[int], required:
 def poses_from_cs(cs: CsLike, box_size: Optional[int] = None) -> Poses:
     """Poses from ``alignments3D/pose`` (transposed Rodrigues matrix) and ``alignments3D/shift`` (px).
 
-    ``box_size`` overrides ``blob/shape``; it is only recorded in the result.
+    ``box_size`` is the box (px) of the images the poses are for (default ``blob/shape``). When
+    it differs from ``blob/shape`` — the particles were downsampled after the refinement — the
+    shifts, in pixels of the blob box, are scaled by ``box_size / blob box`` to pixels of the
+    images (the same physical shift; cryoDRGN's box-fraction ``trans`` stays the same).
 
     cryoSPARC stores the shift in pixels of the box the alignment was done at, whose pixel size
     is ``alignments3D/psize_A``. When that differs from the particles' ``blob/psize_A`` (a
@@ -113,6 +116,9 @@ def poses_from_cs(cs: CsLike, box_size: Optional[int] = None) -> Poses:
                              f"{align[bad[0]]:g} (alignment) and {blob[bad[0]]:g} (blob) Å must be "
                              "positive")
         shifts = (shifts * (align / blob)[:, None]).astype(np.float32)
+    blob_box = _box(cs, path, None, required=False)
+    if box_size is not None and blob_box is not None and int(box_size) != blob_box:
+        shifts = (shifts * (int(box_size) / blob_box)).astype(np.float32)
     return Poses(rotations, shifts, _box(cs, path, box_size, required=False))
 
 
