@@ -125,6 +125,11 @@ def test_evaluate_metrics_and_pose_errors(run, capsys, tmp_path):
     for k, b in enumerate(base):
         want = FscResult.compute(mean_map, maps[k], 12.0).au_fsc
         assert b["au_fsc"] == pytest.approx(want, rel=1e-4)
+    het = m["heterogeneity"]
+    assert het["consensus_baseline"] == 0.0 and het["true_maps"] == 1.0
+    assert -1 <= het["difference_map_correlation"] <= 1 and "difference-map correlation" in text
+    mv = m["fsc_moving_region"]
+    assert 0 <= mv["recovered"]["mean_au_fsc"] <= 0.5 and 0 <= mv["consensus_baseline"]["mean_au_fsc"] <= 0.5
     auc = m["flexible_region"]["auc"]
     assert set(auc) == {"flex_queries", "flex_weights", "distance_from_centre", "voxel_variance"}
     assert all(a is None or 0 <= a <= 1 for a in auc.values())

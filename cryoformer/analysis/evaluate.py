@@ -43,6 +43,8 @@ class EvaluateConfig:
         Soft spherical FSC mask radius in evaluation-grid voxels (None: no mask).
     fsc_plot : str or None
         Where to draw the per-state FSC curves.
+    difference_lowpass_angstrom : float
+        Common low-pass (Å, amplitude 1/2) of the difference-map correlation.
     seed : int
     progress : bool
     """
@@ -52,6 +54,7 @@ class EvaluateConfig:
     variance_latents: int = 64
     mask_radius_px: Optional[float] = None
     fsc_plot: Optional[str] = None
+    difference_lowpass_angstrom: float = 8.0
     seed: int = 0
     progress: bool = True
 
@@ -164,6 +167,7 @@ def evaluate_run(run, gt_maps: Union[str, Sequence[PathLike]], gt_labels: PathLi
                                                 support_mask, voxel_variance)
     from cryoformer.io.mrc import read_volume
     from cryoformer.metrics.fsc import FscResult, plot_fsc, soft_spherical_mask
+    from cryoformer.metrics.heterogeneity import difference_map_correlation, motion_mask
 
     paths = gt_map_paths(gt_maps)
     n_orig = _original_count(run)
@@ -197,8 +201,9 @@ def evaluate_run(run, gt_maps: Union[str, Sequence[PathLike]], gt_labels: PathLi
     labels = labels_all[idx]  # [N] state of each run particle
     z = np.asarray(run.latents, dtype=np.float32)
     mask = None if config.mask_radius_px is None else soft_spherical_mask(d, config.mask_radius_px)
+    decoded: dict = {}
     results = heterogeneous_fsc(model, state_mean_latents(z, labels, len(paths)), maps, apix, mask,
-                                config.progress)
+                                config.progress, keep_volumes=decoded)
     out = {"epoch": getattr(run, "epoch", None), "evaluation_box_voxels": d, "voxel_size_angstrom": apix,
            "ground_truth_box_voxels": D_gt, "n_states": len(paths), "n_particles": int(len(z)),
            "state_latent": "mean latent of the state's particles",
@@ -213,6 +218,19 @@ def evaluate_run(run, gt_maps: Union[str, Sequence[PathLike]], gt_labels: PathLi
     baseline = {k: FscResult.compute(consensus, maps[k], apix, mask=mask, label=f"consensus vs state {k}")
                 for k in sorted(results)}
     out["fsc_consensus_baseline"] = summarise_fsc(baseline, [int(counts[k]) for k in sorted(baseline)])
+    scored = sorted(decoded)
+    if len(scored) >= 2:
+        # What the per-state FSC cannot see: do the recovered maps change the way the true ones
+        # do? The consensus scores 0 here by construction, the true maps 1.
+        support = support_mask(maps, config.support_fraction)
+        rec, tru = np.stack([decoded[k] for k in scored]), maps[scored]
+        lp = config.difference_lowpass_angstrom
+        out["heterogeneity"] = {
+            "lowpass_angstrom": lp, "states": scored,
+            "difference_map_correlation": difference_map_correlation(rec, tru, apix, lp, support),
+            "consensus_baseline": difference_map_correlation(
+                np.broadcast_to(consensus, tru.shape), tru, apix, lp, support),
+            "true_maps": 1.0}
     missing = [k for k in range(len(paths)) if k not in results]
     if missing:
         out["fsc"]["states_without_particles"] = missing
@@ -239,6 +257,15 @@ def evaluate_run(run, gt_maps: Union[str, Sequence[PathLike]], gt_labels: PathLi
         # well a perfect reconstruction's voxel variance would do on this motion.
         ref = flex_roc_auc({"gt": maps.var(axis=0)}, motion_d, threshold, support)
         out["flexible_region"]["reference_auc_ground_truth_variance"] = ref["auc"]["gt"]
+        moving = motion_mask(motion_d, threshold)
+        if moving.any() and decoded:
+            # FSC inside a soft mask around the voxels that move, beside the consensus's.
+            here = {k: FscResult.compute(decoded[k], maps[k], apix, mask=moving) for k in sorted(decoded)}
+            there = {k: FscResult.compute(consensus, maps[k], apix, mask=moving) for k in sorted(decoded)}
+            n = [int(counts[k]) for k in sorted(decoded)]
+            out["fsc_moving_region"] = {"threshold_angstrom": threshold,
+                                        "recovered": summarise_fsc(here, n),
+                                        "consensus_baseline": summarise_fsc(there, n)}
     if config.fsc_plot and results:  # last, so a failure above leaves no plot behind
         plot_fsc(list(results.values()), config.fsc_plot, title="decoded vs ground truth, per state")
         out["fsc_plot"] = config.fsc_plot
@@ -300,6 +327,16 @@ def format_table(result: dict) -> str:
                      f"(mean square {pe['rotation_mean_square_rad2']:.4g} rad²), shift error median "
                      f"{pe.get('shift_median_px', float('nan')):.2f} px (mean square "
                      f"{pe.get('shift_mean_square_px2', float('nan')):.3g} px²)")
+    het = result.get("heterogeneity")
+    if het:
+        lines.append(f"difference-map correlation (states' changes vs the true ones, low-pass "
+                     f"{het['lowpass_angstrom']:g} Å): {het['difference_map_correlation']:.3f}   "
+                     f"consensus {het['consensus_baseline']:.3f}, true maps {het['true_maps']:.0f}")
+    mv = result.get("fsc_moving_region")
+    if mv and mv["recovered"]["mean_au_fsc"] is not None:
+        lines.append(f"AU-FSC inside the moving region (> {mv['threshold_angstrom']:.2f} Å): "
+                     f"{mv['recovered']['mean_au_fsc']:.4f}   consensus "
+                     f"{mv['consensus_baseline']['mean_au_fsc']:.4f}")
     fr = result.get("flexible_region")
     if fr:
         lines.append(f"flexible-region ROC-AUC ({fr['n_moving']} of {fr['n_voxels']} support voxels move "

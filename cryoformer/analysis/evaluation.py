@@ -76,7 +76,7 @@ def state_mean_latents(latents: np.ndarray, labels: np.ndarray, n_states: int) -
 
 def heterogeneous_fsc(model, state_latents: Dict[int, np.ndarray], gt_maps: np.ndarray,
                       voxel_size_angstrom: float, mask: Optional[np.ndarray] = None,
-                      progress: bool = False) -> Dict[int, FscResult]:
+                      progress: bool = False, keep_volumes: Optional[dict] = None) -> Dict[int, FscResult]:
     """FSC of the volume decoded at each state's latent against that state's map.
 
     Parameters
@@ -91,6 +91,8 @@ def heterogeneous_fsc(model, state_latents: Dict[int, np.ndarray], gt_maps: np.n
         Voxel size of that grid (Å).
     mask : np.ndarray, optional
         ``[d, d, d]`` real-space mask for the FSC.
+    keep_volumes : dict, optional
+        Filled with ``{state: [d, d, d]}`` the decoded maps, for scores beyond the FSC.
 
     Returns
     -------
@@ -106,6 +108,8 @@ def heterogeneous_fsc(model, state_latents: Dict[int, np.ndarray], gt_maps: np.n
     for k, vol in zip(states, iter_decoded(model, z, d, batch_size=1, progress=progress,
                                            desc="states")):
         out[k] = FscResult.compute(vol, gt_maps[k], voxel_size_angstrom, mask=mask, label=f"state {k}")
+        if keep_volumes is not None:
+            keep_volumes[k] = np.asarray(vol, dtype=np.float32)
     return out
 
 
