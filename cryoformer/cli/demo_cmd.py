@@ -86,17 +86,6 @@ class EndStateCriteria:
     support_threshold: float = 0.05
 
 
-def _lowpass(volume, voxel_size_angstrom: float, resolution_angstrom: float):
-    """Gaussian low-pass of a ``[D, D, D]`` map: amplitude 1/2 at ``resolution_angstrom``."""
-    import numpy as np
-
-    d = volume.shape[0]
-    f = np.fft.fftfreq(d) / voxel_size_angstrom  # 1/Å
-    f2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2
-    gain = np.exp(-np.log(2.0) * f2 * resolution_angstrom ** 2)
-    return np.fft.ifftn(np.fft.fftn(np.asarray(volume, np.float64)) * gain).real
-
-
 def _pearson(a, b) -> float:
     import numpy as np
 
@@ -156,10 +145,12 @@ def end_state_verdict(recovered, true, voxel_size_angstrom: float,
     """
     import numpy as np
 
+    from cryoformer.metrics.heterogeneity import lowpass_gaussian
+
     recovered, true = np.asarray(recovered), np.asarray(true)
     if recovered.shape != true.shape or recovered.shape[0] != 2 or recovered.ndim != 4:
         raise ValueError(f"need two [2, D, D, D] stacks of one shape, got {recovered.shape} and {true.shape}")
-    lp = [[_lowpass(v, voxel_size_angstrom, criteria.lowpass_angstrom) for v in s] for s in (recovered, true)]
+    lp = [[lowpass_gaussian(v, voxel_size_angstrom, criteria.lowpass_angstrom) for v in s] for s in (recovered, true)]
     support = np.maximum(lp[1][0] / lp[1][0].max(), lp[1][1] / lp[1][1].max()) > criteria.support_threshold
     scores = _end_state_scores(lp[0], lp[1], support)
     consensus = 0.5 * (lp[1][0] + lp[1][1])
