@@ -95,8 +95,9 @@ def atomic_path(path: PathLike, suffix: str = "") -> Iterator[str]:
 def _write_errno(exc: BaseException):
     """The OSError (disk full, quota, permission) behind ``exc``, if writing failed for one.
 
-    Writers wrap OS errors in their own exceptions (torch.save raises RuntimeError from the
-    ENOSPC of its zip writer), so the chain of causes is searched too.
+    Writers may wrap OS errors in their own exceptions, so the chain of causes is searched
+    too. (torch's zip writer hides ENOSPC altogether, which is why checkpoints are serialised
+    in memory and written with a plain write.)
     """
     from cryoformer.io.guard import WRITE_ERRNOS
 
@@ -108,10 +109,6 @@ def _write_errno(exc: BaseException):
     while exc is not None and seen < 8:
         if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
             return exc
-        if isinstance(exc, RuntimeError) and "No space left on device" in str(exc):
-            import errno
-
-            return OSError(errno.ENOSPC, "No space left on device")
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return None

@@ -137,12 +137,13 @@ class Trainer:
                                  "stop on a held-out loss")
         self.data = load_particle_data(config)
         self.input_poses = self.data.poses  # the pose-search prior is centred on these
-        inputs = [config.particles, config.poses, config.ctf, config.ind, config.gt_poses,
-                  *self.data.source.files]
+        # What training reads (the ground-truth poses are only reported, so they are not part
+        # of the data fingerprint, but they must survive a restart all the same).
+        training_inputs = [config.particles, config.poses, config.ctf, config.ind, *self.data.source.files]
         if clear_first:
-            for path in inputs:
-                if path is not None and any(inside(path, entry) for entry in
-                                            outputs.existing_run_entries(self.run_dir)):
+            entries = outputs.existing_run_entries(self.run_dir)
+            for path in training_inputs + [config.gt_poses]:
+                if path is not None and any(inside(path, entry) for entry in entries):
                     raise InputError(self.run_dir, "-o", f"starting again would delete {path}, an "
                                      "input of this run; move it out of the run directory first")
         if state is None and config.check_contrast:
@@ -151,8 +152,7 @@ class Trainer:
             if info.is_main:
                 logger.info("%s%s", est.summary(), "" if est.invert_data is not None else
                             "; too few images or too little signal to check the contrast flag")
-        self.data_fingerprint = fingerprint_files(
-            [config.particles, config.poses, config.ctf, config.ind, *self.data.source.files])
+        self.data_fingerprint = fingerprint_files(training_inputs)
         if state is not None and state.get("data_fingerprint"):
             changed = compare_fingerprints(state["data_fingerprint"], self.data_fingerprint)
             if changed:
