@@ -32,6 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from cryoformer.errors import InputError, PathLike
+from cryoformer.io.guard import same_file
 from cryoformer.io.validate import PHYSICAL_BOX_RTOL, PLACEHOLDER_PIXEL_SIZE, check_one_pixel_size
 from cryoformer.metadata import CtfParameters, Poses
 
@@ -95,13 +96,6 @@ def optics_groups(path: PathLike) -> Optional[np.ndarray]:
 
     star = read_star(path)
     return star.particles["rlnOpticsGroup"].astype(str).to_numpy() if star.has("rlnOpticsGroup") else None
-
-
-def _same_path(a: PathLike, b: PathLike) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(os.fspath(a)) == os.path.realpath(os.fspath(b))
 
 
 def _file_ids(names: Sequence[str], files: Sequence[str]) -> np.ndarray:
@@ -244,7 +238,7 @@ def match_rows(source, particles_path: Optional[PathLike], meta_path: PathLike, 
     """
     meta_path = os.fspath(meta_path)
     desc = _describe(source, particles_path)
-    if particles_path is not None and _same_path(particles_path, meta_path):
+    if particles_path is not None and same_file(particles_path, meta_path):
         if n_rows != len(source):
             raise _count_error(len(source), n_rows, desc, meta_path, False)
         return RowMatch(None, "same file")
@@ -258,7 +252,7 @@ def match_metadata_rows(reference_path: PathLike, meta_path: PathLike, n_referen
     pose rows in ``cryoformer project``): by image names when both carry them, else by row order."""
     reference_path, meta_path = os.fspath(reference_path), os.fspath(meta_path)
     desc = os.path.basename(reference_path)
-    if _same_path(reference_path, meta_path):
+    if same_file(reference_path, meta_path):
         if n_rows != n_reference:
             raise _count_error(n_reference, n_rows, desc, meta_path, False)
         return RowMatch(None, "same file")
@@ -390,7 +384,7 @@ def load_paired_metadata(source, particles_path: PathLike, poses_path: Optional[
         poses_path = os.fspath(poses_path)
         # Origins in Å become pixels of the stack's own pixel size (a downsampled stack too).
         raw = load_poses(poses_path, box_size=d0, pixel_size_angstrom=apix)
-        if ctf_match is not None and _same_path(poses_path, ctf_path) and len(raw) == len(ctf):
+        if ctf_match is not None and same_file(poses_path, ctf_path) and len(raw) == len(ctf):
             match = ctf_match  # one file: its names were matched already
         else:
             match = match_rows(source, particles_path, poses_path, len(raw), datadir)
