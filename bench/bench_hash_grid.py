@@ -1,4 +1,4 @@
-"""Throughput of the hash-grid encoding (issue 3 §7): points per second, forward and
+"""Throughput of the hash-grid encoding (docs/benchmarks.md): points per second, forward and
 forward + backward, for each backend that runs on the chosen device.
 
     python bench/bench_hash_grid.py                      # CPU, torch backend, 2 threads

@@ -20,6 +20,7 @@ def tiny_model(box=16, zdim=4, seed=0):
 
     torch.manual_seed(seed)
     cfg = ModelConfig(box_size=box, zdim=zdim, blocks_per_axis=4, encoder_hidden=16, encoder_layers=2,
+                      get_query="block",  # the model these tests were written for (block GetQuery)
                       hash_backend="torch", density_head_hidden=16,
                       hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=10, base_resolution=4))
     return CryoFormer(cfg).eval()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 
 import pytest
 import torch
 
-from cryoformer.model import CryoFormer, ModelConfig
-from cryoformer.model.deformation_transformer import RegionWiseSpatialHead
-from cryoformer.model.fused_head import region_wise_density
+from cryoformer.model import CryoFormer, GridSites, ModelConfig, density_field
+from cryoformer.model.coordinates import sphere_voxel_index
+from cryoformer.model.density_field import execution_policy, slab_voxels
 from cryoformer.model.hash_grid import HashGridConfig
-from cryoformer.model.sampling import sphere_voxel_index
+from cryoformer.model.spatial_cross_attention import ConcatDensityHead, RegionWiseSpatialHead
+from cryoformer.model.spatial_cross_attention_cpu import region_wise_density
 from cryoformer.trainer import allocator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -73,7 +75,7 @@ def _model(get_query):
                                                finest_resolution=16))
     model = CryoFormer(cfg)
     with torch.no_grad():
-        model.feature_volume.encoding.params.uniform_(-1, 1)
+        model.field.feature_volume.encoding.params.uniform_(-1, 1)
     return model
 
 
@@ -88,23 +90,26 @@ def test_training_grid_path_equals_decoding_and_plain_autograd(get_query, suppor
         mask = torch.zeros(d, d, d, dtype=torch.bool)
         mask[3:11, 2:12, 4:14] = True
         model.set_support(mask)
-    index = model.restrict_voxel_index(sphere_voxel_index(d, d / 2 + 2), d)
+    index = model.field.restrict(GridSites(d, sphere_voxel_index(d, d / 2 + 2))).voxel_index
     table = model.query_table(torch.randn(3, 4)).detach().requires_grad_(True)
     upstream = torch.randn(3, index.numel(), generator=torch.Generator().manual_seed(3))
 
     def grads(chunk_points, fused):
-        monkeypatch.setattr(type(model.transformer.head), "recomputes_in_backward",
-                            lambda self, device: fused)
+        # the CPU policy, with the fused kernel switched on or off (off: checkpointing,
+        # which is plain autograd when there is one slab)
+        mode = "fused" if fused else "checkpointed"
+        monkeypatch.setattr(density_field, "execution_policy", lambda *a: dataclasses.replace(
+            execution_policy(*a), mode=mode))
         model.chunk_points = chunk_points
         model.zero_grad()
         table.grad = None
-        dens = model.density_on_grid(table, d, index)
+        dens = model.field.on_grid(model.density_head, table, d, index)[0]
         (dens * upstream).sum().backward()
         return dens.detach(), [table.grad.clone()] + [p.grad.clone() for p in model.parameters()
                                                       if p.grad is not None]
 
     with torch.no_grad():
-        decoded = model.density_on_grid(table, d, index)
+        decoded = model.field.on_grid(model.density_head, table, d, index)[0]
     d_one, g_one = grads(1 << 20, False)  # one slab, plain autograd
     d_ckpt, g_ckpt = grads(2 * d * d, False)  # 8 slabs of 2 planes, checkpointed autograd
     d_fused, g_fused = grads(2 * d * d, True)  # 8 slabs, fused head (the CPU default)
@@ -119,12 +124,28 @@ def test_training_grid_path_equals_decoding_and_plain_autograd(get_query, suppor
 def test_cpu_training_defaults_to_small_slabs():
     model = _model("trilinear")
     cpu = torch.device("cpu")
-    assert model._chunk(cpu) == 1 << 18  # decoding
-    assert model._chunk(cpu, batch=16) == 8192  # training, 2^17 / B
-    assert model._chunk(cpu, batch=1 << 12) == 1 << 11  # floor
-    assert model._chunk(torch.device("cuda"), batch=16) == 1 << 22
+    assert slab_voxels(cpu) == 1 << 18  # decoding
+    assert slab_voxels(cpu, batch=16) == 8192  # training, 2^17 / B
+    assert slab_voxels(cpu, batch=1 << 12) == 1 << 11  # floor
+    assert slab_voxels(torch.device("cuda"), batch=16) == 1 << 22
     model.chunk_points = 123
-    assert model._chunk(cpu, batch=16) == 123
+    assert slab_voxels(cpu, batch=16, override=model.field.chunk_points) == 123
+    head = model.density_head
+    assert execution_policy(cpu, True, head, False, 16, model.chunk_points).slab_voxels == 123
+    assert execution_policy(cpu, True, head, False, 16).slab_voxels == 8192
+    assert execution_policy(cpu, False, head, False, 16).slab_voxels == 1 << 18
+
+
+def test_execution_policy_modes():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    rsca, concat = RegionWiseSpatialHead(8, 16), ConcatDensityHead(8, 4, 16)
+    assert execution_policy(cpu, True, rsca, False, 4).mode == "fused"
+    assert execution_policy(cpu, True, rsca, True, 4).mode == "autograd"  # weights wanted
+    assert execution_policy(cpu, True, concat, False, 4).mode == "checkpointed"
+    assert execution_policy(cuda, True, rsca, False, 4).mode == "autograd"
+    assert execution_policy(cpu, False, rsca, False, 4).mode == "autograd"
+    assert execution_policy(cpu, True, rsca, False, 4).features_on_request
+    assert not execution_policy(cpu, False, rsca, False, 4).features_on_request
 
 
 def test_allocator_tuning(monkeypatch):

@@ -22,12 +22,12 @@ D = 16
 def make_model(**kw) -> CryoFormer:
     torch.manual_seed(0)
     base = dict(box_size=D, zdim=3, blocks_per_axis=4, n_spatial_tokens=4, encoder_hidden=16,
-                encoder_layers=1, density_head_hidden=16, hash_backend="torch",
+                encoder_layers=1, density_head_hidden=16, get_query="block", hash_backend="torch",
                 hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12, base_resolution=4))
     base.update(kw)
     model = CryoFormer(ModelConfig(**base))
     with torch.no_grad():
-        model.feature_volume.encoding.params.uniform_(-0.5, 0.5)
+        model.field.feature_volume.encoding.params.uniform_(-0.5, 0.5)
     return model
 
 
@@ -42,13 +42,14 @@ class CountCalls:
 def uncached_decode(model, z, r=D):
     """Reference: evaluate the grid with gradients on, which bypasses the cache."""
     with torch.enable_grad():
-        return model.density_on_grid(model.query_table(z[None]), r).detach().reshape(r, r, r)
+        table = model.query_table(z[None])
+        return model.field.on_grid(model.density_head, table, r)[0].detach().reshape(r, r, r)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(get_query="trilinear", feature_grid_resolution=8)])
 def test_decode_cached_equals_uncached(kw):
     model = make_model(**kw)
-    calls = CountCalls(model.feature_volume)
+    calls = CountCalls(model.field.feature_volume)
     z1, z2 = torch.randn(3), torch.randn(3)
     v1 = model.decode_volume(z1)
     assert v1.shape == (D, D, D) and v1.dtype == torch.float32
@@ -71,8 +72,8 @@ def test_cache_invalidated_by_optimiser_step_and_load_state_dict(make_opt):
     z = torch.randn(3)
     before = model.decode_volume(z)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = make_opt(model.feature_volume.parameters())
-    model.feature_volume(torch.rand(50, 3)).sum().backward()
+    opt = make_opt(model.field.feature_volume.parameters())
+    model.field.feature_volume(torch.rand(50, 3)).sum().backward()
     opt.step()
     after = model.decode_volume(z)
     assert not torch.allclose(before, after)
@@ -80,7 +81,7 @@ def test_cache_invalidated_by_optimiser_step_and_load_state_dict(make_opt):
     model.load_state_dict(state)
     assert torch.allclose(model.decode_volume(z), before, atol=1e-6)
     with torch.no_grad():  # a write behind autograd's back is caught by the fingerprint
-        model.feature_volume.mlp[2].bias.data.add_(0.1)
+        model.field.feature_volume.mlp[2].bias.data.add_(0.1)
     assert not torch.allclose(model.decode_volume(z), before)
 
 

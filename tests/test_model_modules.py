@@ -9,10 +9,12 @@ import torch
 
 from cryoformer.model import (CryoFormer, DeformationEncoder, FeatureVolume, ModelConfig,
                               OrientationEncoder, kl_divergence, pose_loss, prepare_encoder_input)
-from cryoformer.model.encoders import circular_mask
+from cryoformer.model.coordinates import grid_unit_coords, pixel_to_unit
+from cryoformer.model.cryoformer_model import remap_legacy_keys
+from cryoformer.model.get_query import (block_index, get_query_at_points, get_query_on_grid,
+                                        interpolation_matrix, separable_resample)
 from cryoformer.model.hash_grid import HashGridConfig
-from cryoformer.model.sampling import (block_index, grid_unit_coords, interpolation_matrix,
-                                       pixel_to_unit, sample_block_volume, separable_resample)
+from cryoformer.model.mlp import circular_mask
 from cryoformer.physics.rotations import random_rotations
 
 
@@ -27,12 +29,12 @@ SMALL_GRID = HashGridConfig(n_levels=4, log2_hashmap_size=12, base_resolution=4)
 def small_config(**kw) -> ModelConfig:
     base = dict(box_size=D, zdim=4, token_dim=8, n_spatial_tokens=4, n_deformation_tokens=4,
                 blocks_per_axis=4, encoder_hidden=32, encoder_layers=2, density_head_hidden=16,
-                hash_grid=SMALL_GRID, hash_backend="torch")
+                get_query="block", hash_grid=SMALL_GRID, hash_backend="torch")
     base.update(kw)
     return ModelConfig(**base)
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- GetQuery
 def test_pixel_to_unit_centre_and_edges():
     pts = torch.tensor([[0.0, 0.0, 0.0], [-D / 2, 0, 0], [D / 2, 0, 0], [100.0, 0, 0]])
     u = pixel_to_unit(pts, D)
@@ -61,8 +63,9 @@ def test_separable_resample_matches_pointwise_sampling(mode):
     grid = separable_resample(vol, m, m, m).reshape(2, -1, f)  # [2, r³, f]
     zz, yy, xx = torch.meshgrid(u1, u1, u1, indexing="ij")
     u = torch.stack([xx, yy, zz], -1).reshape(1, -1, 3).expand(2, -1, -1)
-    pointwise = sample_block_volume(vol, u, mode)
+    pointwise = get_query_at_points(vol, u, mode)
     assert torch.allclose(grid, pointwise, atol=1e-5)
+    assert torch.equal(get_query_on_grid(vol, r, mode).reshape(2, -1, f), grid)
 
 
 def test_voxel_grid_interpolation_is_exact_on_linear_function():
@@ -176,7 +179,7 @@ def test_transformer_shapes(kw):
     table = model.query_table(z)
     t = 16 if model.config.use_rsca else 8
     assert table.shape == (3, 4, 4, 4, t)
-    dens = model.density_at_points(torch.randn(3, 10, 3) * 4, table)
+    dens = model.field.at_points(model.density_head, table, torch.randn(3, 10, 3) * 4)
     assert dens.shape == (3, 10)
     # conditioning depends on z (the decoder is not constant in the latent)
     assert not torch.allclose(q[0], q[1])
@@ -223,3 +226,35 @@ def test_pose_source_options():
     assert given["rotations"] is rot and given["pred_rotations"] is None
     with pytest.raises(ValueError):
         CryoFormer(small_config())(imgs)  # no poses and no orientation encoder
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _legacy_name(key: str) -> str:
+    """A parameter's name in the layout before the density field owned ``F_S``."""
+    for new, old in (("field.feature_volume.", "feature_volume."),
+                     ("density_head.", "transformer.head."),
+                     ("structure_queries.", "transformer.")):
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_rsca=False, use_ddb=False),
+                                dict(use_orientation_encoder=True)])
+def test_legacy_state_dict_loads_and_parameter_order_is_kept(kw):
+    torch.manual_seed(0)
+    src = CryoFormer(small_config(**kw))
+    legacy = {_legacy_name(k): v for k, v in src.state_dict().items()}
+    assert any(k.startswith("transformer.head.") for k in legacy)
+    torch.manual_seed(1)
+    dst = CryoFormer(small_config(**kw))
+    dst.load_state_dict(legacy)  # strict: every old key maps to a current one
+    for (name, p), (_, q) in zip(src.named_parameters(), dst.named_parameters()):
+        assert torch.equal(p, q), name
+    # parameter order as before (optimiser states are indexed by it): F_S first, head last
+    names = [_legacy_name(k) for k, _ in src.named_parameters()]
+    assert names[0].startswith("feature_volume.") and names[-1].startswith("transformer.head.")
+    # and under a parent module's prefix (a DDP-style wrapper)
+    wrapped = {"module." + k: v for k, v in legacy.items()}
+    remap_legacy_keys(wrapped, "module.")
+    assert set(wrapped) == {"module." + k for k in src.state_dict()}

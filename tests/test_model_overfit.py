@@ -39,7 +39,8 @@ def test_tiny_model_overfits_two_states():
 
     cfg = ModelConfig(box_size=D, zdim=2, token_dim=8, n_spatial_tokens=4,
                       n_deformation_tokens=4, blocks_per_axis=4, encoder_hidden=64,
-                      encoder_layers=2, density_head_hidden=16, hash_backend="torch",
+                      encoder_layers=2, density_head_hidden=16, get_query="block",
+                      hash_backend="torch",
                       hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12,
                                                base_resolution=4))
     model = CryoFormer(cfg)
@@ -82,7 +83,9 @@ def test_tiny_model_overfits_two_states():
         state = torch.arange(2).repeat_interleave(N_PER_STATE)
 
         def fit(latents):
-            pred = model.renderer(model, model.query_table(latents), rot)
+            sites = model.renderer.sites(rot)
+            density = model.field(model.density_head, model.query_table(latents), sites)
+            pred = model.renderer(density, sites, rot)
             return (pred - images).square().mean().item()
 
         own = fit(z)

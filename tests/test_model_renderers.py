@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cryoformer.model import CanonicalGridRenderer, CryoFormer, DirectRenderer, ModelConfig
+from cryoformer.model import (CanonicalGridRenderer, CryoFormer, DirectRenderer, GridSites,
+                              ModelConfig, PointSites)
+from cryoformer.model.coordinates import grid_points_unit, sphere_voxel_index
 from cryoformer.model.hash_grid import HashGridConfig
-from cryoformer.model.sampling import grid_points_unit
 from cryoformer.physics import ctf as ctf_mod
 from cryoformer.physics import fourier, projector
 from cryoformer.physics.rotations import random_rotations
@@ -30,14 +31,24 @@ class GaussianField:
         d2 = ((pts - centres[:, None, :]) ** 2).sum(-1)
         return torch.exp(-d2 / (2 * self.sigma ** 2))
 
-    def density_at_points(self, points_px, centres):
-        return self._value(points_px, centres)
-
-    def density_on_grid(self, centres, resolution, voxel_index=None):
-        u = grid_points_unit(resolution)  # unit coords → pixels of the training box
+    def density(self, centres, sites):
+        """Density at a renderer's sites, ``[B, S]``."""
+        if isinstance(sites, PointSites):
+            return self._value(sites.points_px, centres)
+        u = grid_points_unit(sites.resolution)  # unit coords → pixels of the training box
         pts = ((u - 0.5) * self.box_size).unsqueeze(0).expand(centres.shape[0], -1, -1)
         dens = self._value(pts, centres)
-        return dens if voxel_index is None else dens[:, voxel_index]
+        return dens if sites.voxel_index is None else dens[:, sites.voxel_index]
+
+
+def render(renderer, field, state, rotations, shifts_px=None, ctf=None):
+    """What the model does: the renderer's sites → the field's density there → images."""
+    sites = renderer.sites(rotations)
+    if isinstance(field, CryoFormer):
+        density = field.field(field.density_head, state, field.field.restrict(sites))
+    else:
+        density = field.density(state, sites)
+    return renderer(density, sites, rotations, shifts_px, ctf)
 
 
 def smooth_model(get_query="trilinear", box=D, **kw) -> CryoFormer:
@@ -50,7 +61,7 @@ def smooth_model(get_query="trilinear", box=D, **kw) -> CryoFormer:
                                                finest_resolution=8), **kw)
     model = CryoFormer(cfg)
     with torch.no_grad():  # structure beyond the tiny U(±1e-4) initialisation
-        model.feature_volume.encoding.params.uniform_(-1, 1)
+        model.field.feature_volume.encoding.params.uniform_(-1, 1)
     return model
 
 
@@ -63,7 +74,6 @@ def test_direct_renderer_samples_the_physics_points():
     rot = random_rotations(2, generator=torch.Generator().manual_seed(0))
     ours = r.points @ rot  # [2, S, 3]
     ref = projector.rotated_sample_points(rot, D).reshape(2, -1, 3)
-    from cryoformer.model.sampling import sphere_voxel_index
     assert torch.allclose(ours, ref[:, sphere_voxel_index(D, D / 2)], atol=1e-5)
 
 
@@ -71,8 +81,8 @@ def test_renderers_agree_on_analytic_smooth_field():
     field = GaussianField(D)
     centres = torch.tensor([[2.0, -3.0, 1.5], [-4.0, 0.5, -2.0], [0.3, 0.2, 0.1]])
     rot = random_rotations(3, generator=torch.Generator().manual_seed(1))
-    direct = DirectRenderer(D)(field, centres, rot)
-    canon = CanonicalGridRenderer(D)(field, centres, rot)
+    direct = render(DirectRenderer(D), field, centres, rot)
+    canon = render(CanonicalGridRenderer(D), field, centres, rot)
     assert direct.shape == canon.shape == (3, D, D)
     assert rel_err(canon, direct) < 0.02  # trilinear interpolation error only
     # both integrate along z with unit step: a Gaussian's projection sums to (2π)^{3/2} σ³
@@ -85,9 +95,9 @@ def test_point_and_grid_evaluation_agree(get_query):
     model = smooth_model(get_query)
     table = model.query_table(torch.randn(2, 4))
     with torch.no_grad():
-        grid = model.density_on_grid(table, D)  # [2, D³]
+        grid = model.field(model.density_head, table, GridSites(D))  # [2, D³]
         pts = ((grid_points_unit(D) - 0.5) * D).unsqueeze(0).expand(2, -1, -1)
-        points = model.density_at_points(pts, table)
+        points = model.field(model.density_head, table, PointSites(pts))
     assert torch.allclose(grid, points, atol=1e-5)
 
 
@@ -96,8 +106,8 @@ def test_renderers_agree_on_smooth_model():
     rot = random_rotations(3, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         table = model.query_table(torch.randn(3, 4))
-        direct = DirectRenderer(D)(model, table, rot)
-        canon = CanonicalGridRenderer(D)(model, table, rot)
+        direct = render(DirectRenderer(D), model, table, rot)
+        canon = render(CanonicalGridRenderer(D), model, table, rot)
     assert rel_err(canon, direct) < 0.03  # measured 0.0204 (AVX-512, AVX2, default)
 
 
@@ -113,8 +123,8 @@ def test_block_query_renderers_agree_at_grid_aligned_poses():
     rot = torch.stack([torch.eye(3), rz, rx])
     with torch.no_grad():
         table = model.query_table(torch.randn(3, 4))
-        direct = DirectRenderer(D)(model, table, rot)
-        canon = CanonicalGridRenderer(D)(model, table, rot)
+        direct = render(DirectRenderer(D), model, table, rot)
+        canon = render(CanonicalGridRenderer(D), model, table, rot)
     c = torch.arange(D, dtype=torch.float32) - D // 2
     inner = c[:, None] ** 2 + c[None, :] ** 2 < (D / 2 - 1) ** 2
     assert torch.allclose(direct[:, inner], canon[:, inner], atol=1e-4 * direct.abs().max().item())
@@ -159,17 +169,18 @@ def test_shift_and_ctf_are_applied_after_projection():
     shifts = torch.tensor([[1.5, -2.0], [0.0, 3.0]])
     ctf_params = torch.tensor([[D, 2.0, 15000.0, 14000.0, 30.0, 300.0, 2.7, 0.1, 0.0]] * 2)
     for renderer in (DirectRenderer(D), CanonicalGridRenderer(D)):
-        clean = renderer(field, centres, rot)
-        shifted = renderer(field, centres, rot, shifts)
+        clean = render(renderer, field, centres, rot)
+        shifted = render(renderer, field, centres, rot, shifts)
         assert torch.allclose(shifted, fourier.shift_images(clean, shifts), atol=1e-5)
-        full = renderer(field, centres, rot, shifts, ctf_params)
+        full = render(renderer, field, centres, rot, shifts, ctf_params)
         ctf_img = ctf_mod.ctf_images(ctf_params, D)
         assert torch.allclose(full, ctf_mod.apply_ctf(fourier.shift_images(clean, shifts),
                                                       ctf_img), atol=1e-5)
         # precomputed CTF images are accepted too
-        assert torch.allclose(renderer(field, centres, rot, shifts, ctf_img), full, atol=1e-6)
+        by_image = render(renderer, field, centres, rot, shifts, ctf_img)
+        assert torch.allclose(by_image, full, atol=1e-6)
     # a shift of s moves the blob's image by −s: centroid check on the direct render
-    img = DirectRenderer(D)(field, centres[:1], torch.eye(3)[None], shifts[:1])
+    img = render(DirectRenderer(D), field, centres[:1], torch.eye(3)[None], shifts[:1])
     c = torch.arange(D, dtype=torch.float32) - D // 2
     cx = (img[0].sum(0) * c).sum() / img.sum()
     cy = (img[0].sum(1) * c).sum() / img.sum()

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from cryoformer.analysis.attention_maps import flex_score
 from cryoformer.model import CryoFormer
+from cryoformer.model.coordinates import sphere_voxel_index
 from cryoformer.model.renderer import CanonicalGridRenderer
-from cryoformer.model.sampling import sphere_voxel_index
 from cryoformer.model.support import support_from_volumes, support_index
 
 from test_trainer_helpers import tiny_model_config
@@ -81,6 +82,12 @@ def test_support_index_resampling():
     assert fine.reshape(32, 32, 32)[covered].all()
 
 
+def _canonical_volumes(model, table):
+    """The canonical renderer's per-image volumes, its sites restricted to the support."""
+    sites = model.field.restrict(model.renderer.sites(None))
+    return model.renderer.volumes(model.field(model.density_head, table, sites), sites)
+
+
 @pytest.mark.parametrize("get_query", ["trilinear", "block"])
 def test_restricted_head_equals_masked_full_volume(get_query):
     """The renderer's volumes with a support equal the unrestricted volumes times the mask
@@ -93,14 +100,14 @@ def test_restricted_head_equals_masked_full_volume(get_query):
     z = torch.randn(3, 2)
     with torch.no_grad():
         table = model.query_table(z)
-        full = renderer.volumes(model, table, 3)
+        full = _canonical_volumes(model, table)
         dec_full = model.decode_volume(z)
         dec_full_32 = model.decode_volume(z, D=32)
     zz, yy, xx = _grid(16)
     mask = ((xx - 2) ** 2 + yy ** 2 + (zz + 1) ** 2) <= 25  # off-centre ball
     model.set_support(mask)
     with torch.no_grad():
-        restricted = renderer.volumes(model, model.query_table(z), 3)
+        restricted = _canonical_volumes(model, model.query_table(z))
         dec = model.decode_volume(z)
         dec_32 = model.decode_volume(z, D=32)
     torch.testing.assert_close(restricted, full * mask, rtol=1e-5, atol=1e-6)
@@ -111,8 +118,6 @@ def test_restricted_head_equals_masked_full_volume(get_query):
     # no density outside, hence no attention and no flexibility there
     _, w = model.attention_volumes(z[0])
     assert (w[~mask] == 0).all() and (w[mask] > 0).any()
-    from cryoformer.analysis.attention_maps import flex_score
-
     flex = flex_score(model, z.numpy(), method="queries")
     assert (flex[~mask.numpy()] == 0).all() and flex.max() == pytest.approx(1.0)
     # gradients still flow through the restricted head
@@ -120,8 +125,9 @@ def test_restricted_head_equals_masked_full_volume(get_query):
     images = torch.randn(2, 16, 16)
     out = model(images, torch.eye(3).expand(2, 3, 3), torch.zeros(2, 2), None, pose_source="given")
     out["pred_images"].square().mean().backward()
-    assert model.transformer.head is not None
-    grads = [p.grad for p in model.transformer.parameters() if p.grad is not None]
+    assert model.density_head is not None
+    params = [*model.structure_queries.parameters(), *model.density_head.parameters()]
+    grads = [p.grad for p in params if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     model.set_support(None)
     with torch.no_grad():

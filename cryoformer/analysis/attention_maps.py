@@ -40,21 +40,14 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from cryoformer.model.get_query import get_query_on_grid
 
 __all__ = ["attention_stack", "attention_channel_names", "flex_score", "FLEX_METHODS",
            "subsample_latents"]
 
 FLEX_METHODS = ("queries", "weights")
-
-
-def _block_to_grid(table: torch.Tensor, D: int, mode: str) -> torch.Tensor:
-    """Per-block table ``[n, n, n, F]`` → ``[D, D, D, F]`` on the voxels of a ``D³`` grid."""
-    from cryoformer.model.sampling import grid_unit_coords, interpolation_matrix, separable_resample
-
-    n = table.shape[0]
-    u = grid_unit_coords(D, device=table.device, dtype=table.dtype)
-    m = interpolation_matrix(u, n, mode, centred=True)  # [D, n]
-    return separable_resample(table, m, m, m)
 
 
 def attention_channel_names(model) -> List[str]:
@@ -85,7 +78,7 @@ def attention_stack(model, z, D: Optional[int] = None) -> np.ndarray:
     """
     D = int(D or model.box_size)
     queries, weights = model.attention_volumes(np.asarray(z, np.float32).reshape(-1), D)
-    q_grid = _block_to_grid(queries.float(), D, model.config.get_query)  # [D, D, D, C]
+    q_grid = get_query_on_grid(queries.float(), D, model.config.get_query)  # [D, D, D, C]
     parts = [q_grid] if weights is None else [q_grid, weights.float()]
     stack = torch.cat(parts, dim=-1).permute(3, 0, 1, 2)  # [C+K, D, D, D]
     return stack.cpu().numpy().astype(np.float32)
@@ -131,12 +124,9 @@ def flex_score(model, z: np.ndarray, D: Optional[int] = None, method: str = "que
     np.ndarray
         ``[D, D, D]`` float32 in ``[0, 1]``.
     """
-    from tqdm.auto import tqdm
-
     if method not in FLEX_METHODS:
         raise ValueError(f"method must be one of {FLEX_METHODS}, got {method!r}")
     D = int(D or model.box_size)
-    dev = next(model.parameters()).device
     default = 2048 if method == "queries" else 32
     zs = subsample_latents(z, max_latents or default, seed)  # [M, zdim]
     if len(zs) < 2:
@@ -144,19 +134,34 @@ def flex_score(model, z: np.ndarray, D: Optional[int] = None, method: str = "que
     if method == "weights" and not model.config.use_rsca:
         raise ValueError("method 'weights' needs a model with region-wise spatial cross-attention")
     if method == "queries":
-        n = model.config.blocks_per_axis
-        qs = []
-        for start in tqdm(range(0, len(zs), batch_size), desc="flex score", disable=not progress,
-                          leave=False):
-            zb = torch.from_numpy(zs[start:start + batch_size]).to(dev)
-            qs.append(model.conditioned_queries(zb).double().cpu())  # [b, N, C]
-        q = torch.cat(qs)  # [M, N, C]
-        scale = q.reshape(-1, q.shape[-1]).var(dim=0)  # [C] over latents and blocks
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        block = (q.var(dim=0) / scale).sum(dim=-1)  # [N]
-        grid = _block_to_grid(block.reshape(n, n, n, 1).float(), D, "trilinear")[..., 0]
-        return _normalise_max(_in_support(model, grid.numpy(), D))
-    # "weights": streaming (Welford) variance of the weights over latents, one grid at a time.
+        score = _query_variance(model, zs, D, batch_size, progress)
+    else:
+        score = _weight_variance(model, zs, D, progress)
+    return _normalise_max(_in_support(model, score, D))
+
+
+def _query_variance(model, zs: np.ndarray, D: int, batch_size: int, progress: bool) -> np.ndarray:
+    """Method ``"queries"``: per-block scaled query variance over the latents ``zs`` ``[M, zdim]``,
+    trilinear between block centres → ``[D, D, D]`` float32 (not normalised)."""
+    dev = next(model.parameters()).device
+    n = model.config.blocks_per_axis
+    qs = []
+    for start in tqdm(range(0, len(zs), batch_size), desc="flex score", disable=not progress,
+                      leave=False):
+        zb = torch.from_numpy(zs[start:start + batch_size]).to(dev)
+        qs.append(model.conditioned_queries(zb).double().cpu())  # [b, N, C]
+    q = torch.cat(qs)  # [M, N, C]
+    scale = q.reshape(-1, q.shape[-1]).var(dim=0)  # [C] over latents and blocks
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    block = (q.var(dim=0) / scale).sum(dim=-1)  # [N]
+    grid = get_query_on_grid(block.reshape(n, n, n, 1).float(), D, "trilinear")[..., 0]  # [D, D, D]
+    return grid.numpy()
+
+
+def _weight_variance(model, zs: np.ndarray, D: int, progress: bool) -> np.ndarray:
+    """Method ``"weights"``: per-voxel attention-weight variance over the latents ``zs``, summed
+    over the spatial tokens → ``[D, D, D]`` float64 (not normalised)."""
+    # Streaming (Welford) variance over latents: one grid of weights in memory at a time.
     mean = m2 = None
     for i, zi in enumerate(tqdm(zs, desc="flex score", disable=not progress, leave=False)):
         _, w = model.attention_volumes(zi, D)
@@ -168,7 +173,7 @@ def flex_score(model, z: np.ndarray, D: Optional[int] = None, method: str = "que
         mean += delta / (i + 1)
         m2 += delta * (w - mean)
     score = (m2 / (len(zs) - 1)).sum(dim=-1)  # [D, D, D]
-    return _normalise_max(_in_support(model, score.numpy(), D))
+    return score.numpy()
 
 
 def _in_support(model, grid: np.ndarray, D: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .hash_grid import HashGridConfig, HashGridEncoding
-from .sampling import grid_points_unit
+from .coordinates import grid_points_unit
 
 
 class FeatureVolume(nn.Module):
@@ -53,7 +53,7 @@ class FeatureVolume(nn.Module):
         Parameters
         ----------
         u : Tensor [..., 3]
-            Unit coordinates ``(x, y, z)`` in ``[0, 1]`` (see :mod:`.sampling`).
+            Unit coordinates ``(x, y, z)`` in ``[0, 1]`` (see :mod:`.coordinates`).
         chunk_size : int
             Points per encoding call; bounds the temporary memory of the hash lookup.
 

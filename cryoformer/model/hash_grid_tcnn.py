@@ -18,7 +18,7 @@ import torch
 @functools.lru_cache(maxsize=1)
 def _import():
     try:
-        import tinycudann
+        import tinycudann  # optional heavy dependency (CUDA build), imported on first use
     except (ImportError, OSError):
         return None
     return tinycudann

@@ -135,6 +135,7 @@ def _load():
     """Import triton and compile-wrap the kernels; None if triton is missing."""
     global tl, _corner
     try:
+        # optional heavy dependency, imported on first use (a missing one means no backend)
         import triton
         import triton.language
     except ImportError:

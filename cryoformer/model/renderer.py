@@ -1,49 +1,68 @@
-"""Image formation from a density field (paper eqs. 1 and 6, docs/conventions.md, "The model").
+"""Image formation from densities (paper eqs. 1 and 6, docs/conventions.md, "The model").
+
+A renderer says which *sites* it needs the density at (:meth:`sites`) and turns the density
+there into images (``forward``): project, shift, CTF. It never sees the density field: the
+model asks the field for the density at the renderer's sites and hands over the result.
 
 Both renderers compute the clean projection ``P(p) = Σ_z σ̂(Rᵀ p)`` over the image-frame
 sample grid ``p = (x, y, z)`` (pixels relative to ``D//2``) restricted to the sphere
 ``|p| ≤ D/2``, unit step along z, then move it by ``−s`` with a Fourier phase shift
 (:func:`cryoformer.physics.fourier.shift_images`) and multiply by the CTF in Fourier space
-(:func:`cryoformer.physics.ctf.apply_ctf`) — the PSF ``ĝ`` of eq. 6.
+(:func:`cryoformer.physics.ctf.apply_ctf`) — the PSF ``ĝ`` of eq. 6 (:func:`form_image`).
 
-* :class:`DirectRenderer` evaluates the field at the rotated points themselves: exact for the
-  field, cost ``≈ 0.52·D³`` field evaluations (spatial features included) per image.
-* :class:`CanonicalGridRenderer` evaluates the image-independent ``F_S`` once on the fixed
-  canonical grid (shared by the batch, optionally coarser than ``D``), runs only the
-  per-image head on the ``D³`` grid to get a per-image volume, and projects it with
+* :class:`DirectRenderer` needs the density at the rotated points themselves
+  (:class:`PointSites`): exact for the field, cost ``≈ 0.52·D³`` field evaluations (spatial
+  features included) per image.
+* :class:`CanonicalGridRenderer` needs the density on the voxels of the fixed canonical
+  ``D³`` grid (:class:`GridSites`; the field may evaluate the image-independent ``F_S`` once
+  for the batch there, optionally on a coarser grid) and projects the per-image volume with
   trilinear resampling (:func:`cryoformer.physics.projector.project`). It differs from the
   direct renderer by trilinear interpolation error, and on the sphere's surface at
   coordinate ``+D/2`` (beyond the last voxel centre ``D/2 − 1``), where the projector reads
   zero padding — particles belong well inside the sphere, so this shell carries no signal.
-
-A *field* is any object with ``box_size`` and two methods (the model implements them; tests
-pass analytic fields)::
-
-    density_at_points(points_px [B, P, 3], state) -> [B, P]
-    density_on_grid(state, resolution, voxel_index [S] | None) -> [B, S]
-
-where ``state`` is the per-image conditioning (for the model, the per-block query table).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..physics import ctf as ctf_mod
 from ..physics import fourier, projector
-from .sampling import sphere_voxel_index
+from .coordinates import sphere_voxel_index
+
+RENDERERS = ("canonical", "direct")
 
 
-class DensityField(Protocol):
-    box_size: int
+@dataclass(frozen=True)
+class PointSites:
+    """Density wanted at arbitrary points.
 
-    def density_at_points(self, points_px: torch.Tensor, state: Any) -> torch.Tensor: ...
+    Attributes
+    ----------
+    points_px : Tensor [B, S, 3]
+        ``(x, y, z)`` in pixels relative to the box centre.
+    """
 
-    def density_on_grid(self, state: Any, resolution: int,
-                        voxel_index: torch.Tensor | None = None) -> torch.Tensor: ...
+    points_px: torch.Tensor
+
+
+@dataclass(frozen=True)
+class GridSites:
+    """Density wanted on voxels of a ``resolution³`` grid spanning the box.
+
+    Attributes
+    ----------
+    resolution : int
+        Grid edge in voxels.
+    voxel_index : LongTensor [S] or None
+        Sorted flat ``[z, y, x]`` voxel ids; None = every voxel.
+    """
+
+    resolution: int
+    voxel_index: torch.Tensor | None = None
 
 
 def form_image(projection: torch.Tensor, shifts_px: torch.Tensor | None = None,
@@ -75,7 +94,7 @@ def form_image(projection: torch.Tensor, shifts_px: torch.Tensor | None = None,
 
 
 class DirectRenderer(nn.Module):
-    """Evaluate the field at the rotated sample points ``Rᵀp`` inside the sphere, sum along z.
+    """Density at the rotated sample points ``Rᵀp`` inside the sphere, summed along z.
 
     Parameters
     ----------
@@ -93,17 +112,24 @@ class DirectRenderer(nn.Module):
         self.register_buffer("points", points, persistent=False)
         self.register_buffer("pixel", index % (d * d), persistent=False)  # [S] y·D + x
 
-    def forward(self, field: DensityField, state: Any, rotations: torch.Tensor,
+    def sites(self, rotations: torch.Tensor) -> PointSites:
+        """The in-sphere sample points rotated into the volume frame, ``[B, S, 3]`` px."""
+        # Row-vector form of Rᵀp: (Rᵀp)ᵀ = pᵀR, for all sphere points at once.
+        return PointSites(torch.matmul(self.points.to(rotations.dtype), rotations))
+
+    def forward(self, density: torch.Tensor, sites: PointSites, rotations: torch.Tensor,
                 shifts_px: torch.Tensor | None = None,
                 ctf: torch.Tensor | None = None) -> torch.Tensor:
         """Render images.
 
         Parameters
         ----------
-        field : DensityField
-        state : Any
-            Per-image conditioning passed to the field (batch size ``B``).
+        density : Tensor [B, S]
+            Density at ``sites`` (from :meth:`sites`).
+        sites : PointSites
         rotations : Tensor [B, 3, 3]
+            Unused (the points are already rotated); the argument keeps both renderers'
+            calls the same.
         shifts_px, ctf : see :func:`form_image`.
 
         Returns
@@ -111,10 +137,8 @@ class DirectRenderer(nn.Module):
         Tensor [B, D, D]
         """
         d = self.box_size
-        b = rotations.shape[0]
-        # Row-vector form of Rᵀp: (Rᵀp)ᵀ = pᵀR, for all sphere points at once.
-        pts = torch.matmul(self.points.to(rotations.dtype), rotations)  # [B, S, 3] px
-        dens = field.density_at_points(pts, state).float()  # [B, S]
+        dens = density.float()
+        b = dens.shape[0]
         proj = torch.zeros(b, d * d, dtype=dens.dtype, device=dens.device)
         proj = proj.index_add(1, self.pixel, dens)  # Σ over z (unit step), eq. 1
         return form_image(proj.reshape(b, d, d), shifts_px, ctf)
@@ -123,9 +147,10 @@ class DirectRenderer(nn.Module):
 class CanonicalGridRenderer(nn.Module):
     """Per-image volume on the canonical grid, then trilinear projection at the pose.
 
-    The head is evaluated only on voxels within ``D/2 + 2`` px of the centre: every
-    trilinear neighbour of an in-sphere sample point lies there, so the result equals that
-    of the full ``D³`` volume at ~55 % of the cost.
+    It reads only voxels within ``D/2 + 2`` px of the centre: every trilinear neighbour of an
+    in-sphere sample point lies there, so the result equals that of the full ``D³`` volume
+    at ~55 % of the cost. The voxels may be restricted further (the support) before the
+    density is evaluated; the volume is zero at voxels the density was not given for.
 
     Parameters
     ----------
@@ -139,31 +164,31 @@ class CanonicalGridRenderer(nn.Module):
         self.register_buffer("voxel_index", sphere_voxel_index(box_size, box_size / 2 + 2),
                              persistent=False)
 
-    def volumes(self, field: DensityField, state: Any, batch: int) -> torch.Tensor:
-        """Per-image volumes ``[B, D, D, D]`` (zero outside radius ``D/2 + 2``, and outside
-        the field's support when it has one: ``field.restrict_voxel_index``)."""
-        d = self.box_size
-        index = self.voxel_index
-        restrict = getattr(field, "restrict_voxel_index", None)
-        if restrict is not None:
-            index = restrict(index, d)
-        dens = field.density_on_grid(state, d, index)  # [B, S]
-        vol = torch.zeros(batch, d ** 3, dtype=dens.dtype, device=dens.device)
-        return vol.index_copy(1, index, dens).reshape(batch, d, d, d)
+    def sites(self, rotations: torch.Tensor) -> GridSites:
+        """The voxels of the ``D³`` grid this renderer reads (the same for every pose)."""
+        return GridSites(self.box_size, self.voxel_index)
 
-    def forward(self, field: DensityField, state: Any, rotations: torch.Tensor,
+    def volumes(self, density: torch.Tensor, sites: GridSites) -> torch.Tensor:
+        """Per-image volumes ``[B, D, D, D]`` from the density [B, S] at ``sites`` (zero
+        elsewhere)."""
+        d = self.box_size
+        b = density.shape[0]
+        vol = torch.zeros(b, d ** 3, dtype=density.dtype, device=density.device)
+        return vol.index_copy(1, sites.voxel_index, density).reshape(b, d, d, d)
+
+    def forward(self, density: torch.Tensor, sites: GridSites, rotations: torch.Tensor,
                 shifts_px: torch.Tensor | None = None,
                 ctf: torch.Tensor | None = None) -> torch.Tensor:
         """Render images; same contract as :meth:`DirectRenderer.forward`."""
-        vol = self.volumes(field, state, rotations.shape[0])  # [B, D, D, D]
+        vol = self.volumes(density, sites)  # [B, D, D, D]
         # Projection in float32 even under autocast: fp16 sample coordinates would be off by
         # up to ~D/2000 px, and the FFTs of shift/CTF need float32 for non-power-of-2 D.
         proj = projector.project(vol.float(), rotations.float())  # [B, D, D], in the sphere
         return form_image(proj, shifts_px, ctf)
 
 
-def make_renderer(kind: str, box_size: int) -> nn.Module:
-    """``"canonical"`` → :class:`CanonicalGridRenderer`, ``"direct"`` → :class:`DirectRenderer`."""
+def make_renderer(kind: str, box_size: int) -> DirectRenderer | CanonicalGridRenderer:
+    """The renderer named ``kind``: ``"canonical"`` or ``"direct"``."""
     if kind == "canonical":
         return CanonicalGridRenderer(box_size)
     if kind == "direct":

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .sampling import sphere_voxel_index
+from .coordinates import sphere_voxel_index
 
 
 def support_from_volumes(volumes: torch.Tensor, threshold: float, margin_px: int,
@@ -80,7 +80,7 @@ def support_index(mask: torch.Tensor, resolution: int) -> torch.Tensor:
     mask : BoolTensor [D, D, D]
     resolution : int
         Grid edge; the mask is resampled by nearest voxel (same box: voxel ``i`` of the new
-        grid sits at ``i·D/resolution`` training voxels, as the model's grid evaluator places
+        grid sits at ``i·D/resolution`` training voxels, as the density field places
         it), and dilated by one voxel when upsampling so no in-support point is lost at edges.
 
     Returns

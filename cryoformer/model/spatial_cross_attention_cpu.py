@@ -1,7 +1,7 @@
-"""The region-wise spatial cross-attention head with a hand-written backward pass (CPU speed).
+"""The region-wise spatial cross-attention head's CPU implementation: a hand-written backward.
 
 Training evaluates the density head (eq. 5 with the folded projections of
-:class:`~cryoformer.model.deformation_transformer.RegionWiseSpatialHead`) at every voxel of
+:class:`~cryoformer.model.spatial_cross_attention.RegionWiseSpatialHead`) at every voxel of
 every image, with small widths (``K = C = 8``, hidden ``H = 32``). Under autograd that is a
 chain of thin matrix products, each writing and re-reading a ``[B·P, ·]`` tensor; on a CPU
 the step is bound by that memory traffic, by an outer product autograd computes as a rank-1
@@ -13,7 +13,7 @@ and ``[B·P, C]`` row-wise ones.
 
 * forward saves only its inputs (``8 + 8`` channels per point and image, plus the shared
   features) and the backward pass recomputes the activations of the chunk it is given, while
-  they are in cache — the renderer calls it per slab of a few thousand voxels;
+  they are in cache — the density field calls it per slab of a few thousand voxels;
 * the output layer's input gradient is a broadcast product (autograd makes it a rank-1
   matrix product), and ReLU's mask is aten's ``threshold_backward``, one pass.
 
@@ -98,7 +98,7 @@ def region_wise_density(table_vm: torch.Tensor, feats: torch.Tensor, wv: torch.T
     ----------
     table_vm : Tensor [P, B, 2C]
         ``[q, q̃]`` read by GetQuery at each point (see ``RegionWiseSpatialHead.table``),
-        voxel-major: the canonical renderer builds it in this layout; any other view is
+        voxel-major: the density field builds it in this layout; any other view is
         copied into it.
     feats : Tensor [P, K, C]
         ``F_S`` at the points, the same for every image.
