@@ -1,4 +1,4 @@
-"""Does the held-out image loss pick the epoch the ground truth would pick? (issue 4 §7)
+"""Does the held-out image loss pick the epoch the ground truth would pick? (docs/benchmarks.md)
 
 For every epoch of a finished training run on simulated data, compare the held-out image loss
 the trainer recorded (``RUN/validation.json``, no ground truth involved) with the per-state

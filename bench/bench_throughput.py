@@ -1,4 +1,4 @@
-"""Training throughput, cryoformer vs cryoDRGN ``train_vae``, same data, same machine (issue 6 §1).
+"""Training throughput, cryoformer vs cryoDRGN ``train_vae``, same data, same machine (docs/benchmarks.md).
 
 Both tools train one epoch on the same ``--n-images`` particles of one simulated dataset (the
 hinged molecule, SNR 0.1, CTF, RELION contrast) at box ``D``; runs are interleaved A/B

@@ -1,4 +1,4 @@
-"""Time-to-quality against cryoDRGN on a real protein trajectory (issue 4 §7, issue 6).
+"""Time-to-quality against cryoDRGN on a real protein trajectory (docs/benchmarks.md).
 
 Dataset: adenylate kinase's closed→open transition (the DIMS trajectory shipped in the
 ``MDAnalysisTests`` package; 1656 heavy atoms), sampled into ``--n-states`` states, simulated
@@ -6,9 +6,9 @@ at D=64, 1.5 Å/px, SNR 0.1, CTF, shifts, RELION-style contrast (``cryoformer si
 
 Each tool trains on the same particles for the same wall-clock budget on this machine, one
 after the other (never concurrently). Then, for each ground-truth state, a volume is decoded at
-the mean latent of that state's particles and compared with the state's map (SPEC §5): FSC-0.5
-resolution (Å) and AU-FSC, averaged over states. cryoDRGN runs from its own virtual
-environment (created here from PyPI when missing, with the CPU torch pinned).
+the mean latent of that state's particles and compared with the state's map (docs/conventions.md,
+"Metrics"): FSC-0.5 resolution (Å) and AU-FSC, averaged over states. cryoDRGN runs from its own
+virtual environment (created here from PyPI when missing, with the CPU torch pinned).
 
 Smaller budgets are read off the same runs (``--eval-minutes 10,20,30``): each tool is scored
 at the last epoch it had written by then (file times from the start of its process) — for

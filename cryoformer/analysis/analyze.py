@@ -30,11 +30,17 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from cryoformer.analysis.attention_maps import attention_channel_names, attention_stack, flex_score
+from cryoformer.analysis.latent_space import KMeansResult, PcaResult, kmeans, pc_traversal, pca
+from cryoformer.analysis.summary import plot_explained_variance, plot_summary, write_summary_html
+from cryoformer.analysis.volumes import decoded_voxel_size, iter_decoded, staged_directory, write_volumes
 from cryoformer.errors import InputError, PathLike
+from cryoformer.io.mrc import write_volume
 
 __all__ = ["AnalyzeConfig", "analysis_dir", "analyze_run"]
 
@@ -100,12 +106,6 @@ def analyze_run(run, out_dir: PathLike, config: AnalyzeConfig = AnalyzeConfig())
     InputError
         ``k`` larger than the number of particles, or an odd / non-positive decoding box.
     """
-    from cryoformer.analysis.attention_maps import attention_channel_names, attention_stack, flex_score
-    from cryoformer.analysis.latent_space import kmeans, pc_traversal, pca
-    from cryoformer.analysis.summary import plot_explained_variance, plot_summary, write_summary_html
-    from cryoformer.analysis.volumes import decoded_voxel_size, iter_decoded, staged_directory, write_volumes
-    from cryoformer.io.mrc import write_volume
-
     z = np.asarray(run.latents, dtype=np.float32)  # [N, zdim]
     n = len(z)
     if not 1 <= config.k <= n:
@@ -118,39 +118,14 @@ def analyze_run(run, out_dir: PathLike, config: AnalyzeConfig = AnalyzeConfig())
     model = run.model.eval()
     pcs = pca(z)
     km = kmeans(z, config.k, seed=config.seed)
-    n_pcs = min(config.traversal_pcs, pcs.projections.shape[1])
     files: Dict[str, str] = {}
     with staged_directory(out_dir, replace=True) as stage:
         def out(name: str) -> str:
             return os.path.join(stage, name)
 
-        _save_npy(out("z.npy"), z)
-        _save_npy(out("pca.npy"), pcs.projections)
-        _save_npy(out("pca_components.npy"), pcs.components)
-        _save_npy(out("pca_mean.npy"), pcs.mean)
-        _save_npy(out("pca_explained_variance.npy"), pcs.explained_variance_ratio)
-        plot_explained_variance(pcs.explained_variance_ratio, out("pca_explained_variance.png"))
-        _save_npy(out("kmeans_labels.npy"), km.labels)
-        _save_npy(out("kmeans_centers.npy"), km.centers)
-        _save_npy(out("kmeans_center_indices.npy"), km.center_indices)
-
-        cluster_vols = []
-        for i, vol in enumerate(iter_decoded(model, km.centers, D, config.batch_size, config.progress,
-                                             "cluster volumes")):
-            write_volume(out(f"vol_kmeans_{i:02d}.mrc"), vol, apix)
-            cluster_vols.append(vol)
-        from tqdm.auto import tqdm
-
-        for i, zc in enumerate(tqdm(km.centers, desc="attention maps", disable=not config.progress,
-                                    leave=False)):
-            write_volume(out(f"attn_kmeans_{i:02d}.mrc"), attention_stack(model, zc, D), apix)
-        for p in range(1, n_pcs + 1):
-            zt = pc_traversal(pcs, p, config.n_traversal, config.traversal_percentiles)
-            os.makedirs(out(f"pc{p}"))
-            _save_npy(out(f"pc{p}/z.npy"), zt)
-            write_volumes(model, zt, out(f"pc{p}"), apix, D, batch_size=config.batch_size,
-                          progress=config.progress, desc=f"PC{p} traversal")
-            files[f"pc{p} traversal"] = f"pc{p}/"
+        _write_latent_tables(out, z, pcs, km)
+        cluster_vols = _write_cluster_maps(out, model, km.centers, D, apix, config)
+        files.update(_write_traversals(out, model, pcs, D, apix, config))
         write_volume(out("flex_score.mrc"),
                      flex_score(model, z, D, config.flex_method, seed=config.seed,
                                 progress=config.progress), apix)
@@ -172,24 +147,71 @@ def analyze_run(run, out_dir: PathLike, config: AnalyzeConfig = AnalyzeConfig())
                       "flexible-region score": "flex_score.mrc", "latents": "z.npy",
                       "PC coordinates": "pca.npy", "cluster labels": "kmeans_labels.npy"})
         write_summary_html(out("summary.html"), out("summary.png"), info, km.sizes().tolist(), files)
-        record = {
-            "epoch": info["epoch"], "n_particles": n, "zdim": int(z.shape[1]),
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
-            "box_size_voxels": D, "voxel_size_angstrom": apix,
-            "training_box_size_px": int(run.box_size),
-            "training_pixel_size_angstrom": run.pixel_size_angstrom,
-            "explained_variance_ratio": pcs.explained_variance_ratio.tolist(),
-            "cluster_sizes": km.sizes().tolist(),
-            "kmeans_centers": "nearest particle latent to each scikit-learn KMeans centroid "
-                              "(n_init=10, seeded); clusters numbered along PC1",
-            "attention_channels": attention_channel_names(model),
-            "flex_score": {"method": config.flex_method,
-                           "definition": _FLEX_DEFINITIONS[config.flex_method]},
-            "files": files,
-        }
+        record = _analysis_record(run, z, config, D, apix, pcs, km, attention_channel_names(model), files)
         with open(out("analysis.json"), "w", encoding="utf-8") as fh:
             json.dump(record, fh, indent=2)
     return record
+
+
+def _write_latent_tables(out: Callable[[str], str], z: np.ndarray, pcs: PcaResult, km: KMeansResult) -> None:
+    """``z.npy``, the PCA arrays and plot, and the K-means arrays (``out`` names a file)."""
+    _save_npy(out("z.npy"), z)
+    _save_npy(out("pca.npy"), pcs.projections)
+    _save_npy(out("pca_components.npy"), pcs.components)
+    _save_npy(out("pca_mean.npy"), pcs.mean)
+    _save_npy(out("pca_explained_variance.npy"), pcs.explained_variance_ratio)
+    plot_explained_variance(pcs.explained_variance_ratio, out("pca_explained_variance.png"))
+    _save_npy(out("kmeans_labels.npy"), km.labels)
+    _save_npy(out("kmeans_centers.npy"), km.centers)
+    _save_npy(out("kmeans_center_indices.npy"), km.center_indices)
+
+
+def _write_cluster_maps(out: Callable[[str], str], model, centers: np.ndarray, D: int, apix: float,
+                        config: AnalyzeConfig) -> List[np.ndarray]:
+    """Volume and attention maps at each K-means centre ``[K, zdim]``; returns the volumes."""
+    cluster_vols = []
+    for i, vol in enumerate(iter_decoded(model, centers, D, config.batch_size, config.progress,
+                                         "cluster volumes")):
+        write_volume(out(f"vol_kmeans_{i:02d}.mrc"), vol, apix)
+        cluster_vols.append(vol)
+    for i, zc in enumerate(tqdm(centers, desc="attention maps", disable=not config.progress,
+                                leave=False)):
+        write_volume(out(f"attn_kmeans_{i:02d}.mrc"), attention_stack(model, zc, D), apix)
+    return cluster_vols
+
+
+def _write_traversals(out: Callable[[str], str], model, pcs: PcaResult, D: int, apix: float,
+                      config: AnalyzeConfig) -> Dict[str, str]:
+    """``pcN/z.npy`` and ``pcN/vol_XXX.mrc`` along the first PCs; their entries of ``files``."""
+    files = {}
+    for p in range(1, min(config.traversal_pcs, pcs.projections.shape[1]) + 1):
+        zt = pc_traversal(pcs, p, config.n_traversal, config.traversal_percentiles)
+        os.makedirs(out(f"pc{p}"))
+        _save_npy(out(f"pc{p}/z.npy"), zt)
+        write_volumes(model, zt, out(f"pc{p}"), apix, D, batch_size=config.batch_size,
+                      progress=config.progress, desc=f"PC{p} traversal")
+        files[f"pc{p} traversal"] = f"pc{p}/"
+    return files
+
+
+def _analysis_record(run, z: np.ndarray, config: AnalyzeConfig, D: int, apix: float, pcs: PcaResult,
+                     km: KMeansResult, channels: List[str], files: Dict[str, str]) -> Dict[str, object]:
+    """The content of ``analysis.json``."""
+    return {
+        "epoch": getattr(run, "epoch", None), "n_particles": len(z), "zdim": int(z.shape[1]),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+        "box_size_voxels": D, "voxel_size_angstrom": apix,
+        "training_box_size_px": int(run.box_size),
+        "training_pixel_size_angstrom": run.pixel_size_angstrom,
+        "explained_variance_ratio": pcs.explained_variance_ratio.tolist(),
+        "cluster_sizes": km.sizes().tolist(),
+        "kmeans_centers": "nearest particle latent to each scikit-learn KMeans centroid "
+                          "(n_init=10, seeded); clusters numbered along PC1",
+        "attention_channels": channels,
+        "flex_score": {"method": config.flex_method,
+                       "definition": _FLEX_DEFINITIONS[config.flex_method]},
+        "files": files,
+    }
 
 
 _FLEX_DEFINITIONS = {

@@ -21,7 +21,21 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from cryoformer.analysis.attention_maps import flex_score
+from cryoformer.analysis.evaluation import (distance_from_centre, flex_roc_auc, fourier_crop_volume,
+                                            heterogeneous_fsc, resample_real, state_mean_latents,
+                                            summarise_fsc, support_mask, voxel_variance)
+from cryoformer.analysis.export import run_paths
 from cryoformer.errors import InputError, PathLike, require_file
+from cryoformer.io.cryodrgn import read_poses_pkl
+from cryoformer.io.dispatch import load_poses
+from cryoformer.io.mrc import read_volume
+from cryoformer.io.pairing import match_rows
+from cryoformer.io.particles import open_particles
+from cryoformer.io.safe_pickle import load_pickle
+from cryoformer.metrics.fsc import FscResult, plot_fsc, soft_spherical_mask
+from cryoformer.metrics.heterogeneity import difference_map_correlation, motion_mask
+from cryoformer.metrics.pose_error import pose_error_summary
 
 __all__ = ["EvaluateConfig", "evaluate_run", "format_table", "gt_map_paths", "load_gt_labels"]
 
@@ -78,8 +92,6 @@ def gt_map_paths(spec: Union[str, Sequence[PathLike]]) -> List[str]:
 
 def load_gt_labels(path: PathLike, n_states: int, n_original: Optional[int]) -> np.ndarray:
     """Per-particle ground-truth state ``[N_original]`` int64 from a ``.npy``/``.pkl``; validated."""
-    from cryoformer.io.safe_pickle import load_pickle
-
     path = require_file(path, "ground-truth labels")
     try:
         labels = np.load(path, allow_pickle=False) if path.endswith(".npy") else load_pickle(path)
@@ -103,9 +115,6 @@ def _original_box(run) -> int:
 def _gt_on_grid(paths: List[str], run, D_eval: Optional[int]):
     """Ground-truth maps ``[K, d, d, d]`` Fourier-cropped to the evaluation box; ``d``, the maps'
     box and the physical box edge (Å)."""
-    from cryoformer.analysis.evaluation import fourier_crop_volume
-    from cryoformer.io.mrc import read_volume
-
     maps, shapes = [], set()
     apix_gt = None
     for p in paths:
@@ -131,10 +140,6 @@ def _gt_on_grid(paths: List[str], run, D_eval: Optional[int]):
 
 def _original_count(run) -> Optional[int]:
     """Images in the original particle stack (None when it cannot be opened from here)."""
-    from cryoformer.io.particles import open_particles
-
-    from cryoformer.analysis.export import run_paths
-
     paths = run_paths(run)
     try:
         return len(open_particles(paths["particles"], datadir=paths.get("datadir")))
@@ -161,38 +166,12 @@ def evaluate_run(run, gt_maps: Union[str, Sequence[PathLike]], gt_labels: PathLi
     box_size : int, optional
         Evaluation box ``d`` (default ``min(D_gt, training box)``).
     """
-    from cryoformer.analysis.attention_maps import flex_score
-    from cryoformer.analysis.evaluation import (distance_from_centre, flex_roc_auc, heterogeneous_fsc,
-                                                resample_real, state_mean_latents, summarise_fsc,
-                                                support_mask, voxel_variance)
-    from cryoformer.io.mrc import read_volume
-    from cryoformer.metrics.fsc import FscResult, plot_fsc, soft_spherical_mask
-    from cryoformer.metrics.heterogeneity import difference_map_correlation, motion_mask
-
     paths = gt_map_paths(gt_maps)
-    n_orig = _original_count(run)
-    labels_all = load_gt_labels(gt_labels, len(paths), n_orig)
-    idx = np.asarray(run.particle_indices, dtype=np.int64)
-    if idx.size and idx.max() >= labels_all.size:
-        raise InputError(gt_labels, None, f"{labels_all.size} labels but the run uses particle {int(idx.max())}")
+    idx, labels_all = _run_labels(run, gt_labels, len(paths))
     motion = None
     if gt_motion is not None:
         motion, _ = read_volume(gt_motion)
-    truth_poses = None
-    if gt_poses is not None:
-        from cryoformer.io.dispatch import load_poses
-
-        # cryoDRGN .pkl shifts are box fractions: read them in pixels of the original box D₀.
-        pkl = os.fspath(gt_poses).lower().endswith(".pkl")
-        truth_poses = load_poses(gt_poses, box_size=_original_box(run) if pkl else None)
-        if run.paths.get("particles"):
-            # Row k of the truth must be image k of the particles: by name when it has names.
-            from cryoformer.io.pairing import match_rows
-            from cryoformer.io.particles import open_particles
-
-            source = open_particles(run.paths["particles"], datadir=run.paths.get("datadir"))
-            truth_poses = match_rows(source, run.paths["particles"], gt_poses, len(truth_poses),
-                                     run.paths.get("datadir")).apply(truth_poses)
+    truth_poses = None if gt_poses is None else _truth_poses(run, gt_poses)
     maps, d, D_gt, phys = _gt_on_grid(paths, run, box_size)
     if motion is not None and motion.shape[0] != D_gt:
         raise InputError(gt_motion, "shape", f"motion map box {motion.shape[0]} differs from the maps' {D_gt}")
@@ -210,73 +189,124 @@ def evaluate_run(run, gt_maps: Union[str, Sequence[PathLike]], gt_labels: PathLi
            # Near zero means the latents collapsed (no heterogeneity learned yet).
            "latent_std_mean": float(z.std(axis=0).mean()),
            "fsc": summarise_fsc(results, [int(np.sum(labels == k)) for k in sorted(results)])}
-    # The trivial baseline every per-state score is read against: one map with no
-    # heterogeneity at all, the particle-weighted mean of the true maps (what a perfect
-    # homogeneous refinement of these particles would give), scored the same way.
-    counts = np.bincount(labels, minlength=len(paths)).astype(np.float64)  # [K]
+    counts = np.bincount(labels, minlength=len(paths)).astype(np.float64)  # [K] particles per state
     consensus = np.tensordot(counts / max(counts.sum(), 1.0), maps, axes=1).astype(np.float32)
-    baseline = {k: FscResult.compute(consensus, maps[k], apix, mask=mask, label=f"consensus vs state {k}")
-                for k in sorted(results)}
-    out["fsc_consensus_baseline"] = summarise_fsc(baseline, [int(counts[k]) for k in sorted(baseline)])
-    scored = sorted(decoded)
-    if len(scored) >= 2:
-        # What the per-state FSC cannot see: do the recovered maps change the way the true ones
-        # do? The consensus scores 0 here by construction, the true maps 1.
-        support = support_mask(maps, config.support_fraction)
-        rec, tru = np.stack([decoded[k] for k in scored]), maps[scored]
-        lp = config.difference_lowpass_angstrom
-        out["heterogeneity"] = {
-            "lowpass_angstrom": lp, "states": scored,
-            "difference_map_correlation": difference_map_correlation(rec, tru, apix, lp, support),
-            "consensus_baseline": difference_map_correlation(
-                np.broadcast_to(consensus, tru.shape), tru, apix, lp, support),
-            "true_maps": 1.0}
+    out["fsc_consensus_baseline"] = _consensus_fsc(consensus, maps, apix, mask, counts, sorted(results))
+    if len(decoded) >= 2:
+        out["heterogeneity"] = _heterogeneity(decoded, maps, consensus, apix, config)
     missing = [k for k in range(len(paths)) if k not in results]
     if missing:
         out["fsc"]["states_without_particles"] = missing
-    refined = getattr(run, "refined_poses_path", None)
-    if truth_poses is not None and refined is not None:
-        out["pose_error"] = _pose_errors(refined, truth_poses, idx, _original_box(run))
-    elif truth_poses is not None:
-        out["pose_error"] = {"note": "the run has no refined poses (trained without --refine-poses)"}
+    if truth_poses is not None:
+        out["pose_error"] = _pose_error_entry(run, truth_poses, idx)
     if motion is not None:
-        motion_d = resample_real(motion, d)
-        threshold = config.motion_threshold_angstrom or apix
-        scores = {"flex_queries": flex_score(model, z, d, "queries", seed=config.seed,
-                                             progress=config.progress)}
-        if model.config.use_rsca:
-            scores["flex_weights"] = flex_score(model, z, d, "weights", seed=config.seed,
-                                                progress=config.progress)
-        scores["distance_from_centre"] = distance_from_centre(d)
-        scores["voxel_variance"] = voxel_variance(model, z, d, config.variance_latents, config.seed,
-                                                  config.progress)
-        support = support_mask(maps, config.support_fraction)  # [d, d, d] the molecule
-        out["flexible_region"] = flex_roc_auc(scores, motion_d, threshold, support)
-        out["flexible_region"]["support_fraction"] = config.support_fraction
-        # Reference, not a method: the variance of the ground-truth maps themselves shows how
-        # well a perfect reconstruction's voxel variance would do on this motion.
-        ref = flex_roc_auc({"gt": maps.var(axis=0)}, motion_d, threshold, support)
-        out["flexible_region"]["reference_auc_ground_truth_variance"] = ref["auc"]["gt"]
-        moving = motion_mask(motion_d, threshold)
-        if moving.any() and decoded:
-            # FSC inside a soft mask around the voxels that move, beside the consensus's.
-            here = {k: FscResult.compute(decoded[k], maps[k], apix, mask=moving) for k in sorted(decoded)}
-            there = {k: FscResult.compute(consensus, maps[k], apix, mask=moving) for k in sorted(decoded)}
-            n = [int(counts[k]) for k in sorted(decoded)]
-            out["fsc_moving_region"] = {"threshold_angstrom": threshold,
-                                        "recovered": summarise_fsc(here, n),
-                                        "consensus_baseline": summarise_fsc(there, n)}
+        out.update(_flexible_region(model, z, maps, resample_real(motion, d), apix, decoded, consensus,
+                                    counts, config))
     if config.fsc_plot and results:  # last, so a failure above leaves no plot behind
         plot_fsc(list(results.values()), config.fsc_plot, title="decoded vs ground truth, per state")
         out["fsc_plot"] = config.fsc_plot
     return out
 
 
+def _run_labels(run, gt_labels: PathLike, n_states: int):
+    """The run's particles (rows of the original stack, ``[N]``) and the true state of every
+    particle of the original stack (``[N_original]``)."""
+    labels_all = load_gt_labels(gt_labels, n_states, _original_count(run))
+    idx = np.asarray(run.particle_indices, dtype=np.int64)
+    if idx.size and idx.max() >= labels_all.size:
+        raise InputError(gt_labels, None, f"{labels_all.size} labels but the run uses particle {int(idx.max())}")
+    return idx, labels_all
+
+
+def _pose_error_entry(run, truth_poses, idx: np.ndarray) -> dict:
+    """``pose_error`` of the result: the errors of the refined poses, or why there are none."""
+    refined = getattr(run, "refined_poses_path", None)
+    if refined is None:
+        return {"note": "the run has no refined poses (trained without --refine-poses)"}
+    return _pose_errors(refined, truth_poses, idx, _original_box(run))
+
+
+def _consensus_fsc(consensus: np.ndarray, maps: np.ndarray, apix: float, mask: Optional[np.ndarray],
+                   counts: np.ndarray, states: List[int]) -> dict:
+    """FSC summary of the ``consensus`` map against each state's true map.
+
+    The trivial baseline every per-state score is read against: one map with no heterogeneity
+    at all, the particle-weighted mean of the true maps (what a perfect homogeneous refinement
+    of these particles would give), scored the same way.
+    """
+    baseline = {k: FscResult.compute(consensus, maps[k], apix, mask=mask, label=f"consensus vs state {k}")
+                for k in states}
+    return summarise_fsc(baseline, [int(counts[k]) for k in sorted(baseline)])
+
+
+def _truth_poses(run, gt_poses: PathLike):
+    """The true poses, row ``k`` for image ``k`` of the run's original particles."""
+    # cryoDRGN .pkl shifts are box fractions: read them in pixels of the original box D₀.
+    pkl = os.fspath(gt_poses).lower().endswith(".pkl")
+    truth_poses = load_poses(gt_poses, box_size=_original_box(run) if pkl else None)
+    if run.paths.get("particles"):
+        # Row k of the truth must be image k of the particles: by name when it has names.
+        source = open_particles(run.paths["particles"], datadir=run.paths.get("datadir"))
+        truth_poses = match_rows(source, run.paths["particles"], gt_poses, len(truth_poses),
+                                 run.paths.get("datadir")).apply(truth_poses)
+    return truth_poses
+
+
+def _heterogeneity(decoded: dict, maps: np.ndarray, consensus: np.ndarray, apix: float,
+                   config: EvaluateConfig) -> dict:
+    """Difference-map correlation of the decoded states ``decoded`` (state → ``[d, d, d]``).
+
+    What the per-state FSC cannot see: do the recovered maps change the way the true ones do?
+    The consensus scores 0 here by construction, the true maps 1.
+    """
+    scored = sorted(decoded)
+    support = support_mask(maps, config.support_fraction)
+    rec, tru = np.stack([decoded[k] for k in scored]), maps[scored]
+    lp = config.difference_lowpass_angstrom
+    return {
+        "lowpass_angstrom": lp, "states": scored,
+        "difference_map_correlation": difference_map_correlation(rec, tru, apix, lp, support),
+        "consensus_baseline": difference_map_correlation(
+            np.broadcast_to(consensus, tru.shape), tru, apix, lp, support),
+        "true_maps": 1.0}
+
+
+def _flexible_region(model, z: np.ndarray, maps: np.ndarray, motion_d: np.ndarray, apix: float,
+                     decoded: dict, consensus: np.ndarray, counts: np.ndarray,
+                     config: EvaluateConfig) -> dict:
+    """``flexible_region`` (ROC-AUC of the scores against the true motion ``motion_d`` ``[d, d, d]``)
+    and, when some voxels move, ``fsc_moving_region``."""
+    d = motion_d.shape[0]
+    threshold = config.motion_threshold_angstrom or apix
+    scores = {"flex_queries": flex_score(model, z, d, "queries", seed=config.seed,
+                                         progress=config.progress)}
+    if model.config.use_rsca:
+        scores["flex_weights"] = flex_score(model, z, d, "weights", seed=config.seed,
+                                            progress=config.progress)
+    scores["distance_from_centre"] = distance_from_centre(d)
+    scores["voxel_variance"] = voxel_variance(model, z, d, config.variance_latents, config.seed,
+                                              config.progress)
+    support = support_mask(maps, config.support_fraction)  # [d, d, d] the molecule
+    out = {"flexible_region": flex_roc_auc(scores, motion_d, threshold, support)}
+    out["flexible_region"]["support_fraction"] = config.support_fraction
+    # Reference, not a method: the variance of the ground-truth maps themselves shows how
+    # well a perfect reconstruction's voxel variance would do on this motion.
+    ref = flex_roc_auc({"gt": maps.var(axis=0)}, motion_d, threshold, support)
+    out["flexible_region"]["reference_auc_ground_truth_variance"] = ref["auc"]["gt"]
+    moving = motion_mask(motion_d, threshold)
+    if moving.any() and decoded:
+        # FSC inside a soft mask around the voxels that move, beside the consensus's.
+        here = {k: FscResult.compute(decoded[k], maps[k], apix, mask=moving) for k in sorted(decoded)}
+        there = {k: FscResult.compute(consensus, maps[k], apix, mask=moving) for k in sorted(decoded)}
+        n = [int(counts[k]) for k in sorted(decoded)]
+        out["fsc_moving_region"] = {"threshold_angstrom": threshold,
+                                    "recovered": summarise_fsc(here, n),
+                                    "consensus_baseline": summarise_fsc(there, n)}
+    return out
+
+
 def _pose_errors(refined_path: str, truth, idx: np.ndarray, box0: int) -> dict:
     """Refined (run particles) vs true (original stack) poses; shifts in pixels of the original box."""
-    from cryoformer.io.cryodrgn import read_poses_pkl
-    from cryoformer.metrics.pose_error import pose_error_summary
-
     refined = read_poses_pkl(refined_path, box_size=box0)
     if len(refined) != len(idx):
         raise InputError(refined_path, None, f"{len(refined)} poses but the run has {len(idx)} particles")

@@ -1,7 +1,7 @@
 """Accuracy against ground truth (docs/conventions.md, "Metrics"): heterogeneous FSC, flexible-region ROC-AUC, poses.
 
 Everything here takes arrays and a model; reading a run directory and the ground-truth files is
-done by :func:`cryoformer.analysis.pipeline.evaluate_run`.
+done by :func:`cryoformer.analysis.evaluate.evaluate_run`.
 
 Boxes. Training may use a downsampled box, so ground-truth maps are brought to the evaluation
 box ``d`` by Fourier cropping (:func:`fourier_crop_volume`, mean-preserving, as
@@ -16,7 +16,10 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+from scipy.ndimage import map_coordinates
 
+from cryoformer.analysis.attention_maps import subsample_latents
+from cryoformer.analysis.volumes import iter_decoded
 from cryoformer.metrics.fsc import FscResult
 
 __all__ = ["fourier_crop_volume", "resample_real", "state_mean_latents", "heterogeneous_fsc",
@@ -47,8 +50,6 @@ def resample_real(volume: np.ndarray, new_D: int, order: int = 1) -> np.ndarray:
     Voxel ``i`` of the new grid sits at ``(i − new_D//2) · D/new_D + D//2`` old voxels, so the
     centres coincide (docs/conventions.md). Values beyond the edge are the nearest edge values.
     """
-    from scipy.ndimage import map_coordinates
-
     vol = np.asarray(volume, dtype=np.float32)
     D = vol.shape[0]
     if new_D == D:
@@ -99,8 +100,6 @@ def heterogeneous_fsc(model, state_latents: Dict[int, np.ndarray], gt_maps: np.n
     dict
         ``{state: FscResult}`` labelled ``"state k"``.
     """
-    from cryoformer.analysis.volumes import iter_decoded
-
     states = sorted(state_latents)
     d = gt_maps.shape[-1]
     z = np.stack([state_latents[k] for k in states]) if states else np.zeros((0, 1), np.float32)
@@ -126,9 +125,6 @@ def voxel_variance(model, z: np.ndarray, D: Optional[int] = None, max_latents: i
     The baseline (docs/conventions.md) for flexible-region localisation: where the decoded density changes
     across the particles' latents. Streaming (Welford), so memory stays at a few volumes.
     """
-    from cryoformer.analysis.attention_maps import subsample_latents
-    from cryoformer.analysis.volumes import iter_decoded
-
     zs = subsample_latents(z, max_latents, seed)
     D = int(D or model.box_size)
     mean = np.zeros((D, D, D))
@@ -168,8 +164,6 @@ def flex_roc_auc(scores: Dict[str, np.ndarray], motion_angstrom: np.ndarray,
         ``{"auc": {name: float or None}, "n_voxels", "n_moving", "threshold_angstrom"}``; the
         AUCs are None (with a ``"note"``) when the voxels are all moving or all static.
     """
-    from sklearn.metrics import roc_auc_score
-
     motion = np.asarray(motion_angstrom)
     keep = np.ones(motion.shape, bool) if support is None else np.asarray(support, bool)
     moving = motion[keep] > threshold_angstrom
@@ -179,6 +173,9 @@ def flex_roc_auc(scores: Dict[str, np.ndarray], motion_angstrom: np.ndarray,
         out["auc"] = {name: None for name in scores}
         out["note"] = "every scored voxel is on one side of the motion threshold; AUC undefined"
         return out
+    # sklearn here, not at the top: ~1 s to import, and every CLI command imports this module
+    from sklearn.metrics import roc_auc_score
+
     out["auc"] = {name: float(roc_auc_score(moving, np.asarray(s)[keep])) for name, s in scores.items()}
     return out
 

@@ -23,9 +23,16 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import pandas as pd
+import starfile
 
 from cryoformer.errors import InputError, PathLike, require_file
-from cryoformer.io.atomic import atomic_open
+from cryoformer.io.atomic import atomic_open, atomic_path
+from cryoformer.io.cryosparc import cs_image_locations, read_cs
+from cryoformer.io.pairing import load_paired_metadata
+from cryoformer.io.particles import open_particles, stack_paths_from_txt
+from cryoformer.io.safe_pickle import load_pickle, save_pickle
+from cryoformer.io.star import image_locations, read_star, write_star
 
 __all__ = ["EXPORT_FORMATS", "select_clusters", "load_selection", "to_original_indices",
            "filter_star_rows", "write_star_subset", "write_cs_subset", "write_index_npy",
@@ -57,8 +64,6 @@ def load_selection(path: PathLike, n_particles: int) -> np.ndarray:
     n_particles : int
         Particles in the run.
     """
-    from cryoformer.io.safe_pickle import load_pickle
-
     path = require_file(path, "selection file")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
@@ -124,8 +129,6 @@ def moved_image_names(star, out: PathLike, datadir: Optional[PathLike] = None) -
     when ``out`` sits beside the source and no ``datadir`` was needed (rows can be copied
     verbatim), else the names with absolute stack paths, which every reader resolves alike.
     """
-    from cryoformer.io.star import image_locations
-
     out_dir = os.path.dirname(os.path.abspath(os.fspath(out)))
     if datadir is None and os.path.realpath(out_dir) == os.path.realpath(os.path.dirname(star.path)):
         return None
@@ -153,8 +156,6 @@ def filter_star_rows(source: PathLike, out: PathLike, indices: np.ndarray,
     rows cannot be told apart line by line (key/value blocks) are rewritten through
     ``starfile`` instead, keeping every column. Returns the number of rows written.
     """
-    from cryoformer.io.star import read_star
-
     source = os.path.abspath(require_file(source, "star file"))
     star = read_star(source)
     names = moved_image_names(star, out, datadir)
@@ -194,16 +195,10 @@ def _rewrite_star_rows(source: str, out: PathLike, idx: np.ndarray, block: Optio
                        names: Optional[List[str]] = None) -> int:
     """Fallback of :func:`filter_star_rows` through ``starfile`` (all blocks kept); ``names``
     replace ``rlnImageName`` when given."""
-    import starfile
-
-    from cryoformer.io.atomic import atomic_path
-
     raw = starfile.read(source, always_dict=True)
     key = block if block in raw else next(k for k in raw if k != "optics")
     table = raw[key]
     if isinstance(table, dict):  # single-particle key/value block
-        import pandas as pd
-
         table = pd.DataFrame([table])
     if names is not None:
         table = table.copy()
@@ -217,19 +212,13 @@ def _rewrite_star_rows(source: str, out: PathLike, idx: np.ndarray, block: Optio
 def image_names_for(particles: PathLike, datadir: Optional[PathLike], out_dir: str) -> List[str]:
     """RELION ``rlnImageName`` of every original particle (``0001@stack.mrcs``), stacks relative to
     ``out_dir`` (``.mrcs``/``.mrc``/``.txt``/``.cs`` inputs)."""
-    from cryoformer.io.particles import open_particles
-
     particles = os.fspath(particles)
     ext = os.path.splitext(particles)[1].lower()
     if ext == ".cs":
-        from cryoformer.io.cryosparc import cs_image_locations, read_cs
-
         locations = cs_image_locations(read_cs(particles), datadir, cs_path=particles)
     elif ext == ".txt":
-        from cryoformer.io.particles import _read_txt  # the same resolution open_particles uses
-
         locations = []
-        for stack in _read_txt(particles, datadir):
+        for stack in stack_paths_from_txt(particles, datadir):  # the resolution open_particles uses
             locations += [(stack, k) for k in range(len(open_particles(stack)))]
     else:
         locations = [(os.path.abspath(particles), k) for k in range(len(open_particles(particles)))]
@@ -239,8 +228,6 @@ def image_names_for(particles: PathLike, datadir: Optional[PathLike], out_dir: s
 def write_star_subset(out: PathLike, indices: np.ndarray, poses, ctf, image_names: Sequence[str],
                       pixel_size_angstrom: float) -> None:
     """A new RELION 3.1 file for the particles ``indices`` of ``poses``/``ctf``/``image_names``."""
-    from cryoformer.io.star import write_star
-
     idx = np.asarray(indices, dtype=np.int64)
     write_star(out, None if poses is None else poses.subset(idx), None if ctf is None else ctf.subset(idx),
                [image_names[i] for i in idx], pixel_size_angstrom)
@@ -248,8 +235,6 @@ def write_star_subset(out: PathLike, indices: np.ndarray, poses, ctf, image_name
 
 def write_cs_subset(source: PathLike, out: PathLike, indices: np.ndarray) -> None:
     """The rows ``indices`` of a cryoSPARC ``.cs`` table (every field kept)."""
-    from cryoformer.io.cryosparc import read_cs
-
     cs = read_cs(source)
     idx = np.asarray(indices, dtype=np.int64)
     if idx.size and idx.max() >= len(cs):
@@ -266,8 +251,6 @@ def write_index_npy(out: PathLike, indices: np.ndarray) -> None:
 
 def write_index_pkl(out: PathLike, indices: np.ndarray) -> None:
     """cryoDRGN index pickle (what ``--ind`` reads): an int64 numpy array."""
-    from cryoformer.io.safe_pickle import save_pickle
-
     save_pickle(np.asarray(indices, dtype=np.int64), out)
 
 
@@ -298,9 +281,6 @@ def export_run(run, rows: np.ndarray, fmt: str, out: PathLike, source: Optional[
     dict
         ``{"n_particles", "indices" (first few), "files": [...], "how"}``.
     """
-    from cryoformer.io.pairing import load_paired_metadata
-    from cryoformer.io.particles import open_particles
-
     if fmt not in EXPORT_FORMATS:
         raise InputError(None, "--format", f"must be one of {EXPORT_FORMATS}, got {fmt!r}")
     idx = to_original_indices(rows, run.particle_indices)
@@ -324,19 +304,25 @@ def export_run(run, rows: np.ndarray, fmt: str, out: PathLike, source: Optional[
         filter_star_rows(src, out, idx, paths.get("datadir") if source is None else None)
         how = f"rows of {src} copied verbatim"
     else:
-        stack = open_particles(paths["particles"], datadir=paths.get("datadir"))
-        # Poses / CTF given with the particles (.cs input) when no separate file was used.
-        pose_path = paths.get("poses") or paths["particles"]
-        ctf_path = paths.get("ctf") or (paths["particles"] if ext == ".cs" else None)
-        # Rows paired with the stack's images by name (a shuffled .star), as in training.
-        meta = load_paired_metadata(stack, paths["particles"], pose_path, ctf_path,
-                                    paths.get("datadir"), rows=idx)
-        poses, ctf = meta.poses, meta.ctf
-        apix = meta.pixel_size_angstrom or (run.pixel_size_angstrom * run.box_size / stack.box_size)
-        names = image_names_for(paths["particles"], paths.get("datadir"),
-                                os.path.dirname(os.path.abspath(out)))
-        if len(names) != len(poses):
-            raise InputError(pose_path, None, f"{len(poses)} poses for {len(names)} particles")
-        write_star_subset(out, idx, poses, ctf, names, apix)
+        _write_new_star(run, paths, idx, out, ext)
         how = "new RELION 3.1 file from the run's poses, CTF and particle stack"
     return {"n_particles": int(idx.size), "files": files, "how": how}
+
+
+def _write_new_star(run, paths: dict, idx: np.ndarray, out: str, ext: str) -> None:
+    """A new RELION 3.1 file at ``out`` for the original particles ``idx``, from the run's
+    inputs (``paths``, the training particles having extension ``ext``)."""
+    stack = open_particles(paths["particles"], datadir=paths.get("datadir"))
+    # Poses / CTF given with the particles (.cs input) when no separate file was used.
+    pose_path = paths.get("poses") or paths["particles"]
+    ctf_path = paths.get("ctf") or (paths["particles"] if ext == ".cs" else None)
+    # Rows paired with the stack's images by name (a shuffled .star), as in training.
+    meta = load_paired_metadata(stack, paths["particles"], pose_path, ctf_path,
+                                paths.get("datadir"), rows=idx)
+    poses, ctf = meta.poses, meta.ctf
+    apix = meta.pixel_size_angstrom or (run.pixel_size_angstrom * run.box_size / stack.box_size)
+    names = image_names_for(paths["particles"], paths.get("datadir"),
+                            os.path.dirname(os.path.abspath(out)))
+    if len(names) != len(poses):
+        raise InputError(pose_path, None, f"{len(poses)} poses for {len(names)} particles")
+    write_star_subset(out, idx, poses, ctf, names, apix)

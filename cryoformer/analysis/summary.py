@@ -21,6 +21,8 @@ __all__ = ["plot_explained_variance", "plot_summary", "write_summary_html"]
 
 
 def _figure(width_in: float, height_in: float):
+    # Imported here, not at the top: importing matplotlib sets up its cache directory and warns on
+    # stderr where that is not writable, and every command loads this module.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -53,7 +55,7 @@ def plot_explained_variance(ratio: np.ndarray, path: PathLike) -> None:
 
 
 def _scatter(ax, pc: np.ndarray, labels: np.ndarray, centers_pc: np.ndarray, ratio) -> None:
-    import matplotlib
+    import matplotlib  # at first use, as in _figure (always called first)
 
     k = int(labels.max()) + 1 if labels.size else 0
     cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]

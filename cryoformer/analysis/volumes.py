@@ -17,6 +17,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from cryoformer.errors import PathLike
 from cryoformer.io.atomic import staged_directory  # noqa: F401  (part of this module's API)
@@ -48,8 +49,6 @@ def iter_decoded(model, z: np.ndarray, D: Optional[int] = None, batch_size: int 
     progress : bool
         Show a tqdm progress bar (one tick per volume).
     """
-    from tqdm.auto import tqdm
-
     z = np.atleast_2d(np.asarray(z, dtype=np.float32))  # [M, zdim]
     bar = tqdm(total=len(z), desc=desc, unit="vol", disable=not progress, leave=False)
     try:

@@ -15,6 +15,7 @@ leaves a partial file behind. Every command refuses to replace an existing outpu
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import traceback
@@ -22,6 +23,7 @@ from typing import List, Optional
 
 from cryoformer import __version__
 from cryoformer.errors import InputError
+from cryoformer.io.guard import WRITE_ERRNOS
 
 # Order = order in --help. Each module has add_parser(subparsers) and run(args).
 _COMMAND_MODULES = (
@@ -44,8 +46,6 @@ EXIT_INPUT_ERROR = 2
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
-    import importlib
-
     parser = argparse.ArgumentParser(
         prog="cryoformer",
         description="Continuous heterogeneous cryo-EM reconstruction (CryoFormer).",
@@ -83,8 +83,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"cryoformer {args.command}: error: {err.one_line()}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except OSError as err:
-        from cryoformer.io.guard import WRITE_ERRNOS
-
         # A disk that filled up or a permission lost while writing something not covered by
         # the atomic writers (a log appended to, a directory made): still one line.
         if err.errno not in WRITE_ERRNOS and not isinstance(err, FileNotFoundError):

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from cryoformer.analysis.analyze import AnalyzeConfig, analysis_dir, analyze_run
 from cryoformer.errors import InputError
+from cryoformer.io.guard import claim_output_dir
+from cryoformer.trainer.run_dir import load_run
 
 
 def epoch_argument(text: str):
@@ -40,8 +43,6 @@ def add_run_arguments(p: argparse.ArgumentParser, device: bool = True) -> None:
 def open_run(args):
     """Load ``args.run_dir`` at ``args.epoch`` on ``args.device`` (errors are one-line InputErrors:
     not a run directory, no finished epoch, a missing epoch, no CUDA device)."""
-    from cryoformer.trainer.run_dir import load_run
-
     return load_run(args.run_dir, epoch=args.epoch, device=getattr(args, "device", "cpu"))
 
 
@@ -76,9 +77,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from cryoformer.analysis.analyze import AnalyzeConfig, analysis_dir, analyze_run
-    from cryoformer.io.guard import claim_output_dir
-
     for name, value in (("--k", args.k), ("--n-traversal", args.n_traversal), ("--pcs", args.pcs),
                         ("--batch-size", args.batch_size)):
         if value < 1:

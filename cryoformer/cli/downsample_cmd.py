@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+from tqdm.auto import tqdm
+
 from cryoformer.errors import InputError
+from cryoformer.io.guard import claim_output_file
+from cryoformer.io.particles import StackWriter, open_particles
+from cryoformer.physics.fourier import fourier_crop
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -26,13 +32,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from cryoformer.io.guard import claim_output_file
-    from cryoformer.io.particles import StackWriter, open_particles
-    from cryoformer.physics.fourier import fourier_crop
-
     if args.box % 2 or args.box < 2:
         raise InputError(None, "-D", f"new box size must be even and >= 2, got {args.box}")
     if args.chunk_size < 1:

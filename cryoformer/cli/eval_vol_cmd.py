@@ -6,12 +6,15 @@ import argparse
 import os
 import re
 
+import numpy as np
+
+from cryoformer.analysis.volumes import decoded_voxel_size, staged_directory, write_volumes
+from cryoformer.cli.analyze_cmd import add_run_arguments, open_run
 from cryoformer.errors import InputError
+from cryoformer.io.guard import claim_output_dir
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from cryoformer.cli.analyze_cmd import add_run_arguments
-
     p = sub.add_parser(
         "eval-vol",
         help="decode volumes at latent coordinates (no images needed)",
@@ -33,8 +36,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _latents(args, zdim: int):
-    import numpy as np
-
     if args.z is not None:
         try:
             z = np.array([float(v) for v in re.split(r"[\s,]+", args.z.strip()) if v], dtype=np.float32)
@@ -58,10 +59,6 @@ def _latents(args, zdim: int):
 
 
 def run(args) -> int:
-    from cryoformer.analysis.volumes import decoded_voxel_size, staged_directory, write_volumes
-    from cryoformer.cli.analyze_cmd import open_run
-    from cryoformer.io.guard import claim_output_dir
-
     if args.box is not None and (args.box < 2 or args.box % 2):
         raise InputError(None, "-D", f"output box must be even and >= 2, got {args.box}")
     if args.batch_size < 1:

@@ -6,12 +6,14 @@ import argparse
 import json
 import os
 
+from cryoformer.analysis.evaluate import EvaluateConfig, evaluate_run, format_table
+from cryoformer.cli.analyze_cmd import add_run_arguments, open_run
 from cryoformer.errors import InputError
+from cryoformer.io.atomic import atomic_open
+from cryoformer.io.guard import claim_output_file
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from cryoformer.cli.analyze_cmd import add_run_arguments
-
     p = sub.add_parser(
         "evaluate",
         help="accuracy against ground truth: per-state FSC resolution (Å), AU-FSC, pose errors, "
@@ -53,18 +55,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from cryoformer.analysis.evaluate import EvaluateConfig, evaluate_run, format_table
-    from cryoformer.io.atomic import atomic_open
-
     if args.motion_threshold is not None and args.motion_threshold < 0:
         raise InputError(None, "--motion-threshold", f"must be >= 0 Å, got {args.motion_threshold}")
     if not 0 < args.support_fraction < 1:
         raise InputError(None, "--support-fraction", f"must be in (0, 1), got {args.support_fraction}")
     if args.gt_motion is None and (args.motion_threshold is not None):
         raise InputError(None, "--motion-threshold", "needs --gt-motion")
-    from cryoformer.cli.analyze_cmd import open_run
-    from cryoformer.io.guard import claim_output_file
-
     loaded = open_run(args)
     tag = loaded.epoch if args.epoch == "last" else args.epoch
     default_dir = os.path.join(args.run_dir, "evaluation" if tag in (None, "best") else f"evaluation.{tag}")

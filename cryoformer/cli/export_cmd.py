@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
+import numpy as np
+
+from cryoformer.analysis.analyze import analysis_dir
+from cryoformer.analysis.export import export_run, load_selection, select_clusters
+from cryoformer.cli.analyze_cmd import add_run_arguments, open_run
 from cryoformer.errors import InputError
+from cryoformer.io.guard import claim_output_file
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from cryoformer.cli.analyze_cmd import add_run_arguments
-
     p = sub.add_parser(
         "export",
         help="write chosen particles (K-means clusters or a selection) as .star, cryoSPARC index or "
@@ -38,13 +43,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _rows(args, n_particles: int, epoch: int):
-    import json
-
-    import numpy as np
-
-    from cryoformer.analysis.analyze import analysis_dir
-    from cryoformer.analysis.export import load_selection, select_clusters
-
     if args.selection:
         return load_selection(args.selection, n_particles)
     try:
@@ -73,10 +71,6 @@ def _rows(args, n_particles: int, epoch: int):
 
 
 def run(args) -> int:
-    from cryoformer.analysis.export import export_run
-    from cryoformer.cli.analyze_cmd import open_run
-    from cryoformer.io.guard import claim_output_file
-
     if args.particles_star and args.particles_cs:
         raise InputError(None, "--particles-star", "give --particles-star or --particles-cs, not both")
     source = args.particles_star or args.particles_cs

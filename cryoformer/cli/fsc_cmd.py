@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 
 from cryoformer.errors import InputError
+from cryoformer.io.guard import claim_output_file, same_file
+from cryoformer.io.mrc import read_volume
+from cryoformer.metrics.fsc import FscResult, plot_fsc
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -28,10 +31,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from cryoformer.io.guard import claim_output_file, same_file
-    from cryoformer.io.mrc import read_volume
-    from cryoformer.metrics.fsc import FscResult, plot_fsc
-
     inputs = [args.map_a, args.map_b, args.mask]
     claim_output_file(args.out, inputs, args.force, option="-o")
     want_plot = bool(args.plot) and args.plot.lower() != "none"

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from cryoformer.io.cryodrgn import write_ctf_pkl
+from cryoformer.io.dispatch import load_ctf
+from cryoformer.io.guard import claim_output_file
+from cryoformer.io.validate import describe_pixel_groups
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -27,17 +32,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from cryoformer.io.cryodrgn import write_ctf_pkl
-    from cryoformer.io.dispatch import load_ctf
-    from cryoformer.io.guard import claim_output_file
-
     claim_output_file(args.out, [args.input], args.force, option="-o")
     ctf = load_ctf(
         args.input, box_size=args.box, pixel_size_angstrom=args.Apix, voltage_kv=args.kv,
         spherical_aberration_mm=args.cs, amplitude_contrast=args.w, phase_shift_deg=args.ps,
     )
     write_ctf_pkl(ctf, args.out)
-    from cryoformer.io.validate import describe_pixel_groups  # every optics group, not the first
-
     print(f"wrote CTF parameters of {len(ctf)} particles ({describe_pixel_groups(ctf)}) to {args.out}")
     return 0

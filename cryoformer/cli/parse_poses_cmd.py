@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from cryoformer.errors import InputError
+from cryoformer.io.cryodrgn import write_poses_pkl
+from cryoformer.io.dispatch import load_poses
+from cryoformer.io.guard import claim_output_file
+from cryoformer.metadata import Poses
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -25,18 +31,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from cryoformer.io.cryodrgn import write_poses_pkl
-    from cryoformer.io.dispatch import load_poses
-    from cryoformer.io.guard import claim_output_file
-    from cryoformer.metadata import Poses
-
     claim_output_file(args.out, [args.input], args.force, option="-o")
     poses = load_poses(args.input, box_size=args.box, pixel_size_angstrom=args.Apix)
     if args.box:
         poses = Poses(poses.rotations, poses.shifts_px, args.box)
     if poses.box_size is None:
-        from cryoformer.errors import InputError
-
         raise InputError(args.input, "box size", "not found in the file; pass -D BOX")
     write_poses_pkl(poses, args.out)
     print(f"wrote {len(poses)} poses (D={poses.box_size}) to {args.out}")

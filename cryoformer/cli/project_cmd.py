@@ -8,6 +8,12 @@ import math
 import numpy as np
 
 from cryoformer.errors import InputError
+from cryoformer.io.dispatch import load_ctf, load_poses
+from cryoformer.io.guard import claim_output_file
+from cryoformer.io.mrc import read_volume
+from cryoformer.io.pairing import match_metadata_rows
+from cryoformer.io.validate import PHYSICAL_BOX_RTOL, PLACEHOLDER_PIXEL_SIZE, check_one_pixel_size
+from cryoformer.simulation.simulate import render_particle_stack
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -37,14 +43,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from cryoformer.io.dispatch import load_ctf, load_poses
-    from cryoformer.io.guard import claim_output_file
-    from cryoformer.io.pairing import match_metadata_rows
-    from cryoformer.io.validate import (PHYSICAL_BOX_RTOL, PLACEHOLDER_PIXEL_SIZE,
-                                        check_one_pixel_size)
-    from cryoformer.io.mrc import read_volume
-    from cryoformer.simulation.simulate import render_particle_stack
-
     claim_output_file(args.out, [args.volume, args.poses, args.ctf], args.force, option="-o")
     if args.chunk_size < 1:
         raise InputError(None, "--chunk-size", f"must be a positive number of images, got {args.chunk_size}")

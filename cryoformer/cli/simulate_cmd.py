@@ -6,6 +6,9 @@ import argparse
 import math
 
 from cryoformer.errors import InputError
+from cryoformer.io.guard import claim_output_dir
+from cryoformer.simulation import sources
+from cryoformer.simulation.simulate import CtfRanges, SimulationConfig, simulate_dataset
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -57,8 +60,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def config_from_args(args):
     """Frozen SimulationConfig from the parsed command line."""
-    from cryoformer.simulation.simulate import CtfRanges, SimulationConfig
-
     snr = None if math.isinf(args.snr) else args.snr
     ctf = None if args.no_ctf else CtfRanges(
         args.defocus_min, args.defocus_max, args.astigmatism_max, args.kv, args.cs, args.w, args.ps
@@ -74,8 +75,6 @@ def config_from_args(args):
 
 def state_maps_from_args(args):
     """The StateMaps chosen by the source options."""
-    from cryoformer.simulation import sources
-
     if args.volumes:
         return sources.maps_from_volumes(args.volumes)
     if args.atomic_model:
@@ -90,9 +89,6 @@ def state_maps_from_args(args):
 
 
 def run(args) -> int:
-    from cryoformer.io.guard import claim_output_dir
-    from cryoformer.simulation.simulate import simulate_dataset
-
     inputs = list(args.volumes or []) + list(args.atomic_model or []) + list(args.trajectory or [])
     claim_output_dir(args.outdir, inputs, args.force, option="-o")
     config = config_from_args(args)

@@ -8,9 +8,10 @@ for poses and CTF are those of docs/conventions.md (see :mod:`cryoformer.metadat
 from cryoformer.io.atomic import atomic_open, atomic_path
 from cryoformer.io.cryodrgn import read_ctf_pkl, read_poses_pkl, write_ctf_pkl, write_poses_pkl
 from cryoformer.io.cryosparc import cs_image_locations, ctf_from_cs, poses_from_cs, read_cs, write_cs
-from cryoformer.io.dispatch import check_counts, load_ctf, load_poses
+from cryoformer.io.dispatch import load_ctf, load_poses
 from cryoformer.io.mrc import read_volume, read_volume_stack, write_volume
-from cryoformer.io.pairing import PairedMetadata, RowMatch, load_paired_metadata, match_metadata_rows, match_rows
+from cryoformer.io.pairing import (PairedMetadata, RowMatch, load_paired_metadata, match_metadata_rows,
+                                   match_rows)
 from cryoformer.io.particles import ImageSource, StackWriter, open_particles, write_stack
 from cryoformer.io.safe_pickle import load_pickle, save_pickle
 from cryoformer.io.star import (
@@ -33,7 +34,7 @@ __all__ = [
     "read_cs", "poses_from_cs", "ctf_from_cs", "write_cs", "cs_image_locations",
     "read_volume", "read_volume_stack", "write_volume",
     "ImageSource", "open_particles", "StackWriter", "write_stack",
-    "load_poses", "load_ctf", "check_counts",
+    "load_poses", "load_ctf",
     "RowMatch", "match_rows", "match_metadata_rows", "PairedMetadata", "load_paired_metadata",
     "check_rotations", "check_ctf", "check_one_pixel_size", "scan_images",
 ]

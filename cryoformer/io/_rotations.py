@@ -2,20 +2,18 @@
 
 The readers work in numpy; the conversions live (once) in the torch module. Converting in
 float64 keeps Euler → matrix → Euler round trips well below the 1e-5 the file formats print.
-torch is imported on first use so that ``import cryoformer.io`` stays light.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from cryoformer.physics import rotations as torch_rotations
 
 
 def _call(name: str, array: np.ndarray) -> np.ndarray:
-    import torch
-
-    from cryoformer.physics import rotations
-
-    out = getattr(rotations, name)(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)))
+    out = getattr(torch_rotations, name)(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)))
     return out.numpy()
 
 

@@ -18,7 +18,8 @@ import tempfile
 import threading
 from typing import Iterator
 
-from cryoformer.errors import PathLike
+from cryoformer.errors import InputError, PathLike
+from cryoformer.io.guard import WRITE_ERRNOS, output_error_from_os
 
 _UMASK_LOCK = threading.Lock()
 
@@ -62,8 +63,6 @@ def atomic_path(path: PathLike, suffix: str = "") -> Iterator[str]:
 
     On any exception the temporary file is removed and ``path`` is left untouched.
     """
-    from cryoformer.io.guard import WRITE_ERRNOS, output_error_from_os
-
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
@@ -99,10 +98,6 @@ def _write_errno(exc: BaseException):
     too. (torch's zip writer hides ENOSPC altogether, which is why checkpoints are serialised
     in memory and written with a plain write.)
     """
-    from cryoformer.io.guard import WRITE_ERRNOS
-
-    from cryoformer.errors import InputError
-
     if isinstance(exc, InputError):  # already a one-line error (perhaps of a nested output)
         return None
     seen = 0

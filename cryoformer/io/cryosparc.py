@@ -179,10 +179,7 @@ def write_cs(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParameters
     """
     idx = np.asarray(blob_idx, dtype=np.int64).reshape(-1)
     n = idx.shape[0]
-    paths = [blob_path] * n if isinstance(blob_path, (str, bytes, os.PathLike)) else list(blob_path)
-    paths = [p if isinstance(p, bytes) else os.fspath(p).encode() for p in paths]
-    if len(paths) != n:
-        raise ValueError(f"{len(paths)} blob paths for {n} blob indices")
+    paths = _blob_paths(blob_path, n)
     for what, obj in (("poses", poses), ("ctf", ctf)):
         if obj is not None and len(obj) != n:
             raise ValueError(f"{what} has {len(obj)} rows but blob_idx has {n}")
@@ -190,25 +187,9 @@ def write_cs(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParameters
         if ctf is None:
             raise ValueError("pixel_size_angstrom is required when no CTF is given")
         pixel_size_angstrom = ctf.pixel_size_angstrom
-    box = box_size
-    if box is None and poses is not None:
-        box = poses.box_size
-    if box is None and ctf is not None:
-        box = ctf.box_size
-    if box is None:
-        raise ValueError("the box size is unknown: pass box_size (no poses.box_size and no CTF given)")
+    box = _box_size(box_size, poses, ctf)
 
-    fields = [("uid", "<u8"), ("blob/path", f"S{max(len(p) for p in paths) if paths else 1}"),
-              ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4")]
-    if poses is not None:
-        fields += [("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)),
-                   ("alignments3D/psize_A", "<f4")]
-    ctf_fields = ["accel_kv", "cs_mm", "amp_contrast", "df1_A", "df2_A", "df_angle_rad", "phase_shift_rad"]
-    if ctf is not None:
-        fields += [(f"ctf/{f}", "<f4") for f in ctf_fields]
-        if ctf.bfactor_angstrom2 is not None:
-            fields.append(("ctf/bfactor", "<f4"))
-    out = np.zeros(n, dtype=np.dtype(fields))
+    out = np.zeros(n, dtype=_cs_dtype(paths, poses, ctf))
     # cryoSPARC uids are random 64-bit integers; sequential ones are unique, which is what matters.
     out["uid"] = np.arange(n, dtype=np.uint64)
     out["blob/path"] = paths
@@ -220,18 +201,61 @@ def write_cs(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParameters
         out["alignments3D/shift"] = poses.shifts_px
         out["alignments3D/psize_A"] = pixel_size_angstrom
     if ctf is not None:
-        rad = np.pi / 180.0
-        out["ctf/accel_kv"] = ctf.column("voltage_kv")
-        out["ctf/cs_mm"] = ctf.column("spherical_aberration_mm")
-        out["ctf/amp_contrast"] = ctf.column("amplitude_contrast")
-        out["ctf/df1_A"] = ctf.column("defocus_u_angstrom")
-        out["ctf/df2_A"] = ctf.column("defocus_v_angstrom")
-        out["ctf/df_angle_rad"] = ctf.column("astigmatism_angle_deg") * rad
-        out["ctf/phase_shift_rad"] = ctf.column("phase_shift_deg") * rad
-        if ctf.bfactor_angstrom2 is not None:
-            out["ctf/bfactor"] = ctf.bfactor_angstrom2
+        _fill_ctf_fields(out, ctf)
     with atomic_open(path, "wb") as handle:
         np.save(handle, out, allow_pickle=False)
+
+
+_CS_CTF_FIELDS = ("accel_kv", "cs_mm", "amp_contrast", "df1_A", "df2_A", "df_angle_rad", "phase_shift_rad")
+
+
+def _blob_paths(blob_path: Union[str, Sequence[str]], n: int) -> List[bytes]:
+    """One encoded stack path per particle (``n`` of them) from one path or a sequence."""
+    paths = [blob_path] * n if isinstance(blob_path, (str, bytes, os.PathLike)) else list(blob_path)
+    paths = [p if isinstance(p, bytes) else os.fspath(p).encode() for p in paths]
+    if len(paths) != n:
+        raise ValueError(f"{len(paths)} blob paths for {n} blob indices")
+    return paths
+
+
+def _box_size(box_size: Optional[int], poses: Optional[Poses], ctf: Optional[CtfParameters]) -> int:
+    """``box_size``, else ``poses.box_size``, else the CTF box size (px)."""
+    box = box_size
+    if box is None and poses is not None:
+        box = poses.box_size
+    if box is None and ctf is not None:
+        box = ctf.box_size
+    if box is None:
+        raise ValueError("the box size is unknown: pass box_size (no poses.box_size and no CTF given)")
+    return box
+
+
+def _cs_dtype(paths: Sequence[bytes], poses: Optional[Poses], ctf: Optional[CtfParameters]) -> np.dtype:
+    """The structured dtype of the table: blob fields, then pose and CTF fields when given."""
+    fields = [("uid", "<u8"), ("blob/path", f"S{max(len(p) for p in paths) if paths else 1}"),
+              ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4")]
+    if poses is not None:
+        fields += [("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)),
+                   ("alignments3D/psize_A", "<f4")]
+    if ctf is not None:
+        fields += [(f"ctf/{f}", "<f4") for f in _CS_CTF_FIELDS]
+        if ctf.bfactor_angstrom2 is not None:
+            fields.append(("ctf/bfactor", "<f4"))
+    return np.dtype(fields)
+
+
+def _fill_ctf_fields(out: np.ndarray, ctf: CtfParameters) -> None:
+    """Copy the CTF columns into the ``ctf/`` fields of ``out`` (angles converted to radians)."""
+    rad = np.pi / 180.0
+    out["ctf/accel_kv"] = ctf.column("voltage_kv")
+    out["ctf/cs_mm"] = ctf.column("spherical_aberration_mm")
+    out["ctf/amp_contrast"] = ctf.column("amplitude_contrast")
+    out["ctf/df1_A"] = ctf.column("defocus_u_angstrom")
+    out["ctf/df2_A"] = ctf.column("defocus_v_angstrom")
+    out["ctf/df_angle_rad"] = ctf.column("astigmatism_angle_deg") * rad
+    out["ctf/phase_shift_rad"] = ctf.column("phase_shift_deg") * rad
+    if ctf.bfactor_angstrom2 is not None:
+        out["ctf/bfactor"] = ctf.bfactor_angstrom2
 
 
 def cs_image_locations(cs: CsLike, datadir: Optional[PathLike] = None,

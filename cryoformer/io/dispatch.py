@@ -12,10 +12,13 @@ import os
 from typing import Optional
 
 from cryoformer.errors import InputError, PathLike, require_file
+from cryoformer.io.cryodrgn import read_ctf_pkl, read_poses_pkl
+from cryoformer.io.cryosparc import ctf_from_cs, poses_from_cs
+from cryoformer.io.star import ctf_from_star, poses_from_star, read_star, star_pixel_size_column
 from cryoformer.io.validate import check_ctf, check_finite_rows, ctf_fields
 from cryoformer.metadata import CTF_COLUMNS, CtfParameters, Poses
 
-__all__ = ["load_poses", "load_ctf", "check_counts"]
+__all__ = ["load_poses", "load_ctf"]
 
 _KNOWN = (".pkl", ".star", ".cs")
 
@@ -50,19 +53,13 @@ def load_poses(path: PathLike, box_size: Optional[int] = None,
     path = require_file(path, "pose file")
     ext = _extension(path, "pose")
     if ext == ".pkl":
-        from cryoformer.io.cryodrgn import read_poses_pkl
-
         return read_poses_pkl(path, box_size=box_size)  # checks the matrices are rotations
     # Rotations built from Euler angles / rotation vectors are rotations; the shifts are
     # divided by a pixel size, which could still make them infinite.
     if ext == ".star":
-        from cryoformer.io.star import poses_from_star, read_star
-
         poses = poses_from_star(read_star(path), box_size=box_size, pixel_size_angstrom=pixel_size_angstrom)
         check_finite_rows(poses.shifts_px, path, "_rlnOriginXAngst", "origin")
         return poses
-    from cryoformer.io.cryosparc import poses_from_cs
-
     return poses_from_cs(path, box_size=box_size)
 
 
@@ -95,19 +92,13 @@ def load_ctf(path: PathLike, box_size: Optional[int] = None, pixel_size_angstrom
     columns = dict(box_size=box_size, pixel_size_angstrom=pixel_size_angstrom, **overrides)
     overridden = [name for name, value in columns.items() if value is not None]
     if ext == ".star":
-        from cryoformer.io.star import ctf_from_star, read_star, star_pixel_size_column
-
         star = read_star(path)
         ctf = ctf_from_star(star, box_size, pixel_size_angstrom, **overrides, default_box_size=default_box_size)
         fields = ctf_fields(path, overridden, star_pixel_size_column(star))
     elif ext == ".cs":
-        from cryoformer.io.cryosparc import ctf_from_cs
-
         ctf = ctf_from_cs(path, box_size, pixel_size_angstrom, **overrides, default_box_size=default_box_size)
         fields = ctf_fields(path, overridden)
     else:
-        from cryoformer.io.cryodrgn import read_ctf_pkl
-
         ctf = read_ctf_pkl(path)
         if overridden:
             array = ctf.array.copy()
@@ -118,9 +109,3 @@ def load_ctf(path: PathLike, box_size: Optional[int] = None, pixel_size_angstrom
     check_ctf(ctf, path, fields)
     return ctf
 
-
-def check_counts(n_images: int, n_meta: int, image_path: PathLike, meta_path: PathLike) -> None:
-    """Raise :class:`InputError` unless the image stack and a metadata file list as many particles."""
-    if int(n_images) != int(n_meta):
-        raise InputError(meta_path, None, f"has {n_meta} particles but {os.fspath(image_path)} holds "
-                         f"{n_images} images; they must match one to one")

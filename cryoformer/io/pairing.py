@@ -32,7 +32,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from cryoformer.errors import InputError, PathLike
+from cryoformer.io.cryosparc import cs_image_locations, read_cs
+from cryoformer.io.dispatch import load_ctf, load_poses
 from cryoformer.io.guard import same_file
+from cryoformer.io.star import image_locations, read_star
 from cryoformer.io.validate import PHYSICAL_BOX_RTOL, PLACEHOLDER_PIXEL_SIZE, check_one_pixel_size
 from cryoformer.metadata import CtfParameters, Poses
 
@@ -73,13 +76,9 @@ def metadata_locations(path: PathLike, datadir: Optional[PathLike] = None) -> Op
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".star":
-        from cryoformer.io.star import image_locations, read_star
-
         star = read_star(path)
         return image_locations(star, datadir) if star.has("rlnImageName") else None
     if ext == ".cs":
-        from cryoformer.io.cryosparc import cs_image_locations, read_cs
-
         cs = read_cs(path)
         if "blob/path" not in cs.dtype.names or "blob/idx" not in cs.dtype.names:
             return None
@@ -92,8 +91,6 @@ def optics_groups(path: PathLike) -> Optional[np.ndarray]:
     path = os.fspath(path)
     if not path.lower().endswith(".star"):
         return None
-    from cryoformer.io.star import read_star
-
     star = read_star(path)
     return star.particles["rlnOpticsGroup"].astype(str).to_numpy() if star.has("rlnOpticsGroup") else None
 
@@ -366,8 +363,6 @@ def load_paired_metadata(source, particles_path: PathLike, poses_path: Optional[
         (header pixel size × ``D₀``, when the header records one); the used particles have
         several pixel sizes (:func:`~cryoformer.io.validate.check_one_pixel_size`).
     """
-    from cryoformer.io.dispatch import load_ctf, load_poses
-
     particles_path = os.fspath(particles_path)
     d0 = source.box_size
     rows = np.arange(len(source), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)

@@ -23,6 +23,10 @@ import numpy as np
 
 from cryoformer.errors import InputError, PathLike, require_file
 from cryoformer.io.atomic import atomic_path
+from cryoformer.io.cryosparc import cs_image_locations, read_cs
+from cryoformer.io.guard import require_free_space
+from cryoformer.io.star import image_locations, read_star, star_pixel_size
+from cryoformer.io.validate import check_images
 
 __all__ = ["ImageSource", "open_particles", "StackWriter", "write_stack", "MAX_OPEN_STACKS"]
 
@@ -144,8 +148,6 @@ class ImageSource:
         :class:`InputError` naming the stack and the particles, before it is yielded: a copy
         or downsampled stack never carries NaN on.
         """
-        from cryoformer.io.validate import check_images
-
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
         for start in range(0, len(self), chunk_size):
@@ -213,7 +215,9 @@ def _refuse_mixed_sizes(files: Sequence[str], headers, file_of: np.ndarray, meta
                      "(relion_image_handler --rescale_angpix A --new_box D)")
 
 
-def _read_txt(path: str, datadir: Optional[PathLike]) -> List[str]:
+def stack_paths_from_txt(path: str, datadir: Optional[PathLike]) -> List[str]:
+    """Absolute stack paths listed in a ``.txt`` (one per line, ``#`` comments and blank lines
+    skipped), relative to the ``.txt``'s directory or to ``datadir``."""
     base = os.path.dirname(os.path.abspath(path)) if datadir is None else os.fspath(datadir)
     with open(path, "r", encoding="utf-8") as handle:
         lines = [line.strip() for line in handle]
@@ -245,15 +249,13 @@ def open_particles(path: PathLike, datadir: Optional[PathLike] = None) -> ImageS
         return ImageSource([os.path.abspath(path)], np.zeros(n, np.int64), np.arange(n), box,
                            apix if apix > 0 else None, [apix if apix > 0 else None])
     if ext == ".txt":
-        stacks = _read_txt(path, datadir)
+        stacks = stack_paths_from_txt(path, datadir)
         locations = []
         for stack in stacks:
             n = _stack_header(stack, path, None)[0]
             locations.extend((stack, k) for k in range(n))
         return _from_locations(locations, path, None, None)
     if ext == ".star":
-        from cryoformer.io.star import image_locations, read_star, star_pixel_size
-
         star = read_star(path)
         try:
             apix = float(star_pixel_size(star)[0])
@@ -261,8 +263,6 @@ def open_particles(path: PathLike, datadir: Optional[PathLike] = None) -> ImageS
             apix = None
         return _from_locations(image_locations(star, datadir), star.path, "_rlnImageName", apix)
     if ext == ".cs":
-        from cryoformer.io.cryosparc import cs_image_locations, read_cs
-
         cs = read_cs(path)
         apix = float(cs["blob/psize_A"][0]) if "blob/psize_A" in cs.dtype.names and len(cs) else None
         return _from_locations(cs_image_locations(cs, datadir, cs_path=path), path, "blob/path", apix)
@@ -294,8 +294,6 @@ class StackWriter:
         self._stats = [np.inf, -np.inf, 0.0, 0.0]  # min, max, sum, sum of squares (float64)
 
     def __enter__(self) -> "StackWriter":
-        from cryoformer.io.guard import require_free_space
-
         image_bytes = 4 * self.box_size * self.box_size
         # Known size: a full disk is reported now, not half way through.
         require_free_space(self.path, self.n_images * image_bytes + 1024)

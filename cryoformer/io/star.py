@@ -324,8 +324,18 @@ def write_star(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParamete
         raise ValueError("CTF pixel size differs from pixel_size_angstrom")
     box = poses.box_size if poses is not None and poses.box_size is not None else (
         ctf.box_size if ctf is not None else None)
+    optics, group = _optics_block(ctf, n, pixel_size_angstrom, box)
+    particles = _particles_block(names, group, poses, ctf, pixel_size_angstrom, extra_columns)
+    with atomic_path(path, suffix=".star") as tmp:
+        starfile.write({"optics": optics, "particles": particles}, tmp, float_format="%.6f")
 
-    # Optics groups: one per distinct (voltage, Cs, amplitude contrast).
+
+def _optics_block(ctf: Optional[CtfParameters], n: int, pixel_size_angstrom: float,
+                  box: Optional[int]) -> Tuple[pd.DataFrame, np.ndarray]:
+    """The ``data_optics`` table and the 0-based optics group of each of the ``n`` particles.
+
+    One group per distinct (voltage, Cs, amplitude contrast); a single group without CTF.
+    """
     if ctf is not None:
         optics_values = ctf.array[:, 5:8].astype(np.float64)
         unique, group = np.unique(optics_values, axis=0, return_inverse=True)
@@ -341,7 +351,13 @@ def write_star(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParamete
     optics["rlnImageDimensionality"] = 2
     if ctf is not None:
         optics["rlnVoltage"], optics["rlnSphericalAberration"], optics["rlnAmplitudeContrast"] = unique.T
+    return optics, group
 
+
+def _particles_block(names: List[str], group: np.ndarray, poses: Optional[Poses], ctf: Optional[CtfParameters],
+                     pixel_size_angstrom: float, extra_columns: Optional[Dict[str, Sequence]]) -> pd.DataFrame:
+    """The ``data_particles`` table: image name, optics group (1-based), pose, CTF, extra columns."""
+    n = len(names)
     particles = pd.DataFrame({"rlnImageName": names, "rlnOpticsGroup": np.asarray(group).reshape(-1) + 1})
     if poses is not None:
         euler = matrix_to_euler(poses.rotations)
@@ -360,9 +376,7 @@ def write_star(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParamete
         if values.shape != (n,):
             raise ValueError(f"extra column {name} must have shape ({n},), got {values.shape}")
         particles[name.lstrip("_")] = values
-
-    with atomic_path(path, suffix=".star") as tmp:
-        starfile.write({"optics": optics, "particles": particles}, tmp, float_format="%.6f")
+    return particles
 
 
 def _parse_image_name(entry: str, star: RelionStar, row: int) -> Tuple[str, int]:

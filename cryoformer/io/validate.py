@@ -22,6 +22,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from cryoformer.errors import InputError, PathLike
 from cryoformer.metadata import CTF_COLUMNS, CtfParameters
@@ -315,8 +316,6 @@ def scan_images(source, indices: Optional[np.ndarray] = None, progress: bool = T
         particles (with their ``index@stack``): NaN or infinite pixels; images whose pixels
         are all equal (an all-zero stack, blank images).
     """
-    from tqdm.auto import tqdm
-
     used = np.arange(len(source), dtype=np.int64) if indices is None else np.unique(np.asarray(indices, np.int64))
     file_of = source.file_of[used]  # [M]
     local = source.index_in_file[used]  # [M]

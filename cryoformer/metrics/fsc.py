@@ -15,6 +15,7 @@ from typing import Iterable, Optional, Tuple, Union
 import numpy as np
 
 from cryoformer.errors import PathLike
+from cryoformer.io.atomic import atomic_open, atomic_path
 
 
 def _as_numpy(volume) -> np.ndarray:
@@ -196,8 +197,6 @@ class FscResult:
         lines = ["pixres fsc"] + [f"{f:.6f} {c:.6f}" for f, c in zip(self.freq_cycles_per_px, self.curve)]
         text = "\n".join(lines) + "\n"
         if path is not None:
-            from cryoformer.io.atomic import atomic_open
-
             with atomic_open(path, "w") as handle:
                 handle.write(text)
         return text
@@ -216,10 +215,10 @@ def plot_fsc(results: Union[FscResult, Iterable[FscResult]], path: PathLike,
     Uses matplotlib's Agg canvas directly (no pyplot state, no display needed); the file format
     follows the extension (``.png``, ``.pdf``, ``.svg``) and is written atomically.
     """
+    # Imported here, not at the top: importing matplotlib sets up its cache directory and warns on
+    # stderr where that is not writable, and every command loads this module.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from cryoformer.io.atomic import atomic_path
 
     results = [results] if isinstance(results, FscResult) else list(results)
     fig = Figure(figsize=(6.0, 4.0))

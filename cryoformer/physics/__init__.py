@@ -28,6 +28,7 @@ from cryoformer.physics.rotations import (
 )
 
 __all__ = [
+    "add_noise",
     "apply_ctf",
     "axis_angle_to_matrix",
     "compute_ctf",

@@ -122,14 +122,7 @@ def ctf_images(
         ``[B, D, D]`` CTF on :func:`frequency_grid_2d` (DC at ``D//2``), dtype and device of
         ``ctf_array`` (float32 for numpy input).
     """
-    if isinstance(ctf_array, torch.Tensor):
-        p = ctf_array if ctf_array.is_floating_point() else ctf_array.to(torch.float32)
-    else:  # numpy / lists (e.g. CtfParameters.array): the package default float32
-        p = torch.as_tensor(np.asarray(ctf_array), dtype=torch.float32)
-    if p.dim() == 1:
-        p = p[None]
-    if p.dim() != 2 or p.shape[1] != len(CTF_COLUMNS):
-        raise ValueError(f"ctf_array must be [B, {len(CTF_COLUMNS)}], got {tuple(p.shape)}")
+    p = _parameter_rows(ctf_array)  # [B, 9]
     box = p[:, 0]
     if D is None:
         D = int(round(float(box[0])))
@@ -157,6 +150,19 @@ def ctf_images(
         bfactor,
     )  # [B, D, D]
     return -ctf if invert_contrast else ctf
+
+
+def _parameter_rows(ctf_array: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
+    """``ctf_array`` as a floating ``[B, 9]`` tensor (one row promoted to ``[1, 9]``)."""
+    if isinstance(ctf_array, torch.Tensor):
+        p = ctf_array if ctf_array.is_floating_point() else ctf_array.to(torch.float32)
+    else:  # numpy / lists (e.g. CtfParameters.array): the package default float32
+        p = torch.as_tensor(np.asarray(ctf_array), dtype=torch.float32)
+    if p.dim() == 1:
+        p = p[None]
+    if p.dim() != 2 or p.shape[1] != len(CTF_COLUMNS):
+        raise ValueError(f"ctf_array must be [B, {len(CTF_COLUMNS)}], got {tuple(p.shape)}")
+    return p
 
 
 def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:

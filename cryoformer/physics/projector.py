@@ -165,34 +165,51 @@ def project(
     out = []
     for start in range(0, B, chunk_size):
         sl = slice(start, min(start + chunk_size, B))
-        b = sl.stop - sl.start
         if sphere_only:
-            grid = to_normalized(points @ R[sl], D)  # [b, S, 3]
-            n_pts = grid.shape[1]
-            if volume.dim() == 3:
-                vals = F.grid_sample(volume[None, None], grid.reshape(1, 1, 1, b * n_pts, 3),
-                                     mode="bilinear", padding_mode="zeros", align_corners=True)
-            else:
-                vals = F.grid_sample(volume[sl, None], grid.reshape(b, 1, 1, n_pts, 3),
-                                     mode="bilinear", padding_mode="zeros", align_corners=True)
-            vals = vals.reshape(b, n_pts)
-            image = vals.new_zeros(b, D * D).index_add(1, pixel, vals)  # Σ along z
-            out.append(image.reshape(b, D, D))
-            continue
-        sh = None if shifts_px is None else shifts_px[sl]
-        grid = to_normalized(rotated_sample_points(R[sl], D, sh), D)  # [b, D, D, D, 3]
-        if volume.dim() == 3:
-            # One shared volume: stack the chunk's grids along depth instead of copying the
-            # volume b times (grid_sample needs equal batch sizes for input and grid).
-            vals = F.grid_sample(
-                volume[None, None], grid.reshape(1, b * D, D, D, 3),
-                mode="bilinear", padding_mode="zeros", align_corners=True,
-            ).reshape(b, D, D, D)  # [b, z, y, x]
+            out.append(_project_sphere_chunk(volume, R, sl, points, pixel))
         else:
-            vals = F.grid_sample(
-                volume[sl, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
-            )[:, 0]  # [b, z, y, x]
-        if restrict_to_sphere:
-            vals = vals * _sphere_weights(D, sh, vals.dtype, vals.device)
-        out.append(vals.sum(dim=1))  # integrate along z → [b, D, D]
+            sh = None if shifts_px is None else shifts_px[sl]
+            out.append(_project_grid_chunk(volume, R, sl, sh, restrict_to_sphere))
     return torch.cat(out, dim=0)
+
+
+def _project_sphere_chunk(volume: torch.Tensor, R: torch.Tensor, sl: slice, points: torch.Tensor,
+                          pixel: torch.Tensor) -> torch.Tensor:
+    """Images ``sl`` of :func:`project` without shifts: sample only the in-sphere ``points``
+    ``[S, 3]`` and add each into its ``pixel`` ``[S]`` → ``[b, D, D]``."""
+    D = volume.shape[-1]
+    b = sl.stop - sl.start
+    grid = to_normalized(points @ R[sl], D)  # [b, S, 3]
+    n_pts = grid.shape[1]
+    if volume.dim() == 3:
+        vals = F.grid_sample(volume[None, None], grid.reshape(1, 1, 1, b * n_pts, 3),
+                             mode="bilinear", padding_mode="zeros", align_corners=True)
+    else:
+        vals = F.grid_sample(volume[sl, None], grid.reshape(b, 1, 1, n_pts, 3),
+                             mode="bilinear", padding_mode="zeros", align_corners=True)
+    vals = vals.reshape(b, n_pts)
+    image = vals.new_zeros(b, D * D).index_add(1, pixel, vals)  # Σ along z
+    return image.reshape(b, D, D)
+
+
+def _project_grid_chunk(volume: torch.Tensor, R: torch.Tensor, sl: slice, sh: Optional[torch.Tensor],
+                        restrict_to_sphere: bool) -> torch.Tensor:
+    """Images ``sl`` of :func:`project` on the whole rotated ``D³`` grid (shifts ``sh`` ``[b, 2]``
+    or None), zeroed outside the sphere when asked, summed along z → ``[b, D, D]``."""
+    D = volume.shape[-1]
+    b = sl.stop - sl.start
+    grid = to_normalized(rotated_sample_points(R[sl], D, sh), D)  # [b, D, D, D, 3]
+    if volume.dim() == 3:
+        # One shared volume: stack the chunk's grids along depth instead of copying the
+        # volume b times (grid_sample needs equal batch sizes for input and grid).
+        vals = F.grid_sample(
+            volume[None, None], grid.reshape(1, b * D, D, D, 3),
+            mode="bilinear", padding_mode="zeros", align_corners=True,
+        ).reshape(b, D, D, D)  # [b, z, y, x]
+    else:
+        vals = F.grid_sample(
+            volume[sl, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+        )[:, 0]  # [b, z, y, x]
+    if restrict_to_sphere:
+        vals = vals * _sphere_weights(D, sh, vals.dtype, vals.device)
+    return vals.sum(dim=1)  # integrate along z → [b, D, D]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
+import gemmi
 import numpy as np
 import torch
 from scipy.special import erf
@@ -54,8 +55,6 @@ def scattering_coefficients(elements: Sequence[ElementLike]) -> Tuple[np.ndarray
     ValueError
         For a symbol gemmi does not know (gemmi silently maps those to atomic number 0).
     """
-    import gemmi
-
     table = {}
     index = np.empty(len(elements), dtype=np.int64)
     for n, el in enumerate(elements):
@@ -160,23 +159,33 @@ def atoms_to_volume(
     sigma_max = float(np.sqrt(b_total.max() / (8.0 * np.pi ** 2)))
     half_width = int(np.ceil(cutoff_sigmas * sigma_max / apix + 0.5))
     window = np.arange(-half_width, half_width + 1)  # [W]
-    W = window.size
-    chunk = max(1, max_chunk_values // W ** 3)
+    chunk = max(1, max_chunk_values // window.size ** 3)
 
     frac = pos / apix + D // 2  # [N, 3] fractional voxel index (x, y, z)
     centre = np.rint(frac).astype(np.int64)
     for start in range(0, pos.shape[0], chunk):
         sl = slice(start, start + chunk)
-        idx = centre[sl, :, None] + window  # [n, 3, W] voxel index per axis
-        offsets = (idx - frac[sl, :, None]) * apix  # [n, 3, W] Å from the atom
-        px, py, pz = (_axis_profiles(offsets[:, k], b_total[sl], apix, sampling) for k in range(3))
-        # Σ over the 5 terms of a_t · pz ⊗ py ⊗ px → [n, W, W, W] ordered (z, y, x).
-        values = np.einsum("nt,ntz,nty,ntx->nzyx", a[sl], pz, py, px, optimize=True)
-        inside = (idx >= 0) & (idx < D)  # [n, 3, W]
-        keep = inside[:, 2, :, None, None] & inside[:, 1, None, :, None] & inside[:, 0, None, None, :]
-        flat = (idx[:, 2, :, None, None] * D + idx[:, 1, None, :, None]) * D + idx[:, 0, None, None, :]
-        out.index_add_(0, torch.from_numpy(flat[keep]), torch.from_numpy(values[keep]))
+        _add_atoms(out, frac[sl], centre[sl], window, a[sl], b_total[sl], apix, sampling, D)
     return out.reshape(D, D, D).float().numpy()
+
+
+def _add_atoms(out: torch.Tensor, frac: np.ndarray, centre: np.ndarray, window: np.ndarray, a: np.ndarray,
+               b_total: np.ndarray, apix: float, sampling: str, D: int) -> None:
+    """Add ``n`` atoms to the flat ``[D³]`` float64 map ``out``, each on its ``W³`` voxel window.
+
+    ``frac`` ``[n, 3]`` fractional voxel indices ``(x, y, z)``, ``centre`` ``[n, 3]`` their
+    rounding, ``window`` ``[W]`` voxel offsets, ``a``/``b_total`` ``[n, 5]`` Gaussian terms;
+    voxels outside the box are dropped.
+    """
+    idx = centre[:, :, None] + window  # [n, 3, W] voxel index per axis
+    offsets = (idx - frac[:, :, None]) * apix  # [n, 3, W] Å from the atom
+    px, py, pz = (_axis_profiles(offsets[:, k], b_total, apix, sampling) for k in range(3))
+    # Σ over the 5 terms of a_t · pz ⊗ py ⊗ px → [n, W, W, W] ordered (z, y, x).
+    values = np.einsum("nt,ntz,nty,ntx->nzyx", a, pz, py, px, optimize=True)
+    inside = (idx >= 0) & (idx < D)  # [n, 3, W]
+    keep = inside[:, 2, :, None, None] & inside[:, 1, None, :, None] & inside[:, 0, None, None, :]
+    flat = (idx[:, 2, :, None, None] * D + idx[:, 1, None, :, None]) * D + idx[:, 0, None, None, :]
+    out.index_add_(0, torch.from_numpy(flat[keep]), torch.from_numpy(values[keep]))
 
 
 def displacement_map(
@@ -253,8 +262,6 @@ def center_positions(positions_angstrom, elements: Optional[Sequence[ElementLike
     if method == "mass":
         if elements is None:
             raise ValueError("method='mass' needs the elements")
-        import gemmi
-
         w = np.array([gemmi.Element(int(e) if isinstance(e, (int, np.integer)) else str(e)).weight
                       for e in elements])
         centre = (pos * w[:, None]).sum(0) / w.sum()
@@ -280,8 +287,6 @@ def read_atomic_models(path: PathLike, remove_waters: bool = True, remove_hydrog
         If the file is missing, unreadable, has no model, or a model has no atoms left, or an
         atom has an unknown element.
     """
-    import gemmi
-
     path = require_file(path, "atomic model")
     try:
         st = gemmi.read_structure(path)

@@ -19,6 +19,7 @@ import functools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+import gemmi
 import numpy as np
 
 from cryoformer.simulation.density import DEFAULT_BFACTOR_ANGSTROM2, atoms_to_volume, displacement_map
@@ -362,8 +363,6 @@ def hinged_molecule_structure(ts: Sequence[float], config: Optional[HingedMolecu
     Write it with ``st.write_pdb(path)`` or ``st.make_mmcif_document().write_file(path)``;
     it reads back as a multi-frame trajectory in MDAnalysis.
     """
-    import gemmi
-
     cfg = dataclasses.replace(config or HingedMoleculeConfig(), box_fill=None)
     is_arm = arm_atom_mask(cfg)
     st = gemmi.Structure()

@@ -197,16 +197,7 @@ def render_particle_stack(
     """
     if contrast not in CONTRASTS:
         raise ValueError(f"contrast must be one of {CONTRASTS}")
-    vols = torch.from_numpy(np.asarray(volumes, dtype=np.float32))  # [K, D, D, D]
-    flat = vols.reshape(vols.shape[0], -1)  # [K, D³]
-    if not torch.isfinite(flat).all():
-        raise InputError(None, "map", "holds NaN or infinite voxels; nothing can be projected")
-    constant = torch.nonzero(flat.amax(1) == flat.amin(1)).flatten()
-    if constant.numel():
-        # Its projections carry no signal: no noise level gives the asked SNR (0/0), and a
-        # stack of empty images would train nothing.
-        raise InputError(None, "map", f"state {int(constant[0])} is constant (every voxel "
-                         f"{float(flat[constant[0], 0]):g}); its projections would be empty")
+    vols = _checked_volumes(volumes)  # [K, D, D, D]
     N, D = len(poses), vols.shape[-1]
     rotations = torch.from_numpy(poses.rotations)  # [N, 3, 3]
     shifts = torch.from_numpy(poses.shifts_px)  # [N, 2]
@@ -216,8 +207,7 @@ def render_particle_stack(
     gen = torch.Generator().manual_seed(seed)
 
     noise_std = 0.0
-    # Running sums for the SNR actually achieved: signal inside the support, and noise.
-    sig_sum = sig_sq = sig_n = noise_sq = 0.0
+    tally = _SnrTally()
     # As a context, so a failure closes the bar and the error starts on a line of its own.
     with tqdm(total=N, desc="project", unit="img", disable=not progress) as bar, \
             StackWriter(path, N, D, pixel_size_angstrom) as writer:
@@ -229,27 +219,68 @@ def render_particle_stack(
             mask = particle_support_mask(clean)  # [n, D, D] bool
             inside = signal[mask].double()
             if start == 0 and snr is not None:
-                # σ is fixed once, from the first chunk, as one global value (like a detector's
-                # noise level), so every image shares the same noise statistics.
-                noise_std = float(torch.sqrt(inside.var() / snr))
-                if not (math.isfinite(noise_std) and noise_std > 0):
-                    raise InputError(None, "--snr", f"the first {sl.stop} images carry no "
-                                     "measurable signal inside the particle, so no noise level "
-                                     f"gives SNR {snr:g}; check the map and the poses")
-            sig_sum += float(inside.sum())
-            sig_sq += float((inside**2).sum())
-            sig_n += inside.numel()
+                noise_std = _noise_std(inside, snr, sl.stop)
+            tally.add_signal(inside)
             if snr is not None:
                 noise = noise_std * torch.randn(signal.shape, generator=gen)  # [n, D, D]
-                noise_sq += float((noise.double() ** 2).sum())
+                tally.add_noise(noise)
                 signal = signal + noise
             writer.write(signal.numpy(), start)
             bar.update(sl.stop - sl.start)
-    measured_snr = None
-    if snr is not None:
-        var_signal = sig_sq / sig_n - (sig_sum / sig_n) ** 2
-        measured_snr = float(var_signal / (noise_sq / (N * D * D)))
+    measured_snr = None if snr is None else tally.snr(N * D * D)
     return noise_std, measured_snr
+
+
+def _checked_volumes(volumes: np.ndarray) -> torch.Tensor:
+    """``[K, D, D, D]`` float32 maps as a tensor; an InputError for a non-finite or constant map."""
+    vols = torch.from_numpy(np.asarray(volumes, dtype=np.float32))  # [K, D, D, D]
+    flat = vols.reshape(vols.shape[0], -1)  # [K, D³]
+    if not torch.isfinite(flat).all():
+        raise InputError(None, "map", "holds NaN or infinite voxels; nothing can be projected")
+    constant = torch.nonzero(flat.amax(1) == flat.amin(1)).flatten()
+    if constant.numel():
+        # Its projections carry no signal: no noise level gives the asked SNR (0/0), and a
+        # stack of empty images would train nothing.
+        raise InputError(None, "map", f"state {int(constant[0])} is constant (every voxel "
+                         f"{float(flat[constant[0], 0]):g}); its projections would be empty")
+    return vols
+
+
+def _noise_std(inside: torch.Tensor, snr: float, n_images: int) -> float:
+    """Noise σ giving ``snr`` for the signal ``inside`` the particles of the first ``n_images``.
+
+    σ is fixed once, from the first chunk, as one global value (like a detector's noise
+    level), so every image shares the same noise statistics.
+    """
+    noise_std = float(torch.sqrt(inside.var() / snr))
+    if not (math.isfinite(noise_std) and noise_std > 0):
+        raise InputError(None, "--snr", f"the first {n_images} images carry no "
+                         "measurable signal inside the particle, so no noise level "
+                         f"gives SNR {snr:g}; check the map and the poses")
+    return noise_std
+
+
+@dataclass
+class _SnrTally:
+    """Running sums for the SNR actually achieved: signal inside the support, and noise."""
+
+    sig_sum: float = 0.0
+    sig_sq: float = 0.0
+    sig_n: float = 0.0
+    noise_sq: float = 0.0
+
+    def add_signal(self, inside: torch.Tensor) -> None:
+        self.sig_sum += float(inside.sum())
+        self.sig_sq += float((inside**2).sum())
+        self.sig_n += inside.numel()
+
+    def add_noise(self, noise: torch.Tensor) -> None:
+        self.noise_sq += float((noise.double() ** 2).sum())
+
+    def snr(self, n_pixels: int) -> float:
+        """var(signal inside the support) / var(noise) over ``n_pixels`` noise pixels."""
+        var_signal = self.sig_sq / self.sig_n - (self.sig_sum / self.sig_n) ** 2
+        return float(var_signal / (self.noise_sq / n_pixels))
 
 
 def simulate_dataset(

@@ -18,6 +18,10 @@ import numpy as np
 
 from cryoformer.errors import InputError
 from cryoformer.io.mrc import read_volume
+from cryoformer.simulation.density import (atoms_to_volume, displacement_map, read_atomic_model,
+                                           read_atomic_models)
+from cryoformer.simulation.hinged import HingedMoleculeConfig, hinged_state_volumes, motion_map
+from cryoformer.simulation.trajectory import load_trajectory_states
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,6 @@ def _render_states(states, box_size, pixel_size_angstrom, bfactor_angstrom2, cen
     Returns the ``[K, D, D, D]`` maps and the motion map between the first and last state
     (``None`` when the atoms of those states do not correspond one to one).
     """
-    from cryoformer.simulation.density import atoms_to_volume, displacement_map
-
     # One offset for all states, so the motion between states is kept.
     offset = states[0][0].mean(axis=0) if centre else np.zeros(3)
     vols = np.stack([
@@ -86,8 +88,6 @@ def maps_from_atomic_models(
     paths: Sequence[str], box_size: int, pixel_size_angstrom: float, bfactor_angstrom2: float = 20.0
 ) -> StateMaps:
     """One state per model file (or per model of a single multi-model file)."""
-    from cryoformer.simulation.density import read_atomic_model, read_atomic_models
-
     _check_box(box_size, pixel_size_angstrom)
     if len(paths) == 1:
         states = read_atomic_models(paths[0])
@@ -107,8 +107,6 @@ def maps_from_trajectory(
     bfactor_angstrom2: float = 20.0,
 ) -> StateMaps:
     """``n_states`` frames sampled evenly from an MD trajectory (needs ``cryoformer[sim]``)."""
-    from cryoformer.simulation.trajectory import load_trajectory_states
-
     _check_box(box_size, pixel_size_angstrom)
     states = load_trajectory_states(topology, trajectory, n_states=n_states, selection=selection)
     # load_trajectory_states has already aligned and centred the frames on frame 0.
@@ -119,8 +117,6 @@ def maps_from_trajectory(
 
 def maps_from_hinged_molecule(n_states: int, box_size: int, pixel_size_angstrom: float) -> StateMaps:
     """The embedded hinged molecule at ``n_states`` evenly spaced hinge angles."""
-    from cryoformer.simulation.hinged import HingedMoleculeConfig, hinged_state_volumes, motion_map
-
     _check_box(box_size, pixel_size_angstrom)
     cfg = HingedMoleculeConfig()
     vols = hinged_state_volumes(n_states, box_size, pixel_size_angstrom, cfg)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
+import gemmi
 import numpy as np
 
 from cryoformer.errors import InputError, PathLike, require_file
@@ -63,8 +64,6 @@ def guess_element(name: str, resname: str = "") -> Optional[str]:
     whose name is the residue name (ions such as ``ZN``/``ZN``, ``CL``/``CL``); otherwise the first
     letter, since in macromolecules ``CA`` is a C-alpha, not calcium.
     """
-    import gemmi
-
     letters = re.sub(r"[^A-Za-z]", "", name)
     if not letters:
         return None
@@ -78,8 +77,6 @@ def guess_element(name: str, resname: str = "") -> Optional[str]:
 
 def _elements_of(atoms, path: str) -> List[str]:
     """Element symbols of an AtomGroup: from the topology where present, else guessed."""
-    import gemmi
-
     try:
         given = [str(e) for e in atoms.elements]
     except (AttributeError, ValueError):  # MDAnalysis NoDataError when the topology has none
@@ -137,7 +134,7 @@ def load_trajectory_states(
         MDAnalysis missing, unreadable files, empty selection, too few frames, unknown elements.
     """
     try:
-        import MDAnalysis as mda
+        import MDAnalysis as mda  # optional dependency (cryoformer[sim]): imported only when used
     except ImportError as exc:
         raise InputError(None, "MDAnalysis", "reading trajectories needs MDAnalysis: "
                          "pip install 'cryoformer[sim]'") from exc
@@ -151,6 +148,22 @@ def load_trajectory_states(
             universe = mda.Universe(*files)
     except Exception as exc:  # MDAnalysis raises many types for bad files
         raise InputError(files[-1], None, f"MDAnalysis cannot read it: {exc}") from exc
+    atoms, ref_atoms = _select_atoms(universe, topology, selection, align_selection, align)
+    n_frames = len(universe.trajectory)
+    try:
+        frames = sample_frame_indices(n_frames, n_states)
+    except ValueError as exc:
+        raise InputError(files[-1], "n_states", str(exc)) from exc
+    elements = _elements_of(atoms, topology)
+    states = _frame_positions(universe, frames, atoms, ref_atoms, align)
+    if center:
+        centre = states[0].mean(axis=0)
+        states = [p - centre for p in states]
+    return [(p, list(elements)) for p in states]
+
+
+def _select_atoms(universe, topology: str, selection: str, align_selection: Optional[str], align: bool):
+    """The kept atoms and the atoms superimposed on (AtomGroups), checked non-empty."""
     try:
         atoms = universe.select_atoms(selection)
         ref_atoms = universe.select_atoms(align_selection) if align_selection else atoms
@@ -160,12 +173,12 @@ def load_trajectory_states(
         raise InputError(topology, "selection", f"{selection!r} selects no atoms")
     if align and len(ref_atoms) < 3:
         raise InputError(topology, "align_selection", "need at least 3 atoms to superimpose")
-    n_frames = len(universe.trajectory)
-    try:
-        frames = sample_frame_indices(n_frames, n_states)
-    except ValueError as exc:
-        raise InputError(files[-1], "n_states", str(exc)) from exc
-    elements = _elements_of(atoms, topology)
+    return atoms, ref_atoms
+
+
+def _frame_positions(universe, frames: np.ndarray, atoms, ref_atoms, align: bool) -> List[np.ndarray]:
+    """``[N, 3]`` float64 positions (Å) of ``atoms`` at each frame, superimposed (Kabsch on
+    ``ref_atoms``) on the first frame when ``align``."""
     states, reference = [], None
     for f in frames:
         universe.trajectory[int(f)]
@@ -178,13 +191,4 @@ def load_trajectory_states(
                 R, cm, cr = kabsch(ref_pos, reference)
                 pos = (pos - cm) @ R.T + cr
         states.append(pos)
-    if center:
-        centre = states[0].mean(axis=0)
-        states = [p - centre for p in states]
-    return [(p, list(elements)) for p in states]
-
-
-def states_rmsd(states: Sequence[Tuple[np.ndarray, List[str]]]) -> np.ndarray:
-    """``[n_states]`` RMSD (Å) of each state from the first (no further superposition)."""
-    first = states[0][0]
-    return np.array([np.sqrt(np.mean(np.sum((p - first) ** 2, axis=1))) for p, _ in states])
+    return states
