@@ -1,4 +1,4 @@
-"""Pose refinement from perturbed poses (issue 4 §2/§7, paper §4.5 Table 2).
+"""Pose refinement from perturbed poses (paper §4.5 Table 2; results in docs/benchmarks.md).
 
 Dataset: the AdK closed→open trajectory of ``bench_vs_cryodrgn.py`` (a real protein, D = 64,
 1.5 Å/px, SNR 0.1, CTF, shifts, RELION contrast), or the embedded hinged molecule
@@ -10,7 +10,7 @@ the rotation noise as N(0, 0.1·I), a covariance, i.e. σ = √0.1 ≈ 0.316 rad
 Rows:
 
 * ``input`` — the perturbed poses.
-* ``search with the true maps`` — :func:`cryoformer.trainer.pose_search.search_with_references`
+* ``search with the true maps`` — :func:`cryoformer.refinement.search_with_references`
   against each particle's ground-truth state map at the full band: what the search reaches
   with a perfect reference, i.e. the limit the data's noise sets for any method.
 * ``cryoformer train --pose-search``, epoch by epoch — the real pipeline: the model trains
@@ -38,25 +38,34 @@ import glob
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
+import pandas as pd
+import torch
+
+from cryoformer.cli import main as cli
+from cryoformer.io.cryodrgn import read_poses_pkl, write_poses_pkl
+from cryoformer.io.mrc import read_volume
+from cryoformer.metrics.pose_error import pose_error_summary, rotation_errors
+from cryoformer.refinement import Particles, PoseSearchConfig, search_with_references
+from cryoformer.simulation.perturb import perturb_poses
+from cryoformer.trainer import TrainConfig, outputs
+from cryoformer.trainer.data import load_particle_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import machine  # noqa: E402
+from bench_vs_cryodrgn import make_dataset  # noqa: E402
 
 
 def make_data(args) -> str:
-    from cryoformer.cli import main as cli
-
     data = args.data or os.path.join(args.outdir, "data")
     if os.path.isfile(os.path.join(data, "simulation.json")):
         return data
     if args.dataset == "adk":
-        from bench_vs_cryodrgn import make_dataset
-
         return make_dataset(data, args.n_particles, args.n_states, args.seed)
     rc = cli(["simulate", "-o", data, "-n", str(args.n_particles), "-D", "64", "--Apix", "3.0",
               "--n-states", str(args.n_states), "--snr", "0.1", "--shift-range", "2", "--seed", str(args.seed)])
@@ -66,13 +75,11 @@ def make_data(args) -> str:
 
 
 def errors_of(rot, shifts, gt) -> dict:
-    from cryoformer.metrics.pose_error import pose_error_summary
-
     summary = pose_error_summary(rot, gt.rotations, shifts, gt.shifts_px)
     return {k: summary[k] for k in ("rotation_median_rad", "rotation_median_deg", "shift_median_px")}
 
 
-GOAL_IMPROVEMENT = 3.0  # issue goal: median rotation error at least 3× lower than the input's
+GOAL_IMPROVEMENT = 3.0  # the goal: median rotation error at least 3× lower than the input's
 
 
 def improvement_verdict(input_error_rad, refined_error_rad, goal: float = GOAL_IMPROVEMENT,
@@ -106,10 +113,6 @@ def improvement_verdict(input_error_rad, refined_error_rad, goal: float = GOAL_I
 def per_particle_rotation_errors(run_dir: str, epoch: int, input_poses: str, gt_poses: str, box_size: int):
     """Per-particle rotation errors (rad) of the input poses and of an epoch's searched poses,
     over the run's particles in the run's order."""
-    from cryoformer.io.cryodrgn import read_poses_pkl
-    from cryoformer.metrics.pose_error import rotation_errors
-    from cryoformer.trainer import outputs
-
     rows = np.load(os.path.join(run_dir, "particle_indices.npy"))
     gt = read_poses_pkl(gt_poses, box_size=box_size).rotations[rows]
     given = read_poses_pkl(input_poses, box_size=box_size).rotations[rows]
@@ -119,9 +122,6 @@ def per_particle_rotation_errors(run_dir: str, epoch: int, input_poses: str, gt_
 
 def write_perturbed(data_dir: str, outdir: str, sigma_rad: float, shift_px: float, seed: int) -> str:
     """The ground-truth poses perturbed as the paper does → ``OUTDIR/perturbed_poses.pkl``."""
-    from cryoformer.io.cryodrgn import read_poses_pkl, write_poses_pkl
-    from cryoformer.simulation.perturb import perturb_poses
-
     with open(os.path.join(data_dir, "simulation.json")) as handle:
         box = int(json.load(handle)["box_size"])
     gt = read_poses_pkl(os.path.join(data_dir, "gt", "poses.pkl"), box_size=box)
@@ -132,46 +132,44 @@ def write_perturbed(data_dir: str, outdir: str, sigma_rad: float, shift_px: floa
 
 def load_particles(data_dir: str, poses_path: str, n: int):
     """The data set at ``poses_path`` with its ground truth → (all particles, the first ``n``)."""
-    from cryoformer.trainer import TrainConfig
-    from cryoformer.trainer.data import load_particle_data
-
-    cfg = TrainConfig(particles=os.path.join(data_dir, "particles.mrcs"), poses=poses_path,
-                      ctf=os.path.join(data_dir, "ctf.pkl"), gt_poses=os.path.join(data_dir, "gt", "poses.pkl"),
-                      outdir=os.path.join(data_dir, "unused"))
+    cfg = TrainConfig.from_flat(particles=os.path.join(data_dir, "particles.mrcs"), poses=poses_path,
+                                ctf=os.path.join(data_dir, "ctf.pkl"),
+                                gt_poses=os.path.join(data_dir, "gt", "poses.pkl"),
+                                outdir=os.path.join(data_dir, "unused"))
     data = load_particle_data(cfg)
     sel = np.arange(min(n, len(data)))
     return data, dataclasses.replace(data, indices=data.indices[sel], poses=data.poses.subset(sel),
                                      ctf=data.ctf.subset(sel), gt_poses=data.gt_poses.subset(sel))
 
 
+def search_particles(data) -> Particles:
+    """What the search reads of trainer data: its images at the original box, its CTF rows."""
+    full = dataclasses.replace(data, box_size=data.original_box)
+    return Particles(full.images, len(data), data.original_box, None if data.ctf is None else data.ctf.array)
+
+
 def true_maps(data_dir: str):
     """The ground-truth state maps ``[K, D, D, D]`` and every particle's state ``[N]``."""
-    import torch
-
-    from cryoformer.io.mrc import read_volume
-
     maps = sorted(glob.glob(os.path.join(data_dir, "gt", "state_*.mrc")))
     vols = torch.stack([torch.from_numpy(read_volume(p)[0]).float() for p in maps])
     return vols, np.load(os.path.join(data_dir, "gt", "state.npy"))
 
 
-def oracle(data_dir: str, poses_path: str, radius_rad: float, n: int) -> dict:
+def oracle(data_dir: str, poses_path: str, radius_deg: float, n: int) -> dict:
     """The search against the ground-truth maps (first ``n`` particles)."""
-    from cryoformer.trainer.pose_search import PoseSearchConfig, search_with_references
-
     _, data = load_particles(data_dir, poses_path, n)
     vols, states = true_maps(data_dir)
     labels = states[:len(data)]
     t0 = time.time()
-    res = search_with_references(vols, labels, data, data.poses.rotations, data.poses.shifts_px,
-                                 PoseSearchConfig(radius_rad=radius_rad, max_frequency=0.5))
+    res = search_with_references(vols, labels, search_particles(data), data.poses.rotations, data.poses.shifts_px,
+                                 PoseSearchConfig.from_degrees(radius_deg, max_frequency=0.5))
     out = {"n": len(data), "seconds": time.time() - t0, "prior_sigma_rad": res.prior_sigma_rad,
            "input": errors_of(data.poses.rotations, data.poses.shifts_px, data.gt_poses),
            "refined": errors_of(res.rotations, res.shifts_px, data.gt_poses)}
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--outdir", default="bench_out/pose_refinement")
     ap.add_argument("--data", help="dataset directory (made when missing; default OUTDIR/data)")
@@ -193,41 +191,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="training device; a CUDA device runs the searches too")
     ap.add_argument("--extra", default="", help="more `cryoformer train` options, one string")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import pandas as pd
 
-    from cryoformer.cli import main as cli
+def train_command(args, data: str, noisy: str, radius: float, run: str) -> list[str]:
+    """``cryoformer train --pose-search`` on the perturbed poses."""
+    return ["train", os.path.join(data, "particles.mrcs"), "--poses", noisy, "--ctf", os.path.join(data, "ctf.pkl"),
+            "--gt-poses", os.path.join(data, "gt", "poses.pkl"), "-o", run, "--pose-search",
+            "--pose-search-radius", str(radius), "--pose-search-reference", args.reference, "--box", str(args.box),
+            "--epochs", str(args.epochs), "--max-minutes", str(args.minutes), "--seed", str(args.seed),
+            "--device", args.device] + args.extra.split()
 
-    os.makedirs(args.outdir, exist_ok=True)
-    data = make_data(args)
-    noisy = write_perturbed(data, args.outdir, args.sigma_rad, args.shift_noise_px, args.seed)
-    # the angle of a rotation vector with N(0, σ²) components exceeds 3.4σ in 1 % of particles
-    radius = args.radius_deg or max(20.0, 5 * math.ceil(np.degrees(3.4 * args.sigma_rad) / 5))
-    radius = min(radius, 180.0)
 
-    result = {"machine": machine.describe(), "device": args.device, "dataset": args.dataset,
-              "n_particles": args.n_particles,
-              "sigma_rad": args.sigma_rad, "shift_noise_px": args.shift_noise_px, "radius_deg": radius,
-              "box": args.box, "reference": args.reference}
-    if args.oracle_particles:
-        result["true_maps"] = oracle(data, noisy, math.radians(radius), args.oracle_particles)
-        print("search with the true maps:", json.dumps(result["true_maps"]), flush=True)
-
-    run = os.path.join(args.outdir, "run")
-    if os.path.isdir(run):
-        import shutil
-
-        shutil.rmtree(run)
-    cmd = ["train", os.path.join(data, "particles.mrcs"), "--poses", noisy, "--ctf", os.path.join(data, "ctf.pkl"),
-           "--gt-poses", os.path.join(data, "gt", "poses.pkl"), "-o", run, "--pose-search",
-           "--pose-search-radius", str(radius), "--pose-search-reference", args.reference, "--box", str(args.box), "--epochs", str(args.epochs),
-           "--max-minutes", str(args.minutes), "--seed", str(args.seed), "--device", args.device] + args.extra.split()
-    t0 = time.time()
-    rc = cli(cmd)
-    wall = time.time() - t0
-    if rc:
-        return rc
+def summarise_run(run: str, data: str, noisy: str, seed: int) -> tuple[dict, pd.DataFrame, int]:
+    """The run's pose errors per epoch and the goal's verdicts → (result fields, searched rows,
+    the epoch the held-out loss chose)."""
     errors = pd.read_csv(os.path.join(run, "pose_errors.csv"))
     first = errors[errors.stage == "input"].iloc[0]
     searched = errors[errors.stage == "search"]
@@ -236,9 +214,9 @@ def main(argv=None) -> int:
     with open(os.path.join(run, "validation.json")) as handle:
         chosen_epoch = json.load(handle)["best_epoch"]  # what `cryoformer analyze` loads
     chosen = searched[searched.epoch == chosen_epoch].iloc[0]
-    result.update({
-        "train_wall_s": wall, "command": "cryoformer " + " ".join(cmd),
-        "input": {"rotation_median_rad": float(first.rotation_median_rad), "shift_median_px": float(first.shift_median_px)},
+    result = {
+        "input": {"rotation_median_rad": float(first.rotation_median_rad),
+                  "shift_median_px": float(first.shift_median_px)},
         "last_epoch": int(last.epoch), "refined_rotation_median_rad": float(last.rotation_median_rad),
         "refined_shift_median_px": float(last.shift_median_px),
         "best_epoch": int(best.epoch), "best_rotation_median_rad": float(best.rotation_median_rad),
@@ -246,25 +224,28 @@ def main(argv=None) -> int:
         "rotation_improvement": float(first.rotation_median_rad / last.rotation_median_rad),
         "rotation_improvement_heldout_epoch": float(first.rotation_median_rad / chosen.rotation_median_rad),
         "per_epoch": errors.to_dict(orient="records"),
-    })
+    }
     gt_path = os.path.join(data, "gt", "poses.pkl")
     with open(os.path.join(data, "simulation.json")) as handle:
         box = int(json.load(handle)["box_size"])
     verdicts = {}
     for name, epoch in (("last", int(last.epoch)), ("heldout", int(chosen.epoch))):
         err_in, err_out = per_particle_rotation_errors(run, epoch, noisy, gt_path, box)
-        verdicts[name] = {"epoch": epoch, **improvement_verdict(err_in, err_out, seed=args.seed)}
+        verdicts[name] = {"epoch": epoch, **improvement_verdict(err_in, err_out, seed=seed)}
     result["goal"] = verdicts
     # met only when both the last epoch and the one `analyze` loads clear the goal beyond noise
     result["goal_met"] = bool(verdicts["last"]["met"] and verdicts["heldout"]["met"])
-    with open(os.path.join(args.outdir, "results.json"), "w") as handle:
-        json.dump(result, handle, indent=1)
+    return result, searched, chosen_epoch
 
+
+def print_report(args, result: dict, searched: pd.DataFrame, chosen_epoch: int) -> None:
+    """The markdown table and the goal's verdicts."""
+    first, radius, wall = result["input"], result["radius_deg"], result["train_wall_s"]
     print(f"\n{machine.describe()['cpu']}, {args.dataset}, σ = {args.sigma_rad:.3g} rad, radius {radius:g}°, "
           f"references: {args.reference}, training {wall / 60:.1f} min at box {args.box}\n")
     print("| poses | median rotation error | median shift error |\n|---|---|---|")
-    print(f"| input (perturbed) | {first.rotation_median_rad:.4f} rad ({np.degrees(first.rotation_median_rad):.2f}°) "
-          f"| {first.shift_median_px:.2f} px |")
+    print(f"| input (perturbed) | {first['rotation_median_rad']:.4f} rad "
+          f"({np.degrees(first['rotation_median_rad']):.2f}°) | {first['shift_median_px']:.2f} px |")
     if "true_maps" in result:
         o = result["true_maps"]
         print(f"| search with the true maps ({o['n']} particles) | {o['refined']['rotation_median_rad']:.4f} rad "
@@ -282,9 +263,43 @@ def main(argv=None) -> int:
     print(f"\nmedian rotation error, input ÷ refined (goal ≥ {GOAL_IMPROVEMENT:g}×, judged on the lower "
           f"end of the 95 % bootstrap interval; no refinement scores 1.00×{limit}):")
     for name, label in (("last", "last epoch"), ("heldout", "held-out-best epoch")):
-        v = verdicts[name]
+        v = result["goal"][name]
         print(f"  {label} {v['epoch']}: {v['ratio']:.2f}× ({v['ci95'][0]:.2f}–{v['ci95'][1]:.2f}×) {v['verdict']}")
     print(f"goal met: {'PASS' if result['goal_met'] else 'FAIL'}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.outdir, exist_ok=True)
+    data = make_data(args)
+    noisy = write_perturbed(data, args.outdir, args.sigma_rad, args.shift_noise_px, args.seed)
+    # the angle of a rotation vector with N(0, σ²) components exceeds 3.4σ in 1 % of particles
+    radius = args.radius_deg or max(20.0, 5 * math.ceil(np.degrees(3.4 * args.sigma_rad) / 5))
+    radius = min(radius, 180.0)
+
+    result = {"machine": machine.describe(), "device": args.device, "dataset": args.dataset,
+              "n_particles": args.n_particles,
+              "sigma_rad": args.sigma_rad, "shift_noise_px": args.shift_noise_px, "radius_deg": radius,
+              "box": args.box, "reference": args.reference}
+    if args.oracle_particles:
+        result["true_maps"] = oracle(data, noisy, radius, args.oracle_particles)
+        print("search with the true maps:", json.dumps(result["true_maps"]), flush=True)
+
+    run = os.path.join(args.outdir, "run")
+    if os.path.isdir(run):
+        shutil.rmtree(run)
+    cmd = train_command(args, data, noisy, radius, run)
+    t0 = time.time()
+    rc = cli(cmd)
+    wall = time.time() - t0
+    if rc:
+        return rc
+    result.update({"train_wall_s": wall, "command": "cryoformer " + " ".join(cmd)})
+    summary, searched, chosen_epoch = summarise_run(run, data, noisy, args.seed)
+    result.update(summary)
+    with open(os.path.join(args.outdir, "results.json"), "w") as handle:
+        json.dump(result, handle, indent=1)
+    print_report(args, result, searched, chosen_epoch)
     return 0
 
 

@@ -23,10 +23,16 @@ Calls are idempotent: an existing dataset (``simulation.json``) or finished run
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Optional
 
 from cryoformer.io.cryodrgn import read_poses_pkl, write_poses_pkl
+from cryoformer.simulation.perturb import perturb_poses
+from cryoformer.simulation.simulate import CtfRanges, SimulationConfig, simulate_dataset
+from cryoformer.simulation.sources import maps_from_hinged_molecule
+from cryoformer.trainer import TrainConfig, train
+from cryoformer.trainer.run_dir import list_epochs
 
 
 @dataclass(frozen=True)
@@ -101,9 +107,6 @@ def example_dataset(out_dir: str, n_particles: int = 2000, box_size: int = 64,
     -------
     ExampleDataset
     """
-    from cryoformer.simulation.simulate import CtfRanges, SimulationConfig, simulate_dataset
-    from cryoformer.simulation.sources import maps_from_hinged_molecule
-
     root = os.path.abspath(os.path.join(out_dir, "data"))
     if not os.path.isfile(os.path.join(root, "simulation.json")):
         maps = maps_from_hinged_molecule(n_states, box_size, pixel_size_angstrom)
@@ -115,12 +118,24 @@ def example_dataset(out_dir: str, n_particles: int = 2000, box_size: int = 64,
 
 
 def _finished(run_dir: str) -> bool:
-    from cryoformer.trainer.run_dir import list_epochs
-
     try:
         return bool(list_epochs(run_dir))
     except Exception:  # not a run directory (yet)
         return False
+
+
+def _starting_poses(data: ExampleDataset, refine_poses: bool, seed: int):
+    """The poses training starts from and the extra :class:`TrainConfig` options: the true poses,
+    or (``refine_poses``) the paper's perturbed poses with pose refinement."""
+    if not refine_poses:
+        return data.poses, {}
+    poses = os.path.join(data.root, "perturbed_poses.pkl")
+    if not os.path.isfile(poses):
+        gt = read_poses_pkl(data.gt_poses, box_size=data.box_size)
+        write_poses_pkl(perturb_poses(gt, 0.1, 2.0, seed=seed + 1), poses)
+    # A few pose-only passes suffice here (the encoder only has to learn the given
+    # poses); the trainer's default of 50 would use up a tutorial's time budget.
+    return poses, dict(refine_poses=True, gt_poses=data.gt_poses, pose_pretrain_epochs=3)
 
 
 def example_run(out_dir: str, minutes: float = 4.0, refine_poses: bool = False,
@@ -155,33 +170,20 @@ def example_run(out_dir: str, minutes: float = 4.0, refine_poses: bool = False,
         Absolute path of the run directory (read it with
         :func:`cryoformer.trainer.load_run`).
     """
-    from cryoformer.simulation.perturb import perturb_poses
-    from cryoformer.trainer import TrainConfig, train
-
     data = dataset or example_dataset(out_dir, n_particles=n_particles, seed=seed)
     run_dir = os.path.abspath(os.path.join(out_dir, "run_refine" if refine_poses else "run"))
     if _finished(run_dir):
         return run_dir
     if os.path.isdir(run_dir):  # a run that never finished an epoch: start it again
-        import shutil
-
         shutil.rmtree(run_dir)
-    poses, extra = data.poses, {}
-    if refine_poses:
-        poses = os.path.join(data.root, "perturbed_poses.pkl")
-        if not os.path.isfile(poses):
-            gt = read_poses_pkl(data.gt_poses, box_size=data.box_size)
-            write_poses_pkl(perturb_poses(gt, 0.1, 2.0, seed=seed + 1), poses)
-        # A few pose-only passes suffice here (the encoder only has to learn the given
-        # poses); the trainer's default of 50 would use up a tutorial's time budget.
-        extra = dict(refine_poses=True, gt_poses=data.gt_poses, pose_pretrain_epochs=3)
+    poses, extra = _starting_poses(data, refine_poses, seed)
     # The example data are a toy at SNR 1 (real particles: ~0.1 or less): within a few minutes the
     # maps do not fit noise, while the latent space keeps organising; a held-out loss on ~100
     # images picked epoch 4 of 14 in the demo, whose end states were then far less distinct
     # (correlation with the true end states 0.80, against 0.93 at epoch 14; docs/benchmarks.md). So the
     # examples hold out nothing and use their latest epoch; real data keep the default 5 %.
-    config = TrainConfig(particles=data.particles, poses=poses, ctf=data.ctf, outdir=run_dir,
-                         box_size=train_box, epochs=epochs, max_minutes=minutes, seed=seed,
-                         device="auto", heldout_fraction=0.0, **extra)
+    config = TrainConfig.from_flat(particles=data.particles, poses=poses, ctf=data.ctf, outdir=run_dir,
+                                   box_size=train_box, epochs=epochs, max_minutes=minutes, seed=seed,
+                                   device="auto", heldout_fraction=0.0, **extra)
     train(config, progress=progress, command_line="cryoformer.examples.example_run")
     return run_dir

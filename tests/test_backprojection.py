@@ -1,4 +1,5 @@
-"""Direct Fourier inversion inverts SPEC §2 image formation; gold-standard FSC and the mask."""
+"""Direct Fourier inversion inverts the image formation of docs/conventions.md; gold-standard FSC,
+the solvent mask and the grouping of the back-projected references."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from cryoformer.physics.ctf import apply_ctf, ctf_images
 from cryoformer.physics.fourier import fft2_center
 from cryoformer.physics.projector import project
 from cryoformer.physics.rotations import random_rotations
-from cryoformer.trainer.references import solvent_mask
+from cryoformer.refinement.references import merge_small_groups, solvent_mask
 
 from test_pose_search import D, blob_volume
 
 
 def _images(n: int, seed: int, noise_sigma: float = 0.0):
-    """SPEC §2 images of the blobs: projection at (R, s), CTF (varied defocus), white noise."""
+    """Images of the blobs as docs/conventions.md forms them: projection at (R, s), CTF (varied
+    defocus), white noise."""
     g = torch.Generator().manual_seed(seed)
     rot = random_rotations(n, generator=g)
     shifts = (torch.rand(n, 2, generator=g) - 0.5) * 4  # ±2 px
@@ -130,8 +132,6 @@ def test_an_empty_group_gives_a_zero_map_not_nan():
 
 
 def test_small_groups_join_the_nearest_large_one():
-    from cryoformer.trainer.references import merge_small_groups
-
     latents = np.concatenate([np.zeros((50, 2)), np.full((50, 2), 10.0), np.full((3, 2), 9.0)])
     groups = np.array([0] * 50 + [5] * 50 + [7] * 3)  # labels need not be contiguous
     merged = merge_small_groups(groups, latents, min_size=10)

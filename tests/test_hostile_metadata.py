@@ -256,7 +256,7 @@ def test_per_group_values_reported_and_one_group_trains(data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 pixel-size groups" in out and "4 Å/px for 5 particles" in out and "3.2 Å/px for 3 particles" in out
     np.save(tmp_path / "group1.npy", np.arange(5))
-    cfg = TrainConfig(particles=str(star), outdir=str(tmp_path / "run"), ind=str(tmp_path / "group1.npy"))
+    cfg = TrainConfig.from_flat(particles=str(star), outdir=str(tmp_path / "run"), ind=str(tmp_path / "group1.npy"))
     loaded = load_particle_data(cfg)  # --ind with one group: one pixel size, accepted
     assert len(loaded) == 5 and loaded.pixel_size_angstrom == pytest.approx(APIX)
 
@@ -377,8 +377,8 @@ def test_train_refuses_blank_images_and_excluding_them_works(data, tmp_path, cap
     refuse(capsys, train_argv(d, tmp_path / "run", "--poses", str(d / "poses.pkl"), particles="blank.mrcs"),
            d, tmp_path / "run", "blank.mrcs", "1 of 8", "particles 2 (3@blank.mrcs)", "--ind")
     np.save(tmp_path / "keep.npy", np.delete(np.arange(N), 2))
-    cfg = TrainConfig(particles=str(d / "blank.mrcs"), poses=str(d / "poses.pkl"), outdir=str(tmp_path / "r"),
-                      ind=str(tmp_path / "keep.npy"))
+    cfg = TrainConfig.from_flat(particles=str(d / "blank.mrcs"), poses=str(d / "poses.pkl"), outdir=str(tmp_path / "r"),
+                                ind=str(tmp_path / "keep.npy"))
     assert len(load_particle_data(cfg)) == N - 1  # only the images used are scanned
 
 
@@ -396,8 +396,8 @@ def test_shuffled_star_is_matched_to_its_stack_by_name_and_trains(data, tmp_path
     d, _, poses, ctf = data
     perm = np.random.default_rng(3).permutation(N)
     star = shuffled_star(d, poses, ctf, perm)
-    cfg = TrainConfig(particles=str(d / "particles.mrcs"), poses=str(star), ctf=str(star),
-                      outdir=str(tmp_path / "run0"))
+    cfg = TrainConfig.from_flat(particles=str(d / "particles.mrcs"), poses=str(star), ctf=str(star),
+                                outdir=str(tmp_path / "run0"))
     loaded = load_particle_data(cfg)
     batch = loaded.batch(np.arange(N))
     # image k gets the pose and CTF its own star row names, whatever the row order

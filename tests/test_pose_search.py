@@ -17,11 +17,11 @@ from cryoformer.physics.fourier import fft2_center, frequency_grid_2d
 from cryoformer.physics.projector import project
 from cryoformer.physics.rotations import random_rotations
 from cryoformer.physics.slice_projector import FourierSliceProjector
+from cryoformer.refinement import (Particles, PoseSearchConfig, backprojected_references, fit_prior_sigma,
+                                   rotation_ball, search_poses, search_with_references)
 from cryoformer.simulation.perturb import perturb_poses
 from cryoformer.trainer import TrainConfig
 from cryoformer.trainer.data import load_particle_data
-from cryoformer.trainer.pose_search import (PoseSearchConfig, fit_prior_sigma, rotation_ball,
-                                            search_with_references)
 
 D = 32
 BLOBS = [((3.0, -2.0, 1.0), 2.0, 1.0), ((-5.0, 4.0, -3.0), 1.6, 0.7), ((1.0, 6.0, 5.0), 1.8, 0.5)]
@@ -63,7 +63,7 @@ def test_slices_match_analytic_and_real_space_projection():
     assert rel < 0.02
     fine = FourierSliceProjector(blob_volume(), padding=4, match_trilinear=False).slices(0, R, k[band])
     assert (fine.to(torch.complex128) - want).abs().norm() / want.abs().norm() < rel / 3
-    # the same convention as the real-space projector and fft2_center (SPEC §2); the tent
+    # the same convention as the real-space projector and fft2_center (docs/conventions.md); the tent
     # damping of its trilinear sampling is what match_trilinear models
     real_space = fft2_center(project(blob_volume(), R))[:, band]
     rel = (got - real_space).abs().norm() / real_space.abs().norm()
@@ -89,6 +89,17 @@ def test_projector_rejects_bad_shapes():
 def test_search_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         PoseSearchConfig(**bad)
+
+
+def test_search_config_from_degrees_and_band_limit():
+    cfg = PoseSearchConfig.from_degrees(20.0, 2.0, reference="model", n_references=3)
+    assert cfg.radius_rad == np.radians(20.0) and cfg.prior_sigma_rad == np.radians(2.0)
+    assert cfg.reference == "model" and cfg.groups() == 3
+    assert PoseSearchConfig.from_degrees(20.0).prior_sigma_rad is None  # fitted
+    # the model's maps hold nothing beyond the training box's Nyquist; back-projected maps do
+    assert cfg.band_limit(64, model_box_size=32) == 0.25 and cfg.band_limit(64) == 0.5
+    assert PoseSearchConfig().band_limit(64, model_box_size=32) == 0.5
+    assert PoseSearchConfig(max_frequency=0.3).band_limit(64, 32) == 0.3
 
 
 def test_search_config_level_spacings():
@@ -132,10 +143,16 @@ def sharp_dataset(tmp_path_factory):
 
 
 def _data(out, box=None):
-    cfg = TrainConfig(particles=os.path.join(out, "particles.mrcs"), poses=os.path.join(out, "perturbed.pkl"),
+    cfg = TrainConfig.from_flat(particles=os.path.join(out, "particles.mrcs"), poses=os.path.join(out, "perturbed.pkl"),
                       ctf=os.path.join(out, "ctf.pkl"), gt_poses=os.path.join(out, "gt", "poses.pkl"),
                       outdir=os.path.join(out, "unused"), box_size=box)
     return load_particle_data(cfg)
+
+
+def _particles(data):
+    """The search's view of trainer data: its images at the original box."""
+    full = dataclasses.replace(data, box_size=data.original_box)
+    return Particles(full.images, len(data), data.original_box, None if data.ctf is None else data.ctf.array)
 
 
 def _true_maps(out):
@@ -149,7 +166,7 @@ def test_search_with_true_maps_recovers_poses(sharp_dataset, single_thread):
     data = _data(sharp_dataset)
     vols, labels = _true_maps(sharp_dataset)
     start = (data.poses.rotations.copy(), data.poses.shifts_px.copy())
-    res = search_with_references(vols, labels, data, data.poses.rotations, data.poses.shifts_px,
+    res = search_with_references(vols, labels, _particles(data), data.poses.rotations, data.poses.shifts_px,
                                  PoseSearchConfig(max_frequency=0.5), progress=False)
     # the caller's starting poses are left as they were
     np.testing.assert_array_equal(data.poses.rotations, start[0])
@@ -164,11 +181,11 @@ def test_search_with_true_maps_recovers_poses(sharp_dataset, single_thread):
     np.testing.assert_allclose(np.linalg.det(res.rotations), 1.0, atol=1e-4)
 
     # a fixed strong prior keeps the poses near the input; the wrong map does not help
-    stuck = search_with_references(vols, labels, data, data.poses.rotations, data.poses.shifts_px,
+    stuck = search_with_references(vols, labels, _particles(data), data.poses.rotations, data.poses.shifts_px,
                                    PoseSearchConfig(max_frequency=0.5, prior_sigma_rad=0.002,
                                                     fine_levels=0), progress=False)
     assert np.median(rotation_errors(stuck.rotations, data.poses.rotations)) < 0.01
-    blank = search_with_references(torch.roll(vols, 8, dims=-1), labels, data, data.poses.rotations,
+    blank = search_with_references(torch.roll(vols, 8, dims=-1), labels, _particles(data), data.poses.rotations,
                                    data.poses.shifts_px, PoseSearchConfig(max_frequency=0.5), progress=False)
     assert np.median(rotation_errors(blank.rotations, data.gt_poses.rotations)) > 2 * after
 
@@ -179,9 +196,9 @@ def test_search_on_cuda_matches_cpu(sharp_dataset):
     data = _data(sharp_dataset)
     vols, labels = _true_maps(sharp_dataset)
     cfg = PoseSearchConfig(max_frequency=0.5)
-    cpu = search_with_references(vols, labels, data, data.poses.rotations, data.poses.shifts_px, cfg,
+    cpu = search_with_references(vols, labels, _particles(data), data.poses.rotations, data.poses.shifts_px, cfg,
                                  progress=False)
-    gpu = search_with_references(vols, labels, data, data.poses.rotations, data.poses.shifts_px, cfg,
+    gpu = search_with_references(vols, labels, _particles(data), data.poses.rotations, data.poses.shifts_px, cfg,
                                  progress=False, device=torch.device("cuda"))
     assert gpu.prior_sigma_rad == pytest.approx(cpu.prior_sigma_rad, rel=0.15)
     assert gpu.noise_power == pytest.approx(cpu.noise_power, rel=1e-3)
@@ -199,24 +216,23 @@ def test_search_reads_full_box_when_training_box_is_smaller(sharp_dataset, singl
     vols = torch.from_numpy(read_volume(os.path.join(sharp_dataset, "gt", "state_000.mrc"))[0]).float()[None]
     sub = dataclasses.replace(data, indices=data.indices[:5], poses=data.poses.subset(np.arange(5)),
                               ctf=data.ctf.subset(np.arange(5)))
-    res = search_with_references(vols, np.zeros(5, dtype=np.int64), sub, sub.poses.rotations,
+    res = search_with_references(vols, np.zeros(5, dtype=np.int64), _particles(sub), sub.poses.rotations,
                                  sub.poses.shifts_px, PoseSearchConfig(fine_levels=0), progress=False)
     assert res.rotations.shape == (5, 3, 3) and res.shifts_px.shape == (5, 2)
     with pytest.raises(ValueError, match="references"):
-        search_with_references(vols[:, :16, :16, :16], np.zeros(5, dtype=np.int64), sub,
+        search_with_references(vols[:, :16, :16, :16], np.zeros(5, dtype=np.int64), _particles(sub),
                                sub.poses.rotations, sub.poses.shifts_px, progress=False)
     with pytest.raises(ValueError, match="labels"):
-        search_with_references(vols, np.ones(5, dtype=np.int64), sub, sub.poses.rotations,
+        search_with_references(vols, np.ones(5, dtype=np.int64), _particles(sub), sub.poses.rotations,
                                sub.poses.shifts_px, progress=False)
 
 
 def test_backprojected_references_are_gold_standard_pairs(sharp_dataset, single_thread):
-    from cryoformer.trainer.references import backprojected_references
-
     data = _data(sharp_dataset)
     n, D_ = len(data), data.original_box
     groups = np.arange(n) % 3  # three groups, each split into two halves by particle parity
-    vols, labels, res = backprojected_references(data, data.gt_poses.rotations, data.gt_poses.shifts_px, groups)
+    vols, labels, res = backprojected_references(_particles(data), data.gt_poses.rotations,
+                                                 data.gt_poses.shifts_px, groups)
     assert vols.shape == (6, D_, D_, D_) and res.shape == (3,)
     np.testing.assert_array_equal(labels, 2 * groups + np.arange(n) % 2)
     # each half map is built from its own particles: at the true poses, a half map of group 0
@@ -226,3 +242,27 @@ def test_backprojected_references_are_gold_standard_pairs(sharp_dataset, single_
     assert c > 0.6
     assert np.corrcoef(vols[0].numpy().ravel(), vols[1].numpy().ravel())[0, 1] > 0.8
     assert (res > 2.0).all()
+
+
+def test_search_poses_with_a_decoder_needs_no_trainer(sharp_dataset, single_thread):
+    """The model-reference search from a plain decoder: latents that name the true states decode
+    to the true maps, so it finds what the search against the true maps finds."""
+    data = _data(sharp_dataset)
+    vols, states = _true_maps(sharp_dataset)
+    latents = np.eye(2, dtype=np.float32)[states]  # [N, 2]: one-hot state
+
+    def decode(z):  # [k, 2] → [k, D, D, D]: the state maps mixed by the latent
+        return torch.einsum("ks,sxyz->kxyz", z, vols)
+
+    cfg = PoseSearchConfig(reference="model", n_references=2, max_frequency=0.5, fine_levels=0)
+    res = search_poses(_particles(data), data.poses.rotations, data.poses.shifts_px, latents, cfg,
+                       decode=decode, model_box_size=16, progress=False)
+    truth = search_with_references(vols, states, _particles(data), data.poses.rotations, data.poses.shifts_px,
+                                   cfg, progress=False)
+    assert np.median(rotation_errors(res.rotations, truth.rotations)) < 1e-4
+    assert res.noise_power == pytest.approx(truth.noise_power, rel=1e-4)
+    with pytest.raises(ValueError, match="decoder"):
+        search_poses(_particles(data), data.poses.rotations, data.poses.shifts_px, latents, cfg, progress=False)
+    with pytest.raises(ValueError, match="one latent per particle"):
+        search_poses(_particles(data), data.poses.rotations, data.poses.shifts_px, latents[:3], cfg,
+                     decode=decode, progress=False)

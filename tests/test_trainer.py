@@ -35,7 +35,7 @@ def finished_run(data_dir, tmp_path_factory):
 
 def test_run_directory_layout(finished_run):
     cfg, result = finished_run
-    run = cfg.outdir
+    run = cfg.data.outdir
     assert result.stopped == "finished" and result.epoch == 4 and result.step == 4 * 6
     for name in ("config.yaml", "log.csv", "particle_indices.npy", "checkpoints/last.pt"):
         assert os.path.isfile(os.path.join(run, name)), name
@@ -56,7 +56,7 @@ def test_run_directory_layout(finished_run):
 
 def test_loss_decreases_and_log_columns(finished_run):
     cfg, _ = finished_run
-    log = read_log(cfg.outdir)
+    log = read_log(cfg.data.outdir)
     for col in ("epoch", "step", "loss", "mse", "kl", "lr", "images_per_s", "elapsed_s"):
         assert col in log.columns
     epochs = log[log.kind == "epoch"]
@@ -67,21 +67,21 @@ def test_loss_decreases_and_log_columns(finished_run):
 
 def test_load_run(finished_run):
     cfg, _ = finished_run
-    assert list_epochs(cfg.outdir) == [1, 2, 3, 4]
-    run = load_run(cfg.outdir)
+    assert list_epochs(cfg.data.outdir) == [1, 2, 3, 4]
+    run = load_run(cfg.data.outdir)
     assert run.epoch == 4 and not run.model.training
     np.testing.assert_array_equal(run.particle_indices, np.arange(N_PARTICLES))
     assert run.box_size == 16 and run.pixel_size_angstrom == pytest.approx(8.0)
-    assert run.paths["particles"] == cfg.particles and run.paths["ctf"] == cfg.ctf
+    assert run.paths["particles"] == cfg.data.particles and run.paths["ctf"] == cfg.data.ctf
     vol = run.model.decode_volume(run.latents[0])
     assert vol.shape == (16, 16, 16) and torch.isfinite(vol).all()
     # the latents file is the encoder's mean on the saved weights
-    imgs = -torch.from_numpy(mrcfile.read(cfg.particles)[:4].copy()) / run.data["image_scale"]
+    imgs = -torch.from_numpy(mrcfile.read(cfg.data.particles)[:4].copy()) / run.data["image_scale"]
     z = run.model.encode(imgs)["mu"].detach().numpy()
     np.testing.assert_allclose(z, run.latents[:4], rtol=1e-4, atol=1e-5)
-    assert load_run(cfg.outdir, epoch=2).epoch == 2
+    assert load_run(cfg.data.outdir, epoch=2).epoch == 2
     with pytest.raises(InputError, match="epoch 9 not found"):
-        load_run(cfg.outdir, epoch=9)
+        load_run(cfg.data.outdir, epoch=9)
 
 
 def test_load_run_rejects_non_runs(tmp_path):
@@ -129,9 +129,9 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
 def test_resume_rejects_changed_options(data_dir, finished_run):
     cfg, _ = finished_run
     with pytest.raises(InputError, match="lr"):
-        train(train_config(data_dir, cfg.outdir, epochs=5, lr=5e-3), resume=True, progress=False)
+        train(train_config(data_dir, cfg.data.outdir, epochs=5, lr=5e-3), resume=True, progress=False)
     with pytest.raises(InputError, match="already holds a training run"):
-        train(train_config(data_dir, cfg.outdir, epochs=5, lr=1e-2), progress=False)
+        train(train_config(data_dir, cfg.data.outdir, epochs=5, lr=1e-2), progress=False)
 
 
 def test_nan_pixels_are_refused_at_load_and_keep_the_run(data_dir, tmp_path):
@@ -183,7 +183,7 @@ def test_subset_box_and_uninvert(data_dir, tmp_path):
                        box_size=8, invert_data=False, batch_size=3)
     result = train(cfg, tiny_model_config(box=8), progress=False)
     assert result.step == 3  # 8 particles in batches of 3: 3 + 3 + 2
-    run = load_run(cfg.outdir)
+    run = load_run(cfg.data.outdir)
     np.testing.assert_array_equal(run.particle_indices, ind)
     assert run.latents.shape == (8, 2) and run.box_size == 8 and run.original_box_size == 16
     assert run.pixel_size_angstrom == pytest.approx(16.0)
@@ -215,11 +215,11 @@ def test_support_mask_saved_and_applied(finished_run):
     """After each epoch the density is limited to a mask around the molecule; the checkpoint
     keeps it and decoding a loaded run gives zero outside it."""
     cfg, _ = finished_run
-    state, _ = checkpoint_params(os.path.join(cfg.outdir, "checkpoints", "epoch_004.pt"))
+    state, _ = checkpoint_params(os.path.join(cfg.data.outdir, "checkpoints", "epoch_004.pt"))
     mask = state["support"]
     assert mask.dtype == torch.bool and mask.shape == (16, 16, 16)
     assert 0 < int(mask.sum()) <= 16 ** 3
-    run = load_run(cfg.outdir)
+    run = load_run(cfg.data.outdir)
     assert torch.equal(run.model.support_mask, mask)
     vol = run.model.decode_volume(run.latents[:2])
     assert (vol[:, ~mask] == 0).all() and (vol[:, mask] != 0).any()
@@ -243,11 +243,11 @@ def test_runs_saved_before_the_reference_option_resume_as_they_ran(data_dir, tmp
     saved = cfg.to_dict()
     del saved["pose_search_reference"], saved["pose_search_groups"]  # as written before they existed
     # `cryoformer train -o RUN --resume` rebuilds the config from the saved one: still the model's maps
-    assert TrainConfig.from_dict(saved).pose_search_reference == "model"
+    assert TrainConfig.from_dict(saved).search.pose_search_reference == "model"
     # a new config with the new default is refused, naming the option, rather than switching silently
     assert cfg.resume_mismatches(saved) == ["pose_search_reference"]
     assert cfg.resume_mismatches(cfg.to_dict()) == []
     # without --pose-search the option never mattered
     plain = train_config(data_dir, tmp_path / "run2").to_dict()
     del plain["pose_search_reference"]
-    assert TrainConfig.from_dict(plain).pose_search_reference == "backprojection"
+    assert TrainConfig.from_dict(plain).search.pose_search_reference == "backprojection"

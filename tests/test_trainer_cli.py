@@ -52,7 +52,7 @@ def test_cli_trains_then_resumes_without_repeating_inputs(data_dir, tmp_path, ca
     assert main(["train", "-o", str(out), "--resume", "--epochs", "2"]) == 0
     assert list_epochs(out) == [1, 2]
     run = load_run(out)
-    assert run.box_size == 8 and run.model_config.zdim == 2 and run.train_config.epochs == 2
+    assert run.box_size == 8 and run.model_config.zdim == 2 and run.train_config.optimisation.epochs == 2
     assert main(["train", "-o", str(out), "--resume", "--zdim", "4"]) == EXIT_INPUT_ERROR
     assert "model options" in capsys.readouterr().err
 

@@ -44,7 +44,7 @@ def train_config(data_dir, outdir, **kw):
                 outdir=str(outdir), epochs=2, batch_size=8, lr=3e-3, device="cpu", seed=11,
                 log_every_steps=2, heldout_fraction=0.0)  # held-out images: test_trainer_validation
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(**base)
 
 
 def checkpoint_params(path):

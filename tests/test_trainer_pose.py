@@ -47,7 +47,7 @@ def test_refine_poses_phases_and_outputs(tmp_path):
     # pre-training moved the orientation encoder only
     pretrained_run = load_run(run, epoch=0)
     pretrained = pretrained_run.model.state_dict()
-    torch.manual_seed(cfg.seed)  # the trainer's initialisation
+    torch.manual_seed(cfg.optimisation.seed)  # the trainer's initialisation
     init = CryoFormer(pretrained_run.model_config).state_dict()
     enc = {k for k in init if k.startswith("orientation_encoder.")}
     assert max_param_diff({k: init[k] for k in enc}, {k: pretrained[k] for k in enc}) > 1e-4
@@ -82,7 +82,7 @@ def test_pose_search_refines_perturbed_poses(tmp_path, reference, groups):
         moved = rotation_errors(poses.rotations, previous.rotations)
         assert np.median(moved) > 1e-3  # each search changed the poses...
         # ...within its radius (the finer levels can add about one coarse cell, radius/6 · √3/2 · 3/2)
-        assert moved.max() <= np.radians(cfg.pose_search_radius_deg) * 1.22
+        assert moved.max() <= np.radians(cfg.search.pose_search_radius_deg) * 1.22
         previous = poses
     state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     np.testing.assert_allclose(state["current_rotations"].numpy(), poses.rotations, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -66,7 +67,7 @@ def test_history_best_epoch_and_patience():
 def test_run_holds_out_images_and_loads_the_best_epoch(data_dir, tmp_path):
     cfg = train_config(data_dir, tmp_path / "run", epochs=3, heldout_fraction=0.5, lr=1e-2)
     result = train(cfg, tiny_model_config(), progress=False)
-    run = cfg.outdir
+    run = cfg.data.outdir
     held = np.load(os.path.join(run, "heldout_indices.npy"))
     assert held.size == 24 and np.unique(held).size == 24
     # 24 training images in batches of 8 -> 3 steps per epoch
@@ -84,8 +85,7 @@ def test_run_holds_out_images_and_loads_the_best_epoch(data_dir, tmp_path):
 
     # The recorded loss is the model's error on images it never trained on, and it is real
     # prediction: lower than predicting empty images (the held-out images' mean square).
-    data = load_particle_data(cfg)
-    data.image_scale = loaded.data["image_scale"]
+    data = dataclasses.replace(load_particle_data(cfg), image_scale=loaded.data["image_scale"])
     rows = np.flatnonzero(np.isin(data.indices, held))
     again = heldout_loss(loaded.model, data, rows, torch.device("cpu"), predicted_poses=False)
     assert again == pytest.approx(mses[loaded.epoch - 1], rel=1e-5)
@@ -96,12 +96,12 @@ def test_run_holds_out_images_and_loads_the_best_epoch(data_dir, tmp_path):
 def test_heldout_zero_keeps_the_latest_epoch(data_dir, tmp_path):
     cfg = train_config(data_dir, tmp_path / "run", epochs=2, heldout_fraction=0.0, support_mask=False)
     train(cfg, tiny_model_config(), progress=False)
-    assert not os.path.exists(os.path.join(cfg.outdir, "validation.json"))
-    state = torch.load(os.path.join(cfg.outdir, "checkpoints", "last.pt"), weights_only=True)
-    assert "support" not in state and load_run(cfg.outdir).model.support_mask is None  # whole sphere
-    assert load_run(cfg.outdir).selected_by == "latest" and load_run(cfg.outdir).epoch == 2
+    assert not os.path.exists(os.path.join(cfg.data.outdir, "validation.json"))
+    state = torch.load(os.path.join(cfg.data.outdir, "checkpoints", "last.pt"), weights_only=True)
+    assert "support" not in state and load_run(cfg.data.outdir).model.support_mask is None  # whole sphere
+    assert load_run(cfg.data.outdir).selected_by == "latest" and load_run(cfg.data.outdir).epoch == 2
     with pytest.raises(InputError, match="no held-out loss"):
-        load_run(cfg.outdir, epoch="best")
+        load_run(cfg.data.outdir, epoch="best")
 
 
 def test_early_stop_when_heldout_loss_stops_improving(data_dir, tmp_path, monkeypatch):
@@ -112,13 +112,13 @@ def test_early_stop_when_heldout_loss_stops_improving(data_dir, tmp_path, monkey
     cfg = train_config(data_dir, tmp_path / "run", epochs=10, heldout_fraction=0.5, early_stop_epochs=2)
     result = train(cfg, tiny_model_config(), progress=False)
     assert result.stopped == "early" and result.epoch == 3
-    assert load_run(cfg.outdir).epoch == 1
+    assert load_run(cfg.data.outdir).epoch == 1
     # resuming keeps the run's split (not the caller's default fraction) and its history
     more = train(train_config(data_dir, tmp_path / "run", epochs=10, heldout_fraction=0.3, early_stop_epochs=3),
                  resume=True,
                  progress=False)
     assert more.stopped == "early" and more.epoch == 4
-    rows = json.load(open(os.path.join(cfg.outdir, "validation.json")))
+    rows = json.load(open(os.path.join(cfg.data.outdir, "validation.json")))
     assert rows["n_heldout"] == 24 and [r["epoch"] for r in rows["history"]] == [1, 2, 3, 4]
 
 
@@ -135,7 +135,7 @@ def test_bad_heldout_options(data_dir, tmp_path):
 
 def test_partial_epoch_resume_keeps_one_heldout_row_per_epoch(data_dir, tmp_path):
     model_cfg = tiny_model_config()
-    straight = train(train_config(data_dir, tmp_path / "a", heldout_fraction=0.5), model_cfg, progress=False)
+    train(train_config(data_dir, tmp_path / "a", heldout_fraction=0.5), model_cfg, progress=False)
     stopped = train(train_config(data_dir, tmp_path / "b", heldout_fraction=0.5, max_minutes=1e-9), model_cfg,
                     progress=False)
     assert stopped.stopped == "time" and stopped.step == 1  # epoch 1 partial: scored, then redone

@@ -10,8 +10,25 @@ overview figure. Every step is the same library call the individual commands mak
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import time
 from dataclasses import dataclass
+
+import numpy as np
+
+from cryoformer.analysis import (AnalyzeConfig, EvaluateConfig, analysis_dir, analyze_run, evaluate_run,
+                                 format_table, pca)
+from cryoformer.analysis.evaluation import fourier_crop_volume, state_mean_latents
+from cryoformer.errors import InputError
+from cryoformer.examples import example_dataset
+from cryoformer.io.atomic import atomic_open, atomic_path
+from cryoformer.io.guard import claim_output_dir
+from cryoformer.io.mrc import read_volume
+from cryoformer.metrics.fsc import fsc, resolution_at
+from cryoformer.metrics.heterogeneity import lowpass_gaussian
+from cryoformer.trainer import TrainConfig, load_run, train
 
 # Epochs of the demo's training: a fixed amount of work, so a busy machine takes longer instead
 # of judging a model it had no time to train (docs/benchmarks.md has the timings).
@@ -87,8 +104,6 @@ class EndStateCriteria:
 
 
 def _pearson(a, b) -> float:
-    import numpy as np
-
     x, y = a - a.mean(), b - b.mean()
     norm = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / norm) if norm > 0 else 0.0
@@ -96,8 +111,6 @@ def _pearson(a, b) -> float:
 
 def _end_state_scores(recovered, true, mask) -> dict:
     """The three scores of :class:`EndStateCriteria` for low-passed maps, inside ``mask``."""
-    import numpy as np
-
     t = [np.asarray(v)[mask] for v in true]
     consensus = 0.5 * (t[0] + t[1])
     design = np.stack([consensus, np.ones_like(consensus)], axis=1)
@@ -143,10 +156,6 @@ def end_state_verdict(recovered, true, voxel_size_angstrom: float,
         true maps decoded twice; the true maps themselves score 1), ``checks`` (score name →
         passed), ``passed`` (all checks), ``lowpass_angstrom`` and ``support_voxels``.
     """
-    import numpy as np
-
-    from cryoformer.metrics.heterogeneity import lowpass_gaussian
-
     recovered, true = np.asarray(recovered), np.asarray(true)
     if recovered.shape != true.shape or recovered.shape[0] != 2 or recovered.ndim != 4:
         raise ValueError(f"need two [2, D, D, D] stacks of one shape, got {recovered.shape} and {true.shape}")
@@ -165,14 +174,15 @@ def end_state_verdict(recovered, true, voxel_size_angstrom: float,
 
 
 def _overview(path, gt_end, decoded_end, z2, labels, end_states):
-    import matplotlib
+    """The overview figure: true and recovered end states, latents, recovered vs true motion."""
+    # Imported here, not at the top: importing matplotlib sets up its cache directory and warns on
+    # stderr where that is not writable, and every command loads this module.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cryoformer.io.atomic import atomic_path
-
-    fig, axes = plt.subplots(2, 3, figsize=(11, 7))
+    fig = Figure(figsize=(11, 7))
+    FigureCanvasAgg(fig)  # draws without pyplot: no global backend or figure state
+    axes = fig.subplots(2, 3)
     for row, (vols, name) in enumerate(((gt_end, "true"), (decoded_end, "recovered"))):
         for col, k in enumerate(end_states):
             ax = axes[row, col]
@@ -200,7 +210,6 @@ def _overview(path, gt_end, decoded_end, z2, labels, end_states):
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
 
 
 _SCORE_LABELS = {
@@ -239,13 +248,6 @@ def compare_end_states(run, data, figure: str, criteria: EndStateCriteria = EndS
     :func:`end_state_verdict` plus the FSC between the end states (information only) and
     ``passed`` (False also when ``why_not`` is given).
     """
-    import numpy as np
-
-    from cryoformer.analysis import pca
-    from cryoformer.analysis.evaluation import fourier_crop_volume, state_mean_latents
-    from cryoformer.io.mrc import read_volume
-    from cryoformer.metrics.fsc import fsc, resolution_at
-
     labels_all = np.load(data.gt_labels)
     labels = labels_all[run.particle_indices]
     n_states = len(data.gt_maps)
@@ -277,21 +279,7 @@ def compare_end_states(run, data, figure: str, criteria: EndStateCriteria = EndS
 
 
 def run(args) -> int:
-    import json
-    import time
-
-    from cryoformer.analysis import (AnalyzeConfig, EvaluateConfig, analysis_dir, analyze_run,
-                                     evaluate_run, format_table)
-    from cryoformer.errors import InputError
-    from cryoformer.examples import example_dataset
-    from cryoformer.io.atomic import atomic_open
-    from cryoformer.io.guard import claim_output_dir
-    from cryoformer.trainer import TrainConfig, load_run, train
-
-    if args.epochs < 1 or args.n_particles < 10:
-        raise InputError(None, "--epochs/--n-particles", "need at least 1 epoch and at least 10 particles")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise InputError(None, "--max-minutes", f"must be positive, got {args.max_minutes:g}")
+    _check_arguments(args)
     claim_output_dir(args.outdir, [], args.force, option="-o")
     t0 = time.time()
     outdir = os.path.abspath(args.outdir)
@@ -307,24 +295,7 @@ def run(args) -> int:
     cap = f" (at most {args.max_minutes:g} min)" if args.max_minutes else ""
     epochs = f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}"
     print(f"{stamp()} 2/5 training {epochs}{cap} at box {args.box} px -> {run_dir}", flush=True)
-    if os.path.isdir(run_dir):
-        import shutil
-
-        shutil.rmtree(run_dir)  # the demo always trains afresh (its own output; --force was given)
-    # The example data are a toy at SNR 1 (real particles: ~0.1 or less): within a few minutes the
-    # maps do not fit noise, while the latent space keeps organising; a held-out loss on ~100
-    # images picked epoch 4 of 14 in the demo, whose end states were then far less distinct
-    # (correlation with the true end states 0.80, against 0.93 at epoch 14; docs/benchmarks.md). So the
-    # examples hold out nothing and use their latest epoch; real data keep the default 5 %.
-    config = TrainConfig(particles=data.star, outdir=run_dir, box_size=args.box, epochs=args.epochs,
-                         max_minutes=args.max_minutes, seed=args.seed, device="auto", heldout_fraction=0.0)
-    result = train(config, command_line="cryoformer demo")  # tqdm bar per epoch on stderr
-    # A model stopped early is not the demo's model: judge it FAIL whatever its scores, so a
-    # slow machine under a cap can never pass on too little training.
-    why_not = ""
-    if result.stopped != "finished":
-        why_not = (f"not enough training: stopped ({result.stopped}) at step {result.step}, in epoch "
-                   f"{max(result.epoch, 0)} of {args.epochs}")
+    result, why_not = _train(args, data, run_dir)
     training = {"steps": result.step, "epochs": result.epoch, "epochs_requested": args.epochs,
                 "stopped": result.stopped, "max_minutes": args.max_minutes}
     if result.epoch < 1:  # nothing to analyse or judge
@@ -357,8 +328,41 @@ def run(args) -> int:
         "wall_s": time.time() - t0}
     with atomic_open(os.path.join(outdir, "metrics.json"), "w") as fh:
         json.dump(summary, fh, indent=1, default=float)
+    _print_outputs(time.time() - t0, figure, adir, fsc_plot, outdir, data, run_dir)
+    return _final_verdict(ends)
 
-    print(f"\ndone in {time.time() - t0:.0f} s. Look at:")
+
+def _check_arguments(args) -> None:
+    if args.epochs < 1 or args.n_particles < 10:
+        raise InputError(None, "--epochs/--n-particles", "need at least 1 epoch and at least 10 particles")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise InputError(None, "--max-minutes", f"must be positive, got {args.max_minutes:g}")
+
+
+def _train(args, data, run_dir: str):
+    """Train afresh in ``run_dir``; the training result and why the verdict must fail ("" if not)."""
+    if os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)  # the demo always trains afresh (its own output; --force was given)
+    # The example data are a toy at SNR 1 (real particles: ~0.1 or less): within a few minutes the
+    # maps do not fit noise, while the latent space keeps organising; a held-out loss on ~100
+    # images picked epoch 4 of 14 in the demo, whose end states were then far less distinct
+    # (correlation with the true end states 0.80, against 0.93 at epoch 14; docs/benchmarks.md). So the
+    # examples hold out nothing and use their latest epoch; real data keep the default 5 %.
+    config = TrainConfig.from_flat(particles=data.star, outdir=run_dir, box_size=args.box, epochs=args.epochs,
+                                   max_minutes=args.max_minutes, seed=args.seed, device="auto", heldout_fraction=0.0)
+    result = train(config, command_line="cryoformer demo")  # tqdm bar per epoch on stderr
+    # A model stopped early is not the demo's model: judge it FAIL whatever its scores, so a
+    # slow machine under a cap can never pass on too little training.
+    why_not = ""
+    if result.stopped != "finished":
+        why_not = (f"not enough training: stopped ({result.stopped}) at step {result.step}, in epoch "
+                   f"{max(result.epoch, 0)} of {args.epochs}")
+    return result, why_not
+
+
+def _print_outputs(wall_s: float, figure: str, adir: str, fsc_plot: str, outdir: str, data,
+                   run_dir: str) -> None:
+    print(f"\ndone in {wall_s:.0f} s. Look at:")
     print(f"  overview figure  {figure}")
     print(f"  analysis         {adir}/  (summary.html, vol_kmeans_XX.mrc, pc1/, attn_kmeans_XX.mrc, "
           f"flex_score.mrc)")
@@ -366,6 +370,10 @@ def run(args) -> int:
     print(f"  metrics          {os.path.join(outdir, 'metrics.json')}")
     print(f"  dataset          {data.root}/  (particles.star, gt/)")
     print(f"  explore it       LatentExplorer('{run_dir}') in Jupyter, or napari → Plugins → cryoformer")
+
+
+def _final_verdict(ends: dict) -> int:
+    """Print the verdict line; the exit status (0 PASS, 1 FAIL)."""
     if ends["passed"]:
         print("\ndemo verdict: PASS (the recovered end states differ the way the true ones do)")
         return 0

@@ -1,7 +1,7 @@
 """Direct Fourier inversion: maps from images at known poses, with gold-standard half maps.
 
 The reconstruction step of classical refinement (RELION, cryoSPARC), here used to give the
-pose search (:mod:`cryoformer.trainer.pose_search`) references at the particles' full box
+pose search (:mod:`cryoformer.refinement`) references at the particles' full box
 that do not depend on how well a network has learned the map. By the Fourier slice theorem
 each image's spectrum, the CTF-weighted slice ``c(k) · V̂(Rᵀk)`` plus noise, is a set of
 samples of the 3-D spectrum on a plane. Every sample is spread onto its 8 neighbouring voxels

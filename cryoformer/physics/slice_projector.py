@@ -4,7 +4,7 @@ The 2-D spectrum of the projection ``P(x, y) = ∫ V(Rᵀ(x, y, z)ᵀ) dz`` (doc
 :func:`cryoformer.physics.projector.project` sums in real space) is the central slice
 ``P̂(k) = V̂(Rᵀ (kx, ky, 0)ᵀ)`` of the volume's 3-D spectrum. Sampling a slice costs one
 interpolation per frequency instead of ``D`` per pixel, which is what makes exhaustive local
-pose searches affordable on a CPU (:mod:`cryoformer.trainer.pose_search`).
+pose searches affordable on a CPU (:mod:`cryoformer.refinement.search`).
 
 The volume is zero-padded by ``padding`` before the 3-D FFT: the spectrum is then sampled
 ``padding`` times more finely, so trilinear interpolation between its samples stays close to

@@ -2,8 +2,9 @@
 
 Public API
 ----------
-TrainConfig, default_model_config
-    What to train on and how (frozen dataclass); the default architecture.
+TrainConfig, ModelOptions, default_model_config
+    What to train on and how (frozen option groups); the architecture options of the
+    ``train`` command and the ModelConfig they map to.
 train, TrainResult, TrainingDiverged
     Run (or resume) training; one process or one rank of a torchrun/DDP job.
 load_run, list_epochs, TrainedRun
@@ -14,13 +15,13 @@ encode_particles
 The run-directory layout is described in :mod:`cryoformer.trainer.outputs`.
 """
 
-from .config import DEFAULT_PRESET, TrainConfig, default_model_config
+from .config import ModelOptions, TrainConfig, default_model_config
 from .inference import encode_particles
 from .loop import TrainingDiverged, TrainResult, train
 from .run_dir import TrainedRun, list_epochs, load_run
 
 __all__ = [
-    "DEFAULT_PRESET",
+    "ModelOptions",
     "TrainConfig",
     "TrainResult",
     "TrainedRun",

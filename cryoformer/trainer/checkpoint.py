@@ -15,6 +15,13 @@ A checkpoint is a dict of tensors and plain containers only, so it loads with
     train_config    TrainConfig.to_dict(); model_config ModelConfig.to_dict()
     data            dict(image_scale, original_box, box_size, pixel_size_angstrom, n_particles)
     elapsed_s       float, wall-clock seconds trained so far (over all resumes)
+    last_epoch_written, output_epoch  int, last epoch with outputs; the one this file is of (-1: none)
+    validation      list of held-out loss rows (validation.ValidationHistory)
+    support         [D, D, D] bool support mask, when the density is trained under one
+    current_rotations, current_shifts_px  with --pose-search: the current poses (box D₀)
+    run_id, data_fingerprint  the run's identity; sizes and hashes of its inputs
+
+The run-state entries are written and read by :class:`~cryoformer.trainer.state.RunState`.
 """
 
 from __future__ import annotations
@@ -32,10 +39,6 @@ from cryoformer.io.atomic import atomic_open
 from cryoformer.io.guard import require_free_space
 
 CHECKPOINT_FORMAT = 1
-
-
-def epoch_checkpoint_name(epoch: int) -> str:
-    return f"epoch_{epoch:03d}.pt"
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -1,10 +1,18 @@
-"""Training configuration: one frozen dataclass, validated on construction.
+"""Training configuration: frozen option groups, each option declared once.
 
-:class:`TrainConfig` holds what the data, the optimiser and the schedule need; the network is
-described by a separate :class:`~cryoformer.model.ModelConfig`. Both are saved as plain dicts
-in ``RUN/config.yaml`` and in every checkpoint, so a run directory fully describes itself.
+:class:`TrainConfig` holds what the data, the optimiser and the schedule need, as nested
+groups; the network is described by a separate :class:`~cryoformer.model.ModelConfig`, of
+which ``cryoformer train`` exposes a few fields (:class:`ModelOptions`). Every option is a
+field made with :func:`cryoformer.options.option`: its flag, help, unit and resume policy are
+declared there and nowhere else — the ``train`` command's flags, the resume checks and the
+saved form are derived from them. Each group validates itself on construction
+(``InputError(None, "--flag", message)``); :class:`TrainConfig` checks what spans groups.
 
-Units are in the names: ``*_px`` pixels, ``*_angstrom`` Å, ``max_minutes`` minutes of wall
+Saved form: ``RUN/config.yaml`` and every checkpoint hold :meth:`TrainConfig.to_dict`, the
+flat ``{option: value}`` dict; :meth:`TrainConfig.from_dict` reads it or the nested form
+(``{"data": {...}, ...}``), filling in the options a saved config predates as it behaved.
+
+Units are in the names: ``*_px`` pixels, ``*_deg`` degrees, ``max_minutes`` minutes of wall
 clock. Paths are stored absolute, so a run directory can be analysed from anywhere.
 """
 
@@ -15,281 +23,401 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from cryoformer import options
 from cryoformer.errors import InputError
-from cryoformer.model import ModelConfig, model_config_from_preset
+from cryoformer.model import PRESETS, ModelConfig, model_config_from_preset
+from cryoformer.options import FROM_RUN, MUST_MATCH, option, option_group
+from cryoformer.refinement import REFERENCE_KINDS
 
 DEVICES = ("auto", "cpu", "cuda")
 
-# Fields that change the result of training: a resumed run must agree on them with the
-# checkpoint it continues (the others — schedule length, time budget, device, workers — may
-# change between the pieces of a run).
-RESUME_MUST_MATCH = (
-    "particles", "poses", "ctf", "ind", "datadir", "box_size", "invert_data", "batch_size",
-    "lr", "weight_decay", "seed", "refine_poses", "pose_pretrain_epochs", "pose_weight",
-    "kl_weight", "pose_search", "pose_search_start", "pose_search_radius_deg", "pose_search_prior_deg",
-    "pose_search_reference", "pose_search_groups",
-)
-
-# What ``--pose-search`` can match the particles against (:mod:`.references`).
-POSE_SEARCH_REFERENCES = ("backprojection", "model")
-
-# What a run saved before these options existed did, when it searched poses (matched against
-# the model's maps at 16 K-means centres): a resume must not silently switch it to the new
-# defaults.
-LEGACY_VALUES = {"pose_search_reference": "model", "pose_search_groups": None}
-
-
-def with_legacy_values(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config with the options it predates filled in as it behaved."""
-    if not saved.get("pose_search"):
-        return dict(saved)
-    return {**LEGACY_VALUES, **saved}
+# ModelConfig's GetQuery modes, the default first (as the help lists them).
+GET_QUERY_CHOICES = ("trilinear", "block")
 
 
 def _abs(path: Optional[str]) -> Optional[str]:
     return None if path is None else os.path.abspath(os.fspath(path))
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """What ``cryoformer train`` does, apart from the network architecture.
+def _bad(flag: str, message: str) -> InputError:
+    return InputError(None, flag, message)
 
-    Parameters
-    ----------
-    particles : str
-        Particle images: ``.mrcs``/``.mrc`` stack, ``.txt`` list of stacks, RELION ``.star`` or
-        cryoSPARC ``.cs``.
-    outdir : str
-        Run directory (see :mod:`cryoformer.trainer.run_dir` for its layout).
-    poses : str or None
-        Poses (``.pkl``/``.star``/``.cs``); None = taken from ``particles`` when it is a
-        ``.star``/``.cs``, else an error.
-    ctf : str or None
-        CTF parameters (``.pkl``/``.star``/``.cs``); None = from ``particles`` when it is a
-        ``.star``/``.cs``, else no CTF is applied.
-    datadir : str or None
-        Directory the stacks named in a ``.txt``/``.star``/``.cs`` are relative to.
-    ind : str or None
-        ``.npy`` or ``.pkl`` array of particle indices (0-based, into the full stack) to train on.
-    gt_poses : str or None
-        Ground-truth poses, only to report pose errors per epoch (never used for training).
-    box_size : int or None
-        Train at this box (px, even, ≤ the stack's ``D``), Fourier-cropping images on the fly;
-        None = the stack's box.
-    invert_data : bool
-        Multiply images by −1 before training (default True): RELION/cryoSPARC particles are
-        contrast-inverted relative to the model's ``projection ⊛ CTF`` (docs/conventions.md,
-        "Contrast"). False (``--uninvert-data``) for data already in cryoDRGN's convention.
-    check_contrast : bool
-        Before a new run, read the contrast convention from the images and refuse a
-        ``invert_data`` that contradicts it (default True; :func:`.data.check_contrast`).
-    epochs : int
-        Training epochs (passes over the particles with the image loss); the pose
-        pre-training of ``refine_poses`` comes on top.
-    batch_size : int
-        Global batch size in images (split across DDP ranks; must be divisible by their number).
-    lr : float
-        AdamW learning rate.
-    weight_decay : float
-        AdamW decoupled weight decay.
-    kl_weight : float
-        Weight of the KL term (per image, divided by ``D²`` like the per-pixel MSE); only used
-        when the model is variational.
-    seed : int
-        Seeds the model initialisation, the data order and every random draw.
-    max_minutes : float or None
-        Wall-clock budget; training stops cleanly at the first step past it, writing a
-        checkpoint (and the latents of the partial epoch). None = no budget.
-    device : {"auto", "cpu", "cuda"}
-        ``auto`` uses CUDA when available.
-    num_workers : int or None
-        DataLoader worker processes; None = 0 on CPU (the cores are busy training), 4 on CUDA.
-    refine_poses : bool
-        Train the orientation encoder (paper §3.2): pose-only pre-training, then joint training
-        with image loss + ``pose_weight`` · pose loss, rendering at the predicted poses.
-    pose_pretrain_epochs : int
-        Passes of pose-only pre-training (cheap: no rendering).
-    pose_weight : float
-        ``λ`` of the joint loss ``MSE + λ · L_pose`` (paper eq. 2 with per-image mean).
-    pose_search : bool
-        Refine poses by local projection matching after each epoch from ``pose_search_start``
-        on (:mod:`cryoformer.trainer.pose_search`); training then uses the refined poses.
-        Exclusive with ``refine_poses``.
-    pose_search_start : int
-        First epoch after which the search runs (the volume must be roughly right first).
-    pose_search_radius_deg : float
-        Rotations are searched within this angle (degrees) of the current ones; about 3× the
-        typical error of the input poses.
-    pose_search_prior_deg : float or None
-        Width (degrees) of the Gaussian prior on the angle between a refined and its input
-        rotation; None fits it to the data at every search (empirical Bayes).
-    pose_search_reference : str
-        What the poses are matched against (:mod:`cryoformer.trainer.references`):
-        ``"backprojection"`` (default), gold-standard half maps reconstructed from the
-        particles at their current poses at the full box; ``"model"``, the model's own maps.
-    pose_search_groups : int or None
-        References per search: K-means groups of the latents, one pair of half maps (or one
-        decoded map) each; None: 4 for ``"backprojection"``, 16 for ``"model"``.
-    log_every_steps : int
-        Rows of ``log.csv`` are written every this many optimiser steps (and at epoch end).
-    amp : bool
-        bf16 autocast on CUDA (never on CPU, where it is slower and less accurate).
-    heldout_fraction : float
-        Fraction of the particles held out of training (at most ``heldout_max`` images) to
-        measure, after every epoch, how well the model predicts images it never trained on
-        (:mod:`cryoformer.trainer.validation`); the epoch where that loss is lowest is the one
-        analysis loads by default. 0 disables it. Held-out particles still get latents. Fewer
-        than 20 held-out images (small runs) means none. A resumed run keeps its own split.
-    heldout_max : int
-        Upper bound on the number of held-out images (keeps the check cheap on 500k stacks).
-    early_stop_epochs : int or None
-        Stop when the held-out loss has not improved for this many epochs (needs
-        ``heldout_fraction`` > 0); None = train for ``epochs`` / ``max_minutes``.
-    support_mask : bool
-        Restrict the density to a mask around the molecule (default; ``--no-support-mask``)
-        (:mod:`cryoformer.model.support`): the per-image head then runs only there, which is
-        most of a training step. Saved with the model and applied when decoding. Only with the
-        canonical renderer. A resumed run keeps its setting. The first epoch trains without a
-        mask; each later one under a mask made from the model at its start.
-    support_threshold : float
-        Fraction of the peak (smoothed, over a few latents) above which a voxel is molecule.
-    support_margin_px : int
-        Dilation of the mask, in pixels of the training box (how far density may grow per epoch).
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What is read, and where the run is written (paths made absolute).
+
+    ``poses``/``ctf`` None: taken from ``particles`` when it is a ``.star``/``.cs`` (else an
+    error for the poses, no CTF for the CTF). ``gt_poses`` are only reported against, never
+    trained on. ``invert_data``: RELION/cryoSPARC particles are contrast-inverted relative to
+    the model's ``projection ⊛ CTF`` (docs/conventions.md, "Contrast"); ``check_contrast``
+    refuses, before a new run, an ``invert_data`` the images contradict
+    (:func:`.data.check_contrast`).
     """
 
-    particles: str
-    outdir: str
-    poses: Optional[str] = None
-    ctf: Optional[str] = None
-    datadir: Optional[str] = None
-    ind: Optional[str] = None
-    gt_poses: Optional[str] = None
-    box_size: Optional[int] = None
-    invert_data: bool = True
-    check_contrast: bool = True
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    kl_weight: float = 1.0
-    seed: int = 0
-    max_minutes: Optional[float] = None
-    device: str = "auto"
-    num_workers: Optional[int] = None
-    refine_poses: bool = False
-    pose_pretrain_epochs: int = 50
-    pose_weight: float = 1.0
-    pose_search: bool = False
-    pose_search_start: int = 2
-    pose_search_radius_deg: float = 20.0
-    pose_search_prior_deg: Optional[float] = None
-    pose_search_reference: str = "backprojection"
-    pose_search_groups: Optional[int] = None
-    log_every_steps: int = 20
-    amp: bool = True
-    heldout_fraction: float = 0.05
-    heldout_max: int = 2000
-    early_stop_epochs: Optional[int] = None
-    support_mask: bool = True
-    support_threshold: float = 0.05
-    support_margin_px: int = 3
+    particles: str = option(
+        "particles", nargs="?", resume=MUST_MATCH,
+        help="particles: .mrcs/.mrc stack, .txt list of stacks, RELION .star or cryoSPARC .cs "
+             "(optional with --resume)")
+    outdir: str = option("-o", "--outdir", required=True, help="run directory to write")
+    poses: Optional[str] = option(
+        "--poses", default=None, resume=MUST_MATCH,
+        help="poses .pkl (cryoDRGN)/.star/.cs; shifts in px (default: PARTICLES if .star/.cs)")
+    ctf: Optional[str] = option(
+        "--ctf", default=None, resume=MUST_MATCH,
+        help="CTF .pkl/.star/.cs (default: PARTICLES if .star/.cs, else no CTF)")
+    datadir: Optional[str] = option(
+        "--datadir", default=None, resume=MUST_MATCH,
+        help="directory of the stacks named in a .txt/.star/.cs")
+    ind: Optional[str] = option(
+        "--ind", default=None, resume=MUST_MATCH,
+        help="subset: .npy/.pkl of 0-based particle indices")
+    gt_poses: Optional[str] = option(
+        "--gt-poses", default=None,
+        help="ground-truth poses (.pkl/.star/.cs) to log rotation (rad) and shift (px) errors "
+             "per epoch; never used for training")
+    box_size: Optional[int] = option(
+        "--box", default=None, unit="px", resume=MUST_MATCH,
+        help="train at this box size in px (even, <= D), Fourier-cropping on the fly; shifts and "
+             "the CTF pixel size (Å/px) are rescaled (default: the stack's D)")
+    invert_data: bool = option(
+        "--uninvert-data", default=True, switch="store_false", resume=MUST_MATCH,
+        help="do not multiply images by -1. By default images are inverted, as RELION/cryoSPARC "
+             "particles (and `cryoformer simulate --contrast relion`) are -(projection*CTF); "
+             "use this flag for cryoDRGN-convention data (+projection*CTF) and for CTF-free "
+             "images with positive (white) density")
+    check_contrast: bool = option(
+        "--no-contrast-check", default=True, switch="store_false",
+        help="skip the check that the images' contrast (read from the lowest Fourier rings "
+             "of up to 2000 phase-flipped images) agrees with --uninvert-data; for stacks "
+             "the check cannot read, e.g. images already phase-flipped")
 
     def __post_init__(self) -> None:
         for name in ("particles", "outdir", "poses", "ctf", "datadir", "ind", "gt_poses"):
             object.__setattr__(self, name, _abs(getattr(self, name)))
-
-        def bad(option: str, message: str) -> InputError:
-            return InputError(None, option, message)
-
-        if self.epochs < 0:
-            raise bad("--epochs", f"must be >= 0, got {self.epochs}")
-        if self.epochs == 0 and not (self.refine_poses and self.pose_pretrain_epochs > 0):
-            # Nothing would be trained and no epoch written: a run directory nobody can use.
-            raise bad("--epochs", "must be >= 1 (0 is only meaningful with --refine-poses, "
-                      "whose pose pre-training is then the whole run)")
-        if self.batch_size < 1:
-            raise bad("--batch-size", f"must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise bad("--lr", f"must be > 0, got {self.lr}")
-        if self.weight_decay < 0 or self.kl_weight < 0 or self.pose_weight < 0:
-            raise bad("--weight-decay/--kl-weight/--pose-weight", "weights must be >= 0")
         if self.box_size is not None and (self.box_size < 8 or self.box_size % 2):
-            raise bad("--box", f"must be even and >= 8, got {self.box_size}")
+            raise _bad("--box", f"must be even and >= 8, got {self.box_size}")
+
+
+@dataclass(frozen=True)
+class OptimisationOptions:
+    """The objective and its optimiser: epochs of the image loss (the pose pre-training of
+    ``refine_poses`` comes on top), global batch (split across DDP ranks), AdamW, the KL weight
+    (per image, divided by ``D²`` like the per-pixel MSE; variational models only) and the
+    seed of the initialisation, the data order and every random draw."""
+
+    epochs: int = option("--epochs", default=20, help="training epochs (default {default})")
+    batch_size: int = option(
+        "-b", "--batch-size", default=16, unit="images", resume=MUST_MATCH,
+        help="global batch size in images, split over DDP processes (default {default})")
+    lr: float = option("--lr", default=2e-3, resume=MUST_MATCH,
+                       help="AdamW learning rate (default {default:g})")
+    weight_decay: float = option("--weight-decay", default=0.0, resume=MUST_MATCH,
+                                 help="AdamW weight decay (default {default:g})")
+    kl_weight: float = option(
+        "--kl-weight", default=1.0, resume=MUST_MATCH,
+        help="KL weight (per image / D² px) for --variational models (default {default:g})")
+    seed: int = option("--seed", default=0, resume=MUST_MATCH, help="random seed (default {default})")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise _bad("--epochs", f"must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise _bad("--batch-size", f"must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise _bad("--lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.kl_weight < 0:
+            raise _bad("--weight-decay/--kl-weight/--pose-weight", "weights must be >= 0")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where and how long the run computes; none of it changes the result.
+
+    ``max_minutes``: training stops cleanly at the first step past it, writing a checkpoint
+    (and the latents of the partial epoch). ``num_workers`` None: 0 on CPU (the cores are busy
+    training), 4 on CUDA. ``log_every_steps``: ``log.csv`` rows every this many optimiser steps
+    (and at epoch end). ``amp``: bf16 autocast on CUDA (never on CPU: slower, less accurate).
+    """
+
+    max_minutes: Optional[float] = option(
+        "--max-minutes", default=None, unit="min",
+        help="wall-clock budget in minutes; stops cleanly with a checkpoint and latents")
+    device: str = option("--device", default="auto", choices=DEVICES,
+                         help="auto (default): CUDA when available")
+    num_workers: Optional[int] = option(
+        "--num-workers", default=None, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
+    log_every_steps: int = option(default=20, unit="steps")
+    amp: bool = option("--no-amp", default=True, switch="store_false",
+                       help="no bf16 autocast on CUDA (never used on CPU)")
+
+    def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:
-            raise bad("--max-minutes", f"must be > 0, got {self.max_minutes}")
+            raise _bad("--max-minutes", f"must be > 0, got {self.max_minutes}")
         if self.device not in DEVICES:
-            raise bad("--device", f"must be one of {DEVICES}, got {self.device!r}")
+            raise _bad("--device", f"must be one of {DEVICES}, got {self.device!r}")
         if self.num_workers is not None and self.num_workers < 0:
-            raise bad("--num-workers", f"must be >= 0, got {self.num_workers}")
+            raise _bad("--num-workers", f"must be >= 0, got {self.num_workers}")
+        if self.log_every_steps < 1:
+            raise _bad("log_every_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PoseRefinementOptions:
+    """Training the orientation encoder (paper §3.2): ``pose_pretrain_epochs`` passes of
+    pose-only pre-training (cheap: no rendering), then joint training with the loss
+    ``MSE + pose_weight · L_pose`` (paper eq. 2 with per-image mean), rendering at the
+    predicted poses."""
+
+    refine_poses: bool = option(
+        "--refine-poses", default=False, switch="store_true", resume=MUST_MATCH,
+        help="learn poses with the orientation encoder: pose-only pre-training, then image "
+             "loss + λ·pose loss; refined poses go to RUN/poses/epoch_XXX.pkl")
+    pose_pretrain_epochs: int = option(
+        "--pose-pretrain-epochs", default=50, resume=MUST_MATCH,
+        help="passes of pose-only pre-training (default {default})")
+    pose_weight: float = option("--pose-weight", default=1.0, resume=MUST_MATCH,
+                                help="λ, weight of the pose loss (default {default:g})")
+
+    def __post_init__(self) -> None:
+        if self.pose_weight < 0:
+            raise _bad("--weight-decay/--kl-weight/--pose-weight", "weights must be >= 0")
         if self.pose_pretrain_epochs < 0:
-            raise bad("--pose-pretrain-epochs", f"must be >= 0, got {self.pose_pretrain_epochs}")
-        if self.refine_poses and self.pose_search:
-            raise bad("--pose-search", "choose one of --refine-poses (orientation encoder) and "
-                      "--pose-search (local projection matching)")
+            raise _bad("--pose-pretrain-epochs", f"must be >= 0, got {self.pose_pretrain_epochs}")
+
+
+@dataclass(frozen=True)
+class PoseSearchOptions:
+    """Local projection matching after each epoch from ``pose_search_start`` on
+    (:mod:`cryoformer.refinement`, which takes these in radians); training then uses the
+    refined poses.
+
+    ``pose_search_prior_deg`` None fits the prior's width to the data at every search
+    (empirical Bayes). ``pose_search_groups`` None: 4 references for ``"backprojection"``, 16
+    for ``"model"``. A run saved before ``pose_search_reference``/``pose_search_groups``
+    existed matched against the model's maps at 16 groups: their legacy values.
+    """
+
+    pose_search: bool = option(
+        "--pose-search", default=False, switch="store_true", resume=MUST_MATCH,
+        help="refine poses by projection matching against the model's own maps after each "
+             "epoch: Fourier-slice projections at the particles' full box, coarse-to-fine "
+             "local search of rotations and shifts, MAP with a prior on the distance to the "
+             "input pose whose width is fitted to the data; training continues at the "
+             "refined poses (RUN/poses/epoch_XXX.pkl). Works on a CPU budget, unlike the "
+             "orientation encoder; exclusive with --refine-poses")
+    pose_search_start: int = option(
+        "--pose-search-start", default=2, unit="epoch", resume=MUST_MATCH,
+        help="first epoch after which --pose-search runs (default {default})")
+    pose_search_radius_deg: float = option(
+        "--pose-search-radius", default=20.0, unit="deg", metavar="DEG", resume=MUST_MATCH,
+        help="search rotations within this many degrees of the current ones, about 3x the "
+             "input poses' typical error (default {default:g})")
+    pose_search_prior_deg: Optional[float] = option(
+        "--pose-search-prior", default=None, unit="deg", metavar="DEG", resume=MUST_MATCH,
+        help="fix the width of the prior on the angle to the input rotation (degrees; 0: "
+             "none, maximum likelihood); default: fitted to the data at each search")
+    pose_search_reference: str = option(
+        "--pose-search-reference", default="backprojection", choices=REFERENCE_KINDS,
+        resume=MUST_MATCH, legacy="model", legacy_if="pose_search",
+        help="what --pose-search matches the particles against: 'backprojection' (default), "
+             "gold-standard half maps reconstructed from the particles at their current poses "
+             "at the full box; 'model', the model's own maps (limited by --box)")
+    pose_search_groups: Optional[int] = option(
+        "--pose-search-groups", default=None, metavar="K", resume=MUST_MATCH, legacy=None,
+        legacy_if="pose_search",
+        help="references per search: K-means groups of the latents, one map each (default 4 "
+             "for backprojection, 16 for model); more groups follow the heterogeneity, "
+             "fewer give less noisy maps")
+
+    def __post_init__(self) -> None:
         if self.pose_search_start < 1:
-            raise bad("--pose-search-start", f"must be >= 1, got {self.pose_search_start}")
+            raise _bad("--pose-search-start", f"must be >= 1, got {self.pose_search_start}")
         if not 0 < self.pose_search_radius_deg <= 180:
-            raise bad("--pose-search-radius", f"must be in (0, 180] degrees, got {self.pose_search_radius_deg}")
+            raise _bad("--pose-search-radius",
+                       f"must be in (0, 180] degrees, got {self.pose_search_radius_deg}")
         if self.pose_search_prior_deg is not None and self.pose_search_prior_deg < 0:
-            raise bad("--pose-search-prior", f"must be >= 0 degrees (0: no prior), got {self.pose_search_prior_deg}")
+            raise _bad("--pose-search-prior",
+                       f"must be >= 0 degrees (0: no prior), got {self.pose_search_prior_deg}")
         if self.pose_search_groups is not None and self.pose_search_groups < 1:
-            raise bad("--pose-search-groups", f"must be >= 1, got {self.pose_search_groups}")
-        if self.pose_search_reference not in POSE_SEARCH_REFERENCES:
-            raise bad("--pose-search-reference",
-                      f"must be one of {', '.join(POSE_SEARCH_REFERENCES)}, got {self.pose_search_reference!r}")
+            raise _bad("--pose-search-groups", f"must be >= 1, got {self.pose_search_groups}")
+        if self.pose_search_reference not in REFERENCE_KINDS:
+            raise _bad("--pose-search-reference", f"must be one of {', '.join(REFERENCE_KINDS)}, "
+                       f"got {self.pose_search_reference!r}")
+
+
+@dataclass(frozen=True)
+class HeldoutOptions:
+    """Images held out of training to score, after every epoch, how well the model predicts
+    images it never trained on (:mod:`cryoformer.trainer.validation`); analysis loads the
+    epoch where that loss is lowest. Fewer than 20 held-out images means none. The split is
+    part of the run: a resumed run keeps its own (one saved before it existed held none out).
+    """
+
+    heldout_fraction: float = option(
+        "--heldout-fraction", default=0.05, resume=FROM_RUN, legacy=0.0,
+        help="fraction of the particles held out of training to measure, after each epoch, "
+             "how well the model predicts images it never saw (RUN/validation.json); "
+             "analysis then uses the epoch where that loss is lowest, before the model fits "
+             "the noise. 0 disables (default {default:g}, at most --heldout-max images)")
+    heldout_max: int = option("--heldout-max", default=2000, unit="images", resume=FROM_RUN,
+                              help="at most this many held-out images (default {default})")
+    early_stop_epochs: Optional[int] = option(
+        "--early-stop", default=None, unit="epochs", metavar="EPOCHS",
+        help="stop when the held-out loss has not improved for EPOCHS epochs (default: never)")
+
+    def __post_init__(self) -> None:
         if not 0 <= self.heldout_fraction < 1:
-            raise bad("--heldout-fraction", f"must be in [0, 1), got {self.heldout_fraction}")
+            raise _bad("--heldout-fraction", f"must be in [0, 1), got {self.heldout_fraction}")
         if self.heldout_max < 1:
-            raise bad("--heldout-max", f"must be >= 1, got {self.heldout_max}")
+            raise _bad("--heldout-max", f"must be >= 1, got {self.heldout_max}")
         if self.early_stop_epochs is not None:
             if self.early_stop_epochs < 1:
-                raise bad("--early-stop", f"must be >= 1 epochs, got {self.early_stop_epochs}")
+                raise _bad("--early-stop", f"must be >= 1 epochs, got {self.early_stop_epochs}")
             if self.heldout_fraction == 0:
-                raise bad("--early-stop", "needs held-out images (--heldout-fraction > 0)")
-        if not 0 < self.support_threshold < 1:
-            raise bad("--support-threshold", f"must be in (0, 1), got {self.support_threshold}")
-        if self.support_margin_px < 0:
-            raise bad("--support-margin", f"must be >= 0 px, got {self.support_margin_px}")
-        if self.log_every_steps < 1:
-            raise bad("log_every_steps", "must be >= 1")
+                raise _bad("--early-stop", "needs held-out images (--heldout-fraction > 0)")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (YAML / checkpoint); inverse of :meth:`from_dict`."""
-        return dataclasses.asdict(self)
+
+@dataclass(frozen=True)
+class SupportOptions:
+    """The density restricted to a mask around the molecule (:mod:`cryoformer.model.support`),
+    canonical renderer only: the first epoch trains without it, each later one under a mask
+    made from the model at its start (peak fraction ``support_threshold``, dilated by
+    ``support_margin_px`` px of the training box). Part of the run: a resumed run keeps its
+    settings (one saved before the mask existed trains without)."""
+
+    support_mask: bool = option(
+        "--no-support-mask", default=True, switch="store_false", resume=FROM_RUN, legacy=False,
+        help="evaluate the density on the whole sphere in every epoch. By default, from "
+             "epoch 2 on the density is restricted to a mask around the molecule (from the "
+             "model's own maps, dilated by --support-margin px): the per-image head runs "
+             "only there (faster) and noise outside the molecule is not fitted (better maps, "
+             "docs/benchmarks.md); the mask is saved with the model and applied when "
+             "decoding. A resumed run keeps the setting it was started with")
+    support_threshold: float = option(
+        "--support-threshold", default=0.05, resume=FROM_RUN,
+        help="fraction of the peak density that counts as molecule (default {default:g})")
+    support_margin_px: int = option(
+        "--support-margin", default=3, unit="px", resume=FROM_RUN,
+        help="dilation of the mask in px of the training box (default {default})")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.support_threshold < 1:
+            raise _bad("--support-threshold", f"must be in (0, 1), got {self.support_threshold}")
+        if self.support_margin_px < 0:
+            raise _bad("--support-margin", f"must be >= 0 px, got {self.support_margin_px}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What ``cryoformer train`` does, apart from the network architecture.
+
+    Build it with :meth:`from_flat` (``TrainConfig.from_flat(particles=..., outdir=...,
+    epochs=3)``) or from its groups; read options through them (``config.optimisation.lr``).
+    """
+
+    data: DataOptions = option_group(DataOptions)
+    optimisation: OptimisationOptions = option_group(OptimisationOptions, "optimisation")
+    runtime: RuntimeOptions = option_group(RuntimeOptions, "runtime")
+    refinement: PoseRefinementOptions = option_group(PoseRefinementOptions, "pose refinement (paper §3.2)")
+    search: PoseSearchOptions = option_group(PoseSearchOptions, "pose search (projection matching)")
+    heldout: HeldoutOptions = option_group(HeldoutOptions, "held-out validation")
+    support: SupportOptions = option_group(SupportOptions, "support mask")
+
+    def __post_init__(self) -> None:
+        refine = self.refinement
+        if self.optimisation.epochs == 0 and not (refine.refine_poses and refine.pose_pretrain_epochs > 0):
+            # Nothing would be trained and no epoch written: a run directory nobody can use.
+            raise _bad("--epochs", "must be >= 1 (0 is only meaningful with --refine-poses, "
+                       "whose pose pre-training is then the whole run)")
+        if refine.refine_poses and self.search.pose_search:
+            raise _bad("--pose-search", "choose one of --refine-poses (orientation encoder) and "
+                       "--pose-search (local projection matching)")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in with_legacy_values(d).items() if k in known})
+    def from_flat(cls, **values: Any) -> "TrainConfig":
+        """From flat option names (``particles=..., outdir=..., lr=...``); the rest default."""
+        return options.from_flat(cls, values)
+
+    def replace(self, **values: Any) -> "TrainConfig":
+        """A copy with the given flat options changed (validated again)."""
+        return options.from_flat(TrainConfig, {**self.to_dict(), **values})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat ``{option: value}`` dict saved in config.yaml and checkpoints."""
+        return options.to_flat(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "TrainConfig":
+        """From a saved config, flat or nested; options it predates as it behaved."""
+        flat = options.nested_to_flat(TrainConfig, saved)
+        return options.from_flat(cls, options.with_legacy_values(TrainConfig, flat))
 
     def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
-        """Names of result-changing fields that differ from a checkpoint's saved config."""
-        mine = self.to_dict()
-        saved = with_legacy_values(saved)
-        return [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != mine[k]]
+        """Names of result-changing options that differ from a checkpoint's saved config."""
+        return options.resume_mismatches(TrainConfig, self.to_dict(), options.nested_to_flat(TrainConfig, saved))
+
+    def resumed_from(self, saved: dict[str, Any]) -> "TrainConfig":
+        """This config with the options that belong to the run (held-out split, support mask)
+        taken from the saved config of the run being resumed."""
+        return self.replace(**options.kept_from_run(TrainConfig, options.nested_to_flat(TrainConfig, saved)))
 
 
-# Architecture used when the caller gives none (tuned on CPU, see docs/benchmarks.md).
-DEFAULT_PRESET = "n512"
-# A 32-wide density head instead of 64: the head runs per image on every voxel, so its width
-# sets the training cost; 32 trains 1.8x faster at D = 64 on CPU (docs/benchmarks.md).
-# GetQuery by trilinear blend of the neighbouring block queries instead of the paper's block
-# lookup (docs/conventions.md, "The model", leaves the choice to FSC): on the AdK benchmark (SNR 0.1, box 32) four minutes
-# of training reached a mean FSC-0.5 of 6.8 Å against the truth with the blend and ~19 Å with
-# blocks, whose jumps at block faces the field cannot smooth away (docs/benchmarks.md).
-DEFAULT_MODEL_OVERRIDES: dict[str, Any] = {"density_head_hidden": 32, "get_query": "trilinear"}
+def _model_default(name: str) -> Any:
+    """The default of a :class:`ModelConfig` field (declared there, not here)."""
+    return next(f.default for f in dataclasses.fields(ModelConfig) if f.name == name)
 
 
-def default_model_config(box_size: int, preset: str = DEFAULT_PRESET, zdim: int = 8,
-                         refine_poses: bool = False, **overrides: Any) -> ModelConfig:
-    """The trainer's default :class:`ModelConfig` for a training box of ``box_size`` px.
+@dataclass(frozen=True)
+class ModelOptions:
+    """The few architecture options ``cryoformer train`` takes, mapped onto
+    :class:`ModelConfig` fields (whose defaults are the network the trainer builds)."""
 
-    ``preset`` is a key of :data:`cryoformer.model.PRESETS`; ``overrides`` replace any field
-    (after :data:`DEFAULT_MODEL_OVERRIDES`).
+    # None: ModelConfig's own defaults, which are the n512 preset (its deltas are empty).
+    preset: Optional[str] = option("--preset", default=None, choices=tuple(sorted(PRESETS)),
+                                   help="architecture preset (default n512)")
+    zdim: int = option("--zdim", default=_model_default("zdim"), help="latent dimension (default {default})")
+    feature_grid: Optional[int] = option(
+        "--feature-grid", default=None, unit="px", metavar="G",
+        help="evaluate the spatial features F_S on a G³ grid (px of the training box) and "
+             "upsample; smaller is faster (default: the trainer's tuned value)")
+    get_query: Optional[str] = option(
+        "--get-query", default=None, choices=GET_QUERY_CHOICES,
+        help="how a point reads the structure queries: trilinear blend of the neighbouring "
+             "blocks' queries (default; smoother maps) or the query of its block (the paper)")
+    variational: bool = option(
+        "--variational", default=False, switch="store_true",
+        help="variational latent (KL term, as cryoDRGN) instead of a deterministic one")
+
+    def model_config(self, box_size: int, refine_poses: bool) -> ModelConfig:
+        """The :class:`ModelConfig` these options describe for a training box of ``box_size`` px."""
+        fields: dict[str, Any] = {"zdim": self.zdim}
+        if self.feature_grid is not None:
+            fields["feature_grid_resolution"] = self.feature_grid
+        if self.get_query is not None:
+            fields["get_query"] = self.get_query
+        if self.variational:
+            fields["variational"] = True
+        return default_model_config(box_size, preset=self.preset, refine_poses=refine_poses, **fields)
+
+
+def default_model_config(box_size: int, preset: Optional[str] = None, refine_poses: bool = False,
+                         **fields: Any) -> ModelConfig:
+    """The :class:`ModelConfig` the trainer builds for a training box of ``box_size`` px.
+
+    ModelConfig's defaults, then the deltas of ``preset`` (a key of
+    :data:`cryoformer.model.PRESETS`; None = none), then ``fields``; the orientation encoder
+    is present exactly when poses are refined.
+
+    Raises
+    ------
+    InputError
+        An unknown preset or field, or a field value ModelConfig refuses.
     """
-    kwargs = {**DEFAULT_MODEL_OVERRIDES, **overrides, "zdim": zdim,
-              "use_orientation_encoder": refine_poses}
+    fields = {**fields, "use_orientation_encoder": refine_poses}
     try:
-        return model_config_from_preset(preset, box_size, **kwargs)
+        if preset is None:
+            return ModelConfig(box_size=box_size, **fields)
+        return model_config_from_preset(preset, box_size, **fields)
     except (ValueError, TypeError) as exc:
         raise InputError(None, "--preset/model options", str(exc)) from None

@@ -18,6 +18,7 @@ training ``D`` keeps the physical box, docs/conventions.md). ``position`` is the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -75,9 +76,10 @@ def read_indices(path: str, n_total: int) -> np.ndarray:
     return arr
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParticleData:
-    """Everything a training step reads, for the selected particles.
+    """Everything a training step reads, for the selected particles (immutable: the poses a
+    run refines live in its :class:`~.state.RunState`; :meth:`with_poses` serves batches at them).
 
     Attributes
     ----------
@@ -86,7 +88,8 @@ class ParticleData:
     indices : np.ndarray [N] int64
         Selected particles, rows of the original stack (order of ``--ind``).
     poses : Poses
-        Input poses of the selected particles, shifts in pixels of ``original_box``.
+        Poses batches are served with, shifts in pixels of ``original_box``: the input poses
+        (as loaded), or a run's current ones in a copy made by :meth:`with_poses`.
     ctf : CtfParameters or None
         CTF rows of the selected particles (cryoDRGN order) at the stack's box: column 0 is
         ``D₀`` and column 1 the Å/px at ``D₀`` whatever box the file was written for (the
@@ -126,6 +129,10 @@ class ParticleData:
             return None
         return self.pixel_size_angstrom * self.original_box / self.box_size
 
+    def with_poses(self, poses: Poses) -> "ParticleData":
+        """The same particles served at ``poses`` (box ``original_box``)."""
+        return dataclasses.replace(self, poses=poses)
+
     def images(self, positions: np.ndarray, normalise: bool = True) -> torch.Tensor:
         """Training images of subset rows ``positions``: ``[b, D, D]`` float32."""
         raw = torch.from_numpy(self.source.images(self.indices[positions]))  # [b, D0, D0]
@@ -161,7 +168,7 @@ class ParticleData:
         return std if std > 0 else 1.0
 
 
-def _metadata_path(given: Optional[str], particles: str, option: str) -> Optional[str]:
+def _metadata_path(given: Optional[str], particles: str) -> Optional[str]:
     """``given``, else ``particles`` itself when it carries metadata (.star / .cs)."""
     if given is not None:
         return given
@@ -182,27 +189,27 @@ def load_particle_data(config: TrainConfig) -> ParticleData:
         used particles, NaN/inf or blank images, a bad ``--ind``, or a ``--box`` that is odd or
         larger than the images.
     """
-    source = open_particles(config.particles, datadir=config.datadir)
+    opts = config.data
+    source = open_particles(opts.particles, datadir=opts.datadir)
     d0, n_total = source.box_size, len(source)
-    poses_path = _metadata_path(config.poses, config.particles, "--poses")
+    poses_path = _metadata_path(opts.poses, opts.particles)
     if poses_path is None:
-        raise InputError(None, "--poses", f"required for {os.path.basename(config.particles)} "
+        raise InputError(None, "--poses", f"required for {os.path.basename(opts.particles)} "
                          "(only .star/.cs particle files carry poses)")
-    box = config.box_size or d0
+    box = opts.box_size or d0
     if box > d0:
         raise InputError(None, "--box", f"{box} px is larger than the images ({d0} px); --box only downsamples")
-    indices = read_indices(config.ind, n_total) if config.ind else np.arange(n_total, dtype=np.int64)
+    indices = read_indices(opts.ind, n_total) if opts.ind else np.arange(n_total, dtype=np.int64)
     # Rows matched to images by name, CTF at the stack's box D₀ after checking its physical
     # box D·Å/px (a .pkl keeps its own D, as in cryoDRGN: a stack downsampled after CTF
     # estimation still trains); pixel sizes must agree among the used particles only.
-    meta = load_paired_metadata(source, config.particles, poses_path,
-                                _metadata_path(config.ctf, config.particles, "--ctf"),
-                                datadir=config.datadir, rows=indices)
+    meta = load_paired_metadata(source, opts.particles, poses_path, _metadata_path(opts.ctf, opts.particles),
+                                datadir=opts.datadir, rows=indices)
     apix = meta.pixel_size_angstrom
     gt = None
-    if config.gt_poses is not None:
-        gt = load_poses(config.gt_poses, box_size=d0, pixel_size_angstrom=apix)
-        gt = match_rows(source, config.particles, config.gt_poses, len(gt), config.datadir).apply(gt)
+    if opts.gt_poses is not None:
+        gt = load_poses(opts.gt_poses, box_size=d0, pixel_size_angstrom=apix)
+        gt = match_rows(source, opts.particles, opts.gt_poses, len(gt), opts.datadir).apply(gt)
     rank = int(os.environ.get("RANK", "0"))
     scan_images(source, indices, progress=rank == 0)
     if rank == 0:
@@ -213,9 +220,8 @@ def load_particle_data(config: TrainConfig) -> ParticleData:
         source=source, indices=indices, poses=meta.poses.subset(indices),
         ctf=None if ctf is None else ctf.subset(indices),
         gt_poses=None if gt is None else gt.subset(indices),
-        original_box=d0, box_size=box, pixel_size_angstrom=apix, invert=config.invert_data)
-    data.image_scale = data.estimate_image_scale(config.seed)
-    return data
+        original_box=d0, box_size=box, pixel_size_angstrom=apix, invert=opts.invert_data)
+    return dataclasses.replace(data, image_scale=data.estimate_image_scale(config.optimisation.seed))
 
 
 def check_contrast(data: ParticleData, particles_path: str, seed: int) -> ContrastEstimate:

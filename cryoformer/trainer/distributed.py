@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from cryoformer.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,6 @@ class DistInfo:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
-    from cryoformer.errors import InputError
-
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -87,8 +88,6 @@ def broadcast_array(array, info: DistInfo):
     """Rank 0's numpy array on every rank (same shape and dtype everywhere)."""
     if not info.distributed:
         return array
-    import numpy as np
-
     t = torch.from_numpy(np.ascontiguousarray(array)).to(_comm_device(info))
     dist.broadcast(t, src=0)
     return t.cpu().numpy()

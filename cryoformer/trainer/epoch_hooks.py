@@ -1,110 +1,144 @@
 """What the trainer does between epochs besides writing outputs: the support mask for the
 next epoch (:mod:`cryoformer.model.support`), the held-out loss (:mod:`.validation`) and the
-pose search (:mod:`.pose_search`). Functions of the running :class:`~.loop.Trainer`."""
+pose search (:mod:`cryoformer.refinement`).
+
+Functions of explicit arguments that return what they change (a mask, a loss, poses); the
+loop (:mod:`.loop`) applies the results to its :class:`~.state.RunState` and the model.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from cryoformer.metadata import Poses
+from cryoformer.model import CryoFormer
+from cryoformer.model.support import support_from_volumes
+from cryoformer.refinement import Particles, PoseSearchConfig, search_poses
 
 from . import distributed as dist_mod
+from .config import TrainConfig
+from .data import ParticleData
+from .distributed import DistInfo
 from .inference import encode_particles
-from .validation import heldout_loss
-
-if TYPE_CHECKING:
-    from .loop import Trainer
+from .validation import ValidationHistory, heldout_loss
 
 logger = logging.getLogger("cryoformer.trainer.loop")  # one logger for the whole training log
 
+# Latents whose decoded maps the support mask is made from, and how many are decoded at once
+# (bounds the GPU temporaries).
+SUPPORT_LATENTS = 16
+SUPPORT_DECODE_BATCH = 4
+
 
 @torch.no_grad()
-def update_support(trainer: "Trainer", epoch: int) -> None:
-    """Support mask for epoch ``epoch`` from the current model (rank 0 computes, every rank
-    applies); the canonical renderer is the one that uses it."""
-    from cryoformer.model.support import support_from_volumes
+def update_support(model: CryoFormer, data: ParticleData, rows: np.ndarray, seed: int, epoch: int,
+                   threshold: float, margin_px: int, device: torch.device, info: DistInfo) -> torch.Tensor:
+    """The support mask epoch ``epoch`` trains under, from the current model.
 
-    cfg, data, d = trainer.config, trainer.data, trainer.data.box_size
+    Rank 0 decodes the maps of :data:`SUPPORT_LATENTS` training images drawn from
+    ``(seed, epoch)`` and thresholds them (:func:`~cryoformer.model.support.support_from_volumes`);
+    every rank receives the result.
+
+    Parameters
+    ----------
+    model : CryoFormer
+        Unwrapped; its train/eval mode is restored.
+    rows : np.ndarray [n] int64
+        Subset rows the images are drawn from (the training rows).
+    threshold : float
+        Fraction of the peak above which a voxel is molecule.
+    margin_px : int
+        Dilation in px of the training box.
+
+    Returns
+    -------
+    torch.Tensor [D, D, D] bool, on the CPU.
+    """
+    d = data.box_size
     mask = np.zeros((d, d, d), dtype=np.uint8)
-    if trainer.info.is_main:
-        rows = trainer.plan.rows if trainer.plan.rows is not None else np.arange(len(data))
-        pick = np.sort(np.random.default_rng([cfg.seed, epoch, 5]).choice(
-            rows, size=min(16, rows.size), replace=False))
-        was_training = trainer.model.training
-        trainer.model.eval()
+    if info.is_main:
+        pick = np.sort(np.random.default_rng([seed, epoch, 5]).choice(
+            rows, size=min(SUPPORT_LATENTS, rows.size), replace=False))
+        was_training = model.training
+        model.eval()
         try:
-            z = trainer.model.encode(data.images(pick).to(trainer.device))["mu"]  # [m, zdim]
-            # [m, D, D, D] inside the current support; 4 at a time bounds GPU temporaries
-            vols = torch.cat([trainer.model.decode_volume(z[i:i + 4]) for i in range(0, len(z), 4)])
+            z = model.encode(data.images(pick).to(device))["mu"]  # [m, zdim]
+            # [m, D, D, D] inside the current support
+            vols = torch.cat([model.decode_volume(z[i:i + SUPPORT_DECODE_BATCH])
+                              for i in range(0, len(z), SUPPORT_DECODE_BATCH)])
         finally:
-            trainer.model.train(was_training)
-        sup = support_from_volumes(vols, cfg.support_threshold, cfg.support_margin_px)
-        mask = sup.cpu().numpy().astype(np.uint8)
+            model.train(was_training)
+        mask = support_from_volumes(vols, threshold, margin_px).cpu().numpy().astype(np.uint8)
         logger.info("epoch %d: support mask %d voxels (%.1f%% of the box)", epoch, int(mask.sum()),
                     100 * mask.mean())
-    mask = dist_mod.broadcast_array(mask, trainer.info)
-    trainer.model.set_support(torch.from_numpy(mask.astype(bool)))
+    mask = dist_mod.broadcast_array(mask, info)
+    return torch.from_numpy(mask.astype(bool))
 
 
-def validate(trainer: "Trainer", out_epoch: int) -> bool:
-    """Held-out loss of this epoch's model → history and log (``validation.json`` is
-    written after the checkpoint).
+def validate(model: CryoFormer, data: ParticleData, current_poses: Poses, heldout_rows: np.ndarray,
+             device: torch.device, config: TrainConfig, world: int) -> float:
+    """Held-out image loss of the current model (:func:`.validation.heldout_loss`).
 
-    Returns True when ``early_stop_epochs`` epochs have passed without improvement."""
-    cfg = trainer.config
+    ``data`` holds the input poses; ``current_poses`` are the run's (refined by
+    ``--pose-search``). ``world``: DDP processes (the batch is the per-rank training batch).
+    """
     # With --pose-search the held-out images are scored at their searched poses, so the loss
     # measures model and poses together and the best epoch is one whose poses were refined
     # (at the input poses it preferred the epoch before the first search, whose maps are the
     # blurriest: AdK, 24° input errors). Their poses are fitted to the model, 5 numbers per
     # image against thousands of pixels, which leaks too little to matter; the model itself
     # never trains on them.
-    data = trainer.data if cfg.pose_search else dataclasses.replace(trainer.data, poses=trainer.input_poses)
-    mse = heldout_loss(trainer.model, data, trainer.heldout_rows, trainer.device,
-                       predicted_poses=cfg.refine_poses, amp=cfg.amp,
-                       batch_size=max(1, min(64, 2 * cfg.batch_size // trainer.info.world)))
-    trainer.validation.add(out_epoch, trainer.step, trainer.elapsed(), mse, trainer.epoch_complete)
-    best = trainer.validation.best_epoch()
-    trainer.log.row({"kind": "heldout", "epoch": out_epoch, "step": trainer.step, "phase": "train",
-                     "images": int(trainer.heldout_rows.size), "mse": mse, "elapsed_s": trainer.elapsed()})
-    logger.info("epoch %d: held-out image loss %.6g (best epoch %s)", out_epoch, mse, best)
-    return (cfg.early_stop_epochs is not None and trainer.epoch_complete
-            and trainer.validation.epochs_since_best() >= cfg.early_stop_epochs)
+    scored = data.with_poses(current_poses) if config.search.pose_search else data
+    return heldout_loss(model, scored, heldout_rows, device,
+                        predicted_poses=config.refinement.refine_poses, amp=config.runtime.amp,
+                        batch_size=max(1, min(64, 2 * config.optimisation.batch_size // world)))
 
 
-def search_training_poses(trainer: "Trainer") -> Optional[np.ndarray]:
-    """MAP pose search on rank 0 (:mod:`.pose_search`), broadcast to every rank; replaces
-    the training poses. The prior is centred on the input poses.
+def early_stop_due(history: ValidationHistory, early_stop_epochs: Optional[int], epoch_complete: bool) -> bool:
+    """True when ``early_stop_epochs`` complete epochs have passed without a lower held-out loss."""
+    return (early_stop_epochs is not None and epoch_complete
+            and history.epochs_since_best() >= early_stop_epochs)
 
-    Returns the latents ``[N, zdim]`` it encoded (rank 0; None elsewhere), which are this
-    epoch's latents: the search does not change the model."""
-    from .pose_search import PoseSearchConfig, search_poses
 
-    cfg, data, info = trainer.config, trainer.data, trainer.info
-    rot, shifts = data.poses.rotations, data.poses.shifts_px
+def search_training_poses(model: CryoFormer, data: ParticleData, poses: Poses, heldout_rows: np.ndarray,
+                          epoch: int, config: TrainConfig, device: torch.device, info: DistInfo,
+                          progress: bool) -> tuple[Poses, Optional[np.ndarray]]:
+    """MAP pose search (:mod:`cryoformer.refinement`) on rank 0 around the run's current
+    ``poses``, broadcast to every rank. The prior is centred on the input poses (``data.poses``);
+    held-out images are searched but never shape the references.
+
+    Returns the searched poses and the latents ``[N, zdim]`` it encoded (rank 0; None
+    elsewhere), which are this epoch's latents: the search does not change the model."""
+    opts, d0 = config.search, data.original_box
+    rot, shifts = poses.rotations, poses.shifts_px
     z = None
     if info.is_main:
         t0 = time.monotonic()
-        z = encode_particles(trainer.model, data, trainer.device)["z"]
-        prior = None if cfg.pose_search_prior_deg is None else np.radians(cfg.pose_search_prior_deg)
-        search = PoseSearchConfig(radius_rad=float(np.radians(cfg.pose_search_radius_deg)),
-                                  prior_sigma_rad=prior, reference=cfg.pose_search_reference,
-                                  n_references=cfg.pose_search_groups)
-        res = search_poses(trainer.model, data, rot, shifts, z, trainer.device, search,
-                           prior_rotations=trainer.input_poses.rotations, seed=cfg.seed + trainer.epoch,
-                           progress=trainer.progress,
-                           # held-out images are searched but never shape the references
-                           reference_rows=np.setdiff1d(np.arange(len(data)), trainer.heldout_rows))
+        z = encode_particles(model, data, device)["z"]
+        full = dataclasses.replace(data, box_size=d0)  # the search reads the original box
+        particles = Particles(full.images, len(data), d0, None if data.ctf is None else data.ctf.array)
+        search = PoseSearchConfig.from_degrees(opts.pose_search_radius_deg, opts.pose_search_prior_deg,
+                                               reference=opts.pose_search_reference,
+                                               n_references=opts.pose_search_groups)
+        was_training = model.training
+        model.eval()  # the model's maps (reference "model") are decoded in eval mode
+        try:
+            res = search_poses(particles, rot, shifts, z, search,
+                               decode=lambda centres: model.decode_volume(centres.to(device), d0),
+                               model_box_size=data.box_size, prior_rotations=data.poses.rotations,
+                               seed=config.optimisation.seed + epoch, progress=progress,
+                               reference_rows=np.setdiff1d(np.arange(len(data)), heldout_rows), device=device)
+        finally:
+            model.train(was_training)
         rot, shifts = res.rotations, res.shifts_px
         logger.info("pose search after epoch %d: prior width %.2f°, mean log-posterior gain %.3g (%.0f s)",
-                    trainer.epoch, np.degrees(res.prior_sigma_rad), res.log_posterior_gain,
-                    time.monotonic() - t0)
+                    epoch, np.degrees(res.prior_sigma_rad), res.log_posterior_gain, time.monotonic() - t0)
     rot = dist_mod.broadcast_array(np.ascontiguousarray(rot, dtype=np.float32), info)
     shifts = dist_mod.broadcast_array(np.ascontiguousarray(shifts, dtype=np.float32), info)
-    data.poses = Poses(rot, shifts, data.original_box)
-    return z
+    return Poses(rot, shifts, d0), z

@@ -138,11 +138,11 @@ def _now() -> str:
 
 def data_summary(data, config) -> dict[str, Any]:
     """The data section of ``config.yaml`` / checkpoints (plain types only)."""
+    opts = config.data
     return {
-        "particles": config.particles, "poses": config.poses or config.particles,
-        "ctf": config.ctf or (config.particles if config.particles.lower().endswith((".star", ".cs"))
-                              else None),
-        "datadir": config.datadir, "ind": config.ind, "gt_poses": config.gt_poses,
+        "particles": opts.particles, "poses": opts.poses or opts.particles,
+        "ctf": opts.ctf or (opts.particles if opts.particles.lower().endswith((".star", ".cs")) else None),
+        "datadir": opts.datadir, "ind": opts.ind, "gt_poses": opts.gt_poses,
         "n_particles": len(data), "original_box": int(data.original_box),
         "box_size": int(data.box_size),
         "pixel_size_angstrom": None if data.pixel_size_angstrom is None else float(data.pixel_size_angstrom),

@@ -192,6 +192,25 @@ def select_epoch(run_dir: str, epoch: Any = None) -> tuple[int, str]:
     return epoch, "requested"
 
 
+def _load_epoch_model(ckpt_path: str, dev: torch.device) -> tuple[dict[str, Any], CryoFormer]:
+    """An epoch checkpoint and its model (eval mode, on ``dev``, inside its support mask)."""
+    state = load_checkpoint(ckpt_path, map_location=dev)
+    try:
+        model = CryoFormer(ModelConfig.from_dict(state["model_config"]))
+        model.load_state_dict(state["model"])
+        missing = [k for k in ("data", "train_config", "phase", "epoch_complete") if k not in state]
+        if missing:
+            raise KeyError(missing[0])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(ckpt_path, None, f"is not a complete cryoformer checkpoint "
+                         f"({exc.__class__.__name__}: {first[:200]})") from None
+    model.to(dev).eval()
+    if state.get("support") is not None:  # the density was trained inside this mask
+        model.set_support(state["support"])
+    return state, model
+
+
 def load_run(run_dir: str, epoch: Any = None, device: Any = "cpu") -> TrainedRun:
     """Load the model and latents of one epoch of a training run.
 
@@ -214,22 +233,8 @@ def load_run(run_dir: str, epoch: Any = None, device: Any = "cpu") -> TrainedRun
     run_dir = _require_run(run_dir)
     epoch, why = select_epoch(run_dir, epoch)
     dev = resolve_device(device)
-    ckpt_path = outputs.epoch_file(run_dir, outputs.CHECKPOINT_DIR, epoch)
-    state = load_checkpoint(ckpt_path, map_location=dev)
-    try:
-        model_config = ModelConfig.from_dict(state["model_config"])
-        model = CryoFormer(model_config)
-        model.load_state_dict(state["model"])
-        missing = [k for k in ("data", "train_config", "phase", "epoch_complete") if k not in state]
-        if missing:
-            raise KeyError(missing[0])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise InputError(ckpt_path, None, f"is not a complete cryoformer checkpoint "
-                         f"({exc.__class__.__name__}: {first[:200]})") from None
-    model.to(dev).eval()
-    if state.get("support") is not None:  # the density was trained inside this mask
-        model.set_support(state["support"])
+    state, model = _load_epoch_model(outputs.epoch_file(run_dir, outputs.CHECKPOINT_DIR, epoch), dev)
+    model_config = model.config
     latent_path = outputs.epoch_file(run_dir, outputs.LATENT_DIR, epoch)
     latents = _load_array(latent_path, "latents")
     indices_path = os.path.join(run_dir, outputs.INDICES_NAME)

@@ -36,16 +36,17 @@ class LossModule(nn.Module):
             r, t = m.orientation_encoder(images)
             lp = pose_loss(r.float(), t.float(), rot0, t0)
             return {"loss": lp, "mse": zero, "pose_loss": lp, "kl": zero}
+        refine = cfg.refinement
         out = m(images, rot0, t0, batch.get("ctf"),
-                pose_source="auto" if cfg.refine_poses else "given")
+                pose_source="auto" if refine.refine_poses else "given")
         mse = ((out["pred_images"].float() - images) ** 2).mean()
         loss, lp, kl = mse, zero, zero
-        if cfg.refine_poses:
+        if refine.refine_poses:
             lp = pose_loss(out["pred_rotations"].float(), out["pred_shifts_px"].float(), rot0, t0)
-            loss = loss + cfg.pose_weight * lp
+            loss = loss + refine.pose_weight * lp
         if out["logvar"] is not None:
             kl = kl_divergence(out["mu"].float(), out["logvar"].float())
-            loss = loss + cfg.kl_weight * kl / images.shape[-1] ** 2  # per pixel, like the MSE
+            loss = loss + cfg.optimisation.kl_weight * kl / images.shape[-1] ** 2  # per pixel, like the MSE
         return {"loss": loss, "mse": mse, "pose_loss": lp, "kl": kl}
 
 

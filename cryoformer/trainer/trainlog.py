@@ -17,6 +17,8 @@ import os
 import time
 from typing import Any, Optional
 
+from cryoformer.io.atomic import atomic_open
+
 logger = logging.getLogger(__name__)
 
 LOG_COLUMNS = (
@@ -51,8 +53,6 @@ def _truncate_csv(path: str, keep, columns) -> None:
         return
     if not fields:
         return
-    from cryoformer.io.atomic import atomic_open
-
     with atomic_open(path, "w") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -126,7 +126,7 @@ class TrainLog:
         self.poses: Optional[CsvTable] = None
         self.tb = None
         if tensorboard:
-            try:
+            try:  # optional dependency (the tensorboard package), imported only when wanted
                 from torch.utils.tensorboard import SummaryWriter
             except Exception:  # tensorboard not installed: the CSV log is the record
                 SummaryWriter = None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
 import numpy as np
+import pandas as pd
 
 from cryoformer.errors import InputError
 from cryoformer.io import load_poses, read_poses_pkl
@@ -33,6 +34,19 @@ __all__ = ["PoseHistory", "PoseErrors", "viewing_directions", "direction_angles"
 
 Stage = Union[int, str]  # an epoch, or "input"
 _EPOCH_PKL = re.compile(r"^epoch_(\d{3,})\.pkl$")
+
+
+# Where the training options read here live in the run's TrainConfig (its option groups).
+_TRAIN_OPTIONS = {"refine_poses": ("refinement", "refine_poses"),
+                  "pose_pretrain_epochs": ("refinement", "pose_pretrain_epochs"),
+                  "gt_poses": ("data", "gt_poses")}
+
+
+def _train_option(run, name: str):
+    """Option ``name`` of the configuration ``run`` was trained with (``refine_poses``,
+    ``pose_pretrain_epochs``, ``gt_poses``): the one place that knows where options live."""
+    group, field = _TRAIN_OPTIONS[name]
+    return getattr(getattr(run.train_config, group), field)
 
 
 def viewing_directions(rotations: np.ndarray) -> np.ndarray:
@@ -109,13 +123,12 @@ class PoseHistory:
         self.run_dir = run.run_dir
         self.box0 = int(run.original_box_size)
         self.indices = run.particle_indices
-        cfg = run.train_config
-        self.refine_poses = bool(cfg.refine_poses)
-        self.pretrain_epochs = int(cfg.pose_pretrain_epochs) if cfg.refine_poses else 0
+        self.refine_poses = bool(_train_option(run, "refine_poses"))
+        self.pretrain_epochs = int(_train_option(run, "pose_pretrain_epochs")) if self.refine_poses else 0
         self.n_particles = int(self.indices.size)
         pose_path = run.paths.get("poses") or run.paths.get("particles")
         self.initial = self._subset(_poses_in_box(pose_path, self.box0), pose_path)
-        gt = gt_poses or run.paths.get("gt_poses") or cfg.gt_poses
+        gt = gt_poses or run.paths.get("gt_poses") or _train_option(run, "gt_poses")
         self.gt_path = os.path.abspath(gt) if gt else None
         self.truth = None if gt is None else self._subset(_poses_in_box(gt, self.box0), gt)
         pose_dir = os.path.join(self.run_dir, outputs.POSE_DIR)
@@ -181,8 +194,6 @@ class PoseHistory:
         ``RUN/pose_errors.csv`` when the run logged it (``source = "pose_errors.csv"``), else
         are computed here from ``poses/epoch_XXX.pkl`` (``source = "computed"``).
         """
-        import pandas as pd
-
         cols = ["epoch", "stage", "rotation_median_deg", "shift_median_px", "rotation_mean_square_rad2",
                 "shift_mean_square_px2", "source"]
         if self.csv_path is not None and self.truth is not None:

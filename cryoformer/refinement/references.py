@@ -1,10 +1,11 @@
-"""Reference maps for the pose search (:mod:`.pose_search`), and the particles at full box.
+"""Reference maps for the pose search (:mod:`.search`), at the particles' *original* box.
 
-Two kinds of reference, both at the particles' *original* box:
+Two kinds (:data:`~.config.REFERENCE_KINDS`):
 
-* ``"model"`` — the network's own maps: the latents are grouped by K-means and the model
-  decodes one volume per cluster centre. As sharp as the model, which is limited by the
-  training box and, early on, by the very pose errors being corrected.
+* ``"model"`` — the network's own maps: the latents are grouped by K-means and a decoder
+  (any ``decode(z [k, zdim]) → [k, D, D, D]``, e.g. the trained model's) gives one volume per
+  cluster centre. As sharp as the model, which is limited by the training box and, early on,
+  by the very pose errors being corrected.
 * ``"backprojection"`` — maps reconstructed from the particles themselves at their current
   poses (:mod:`cryoformer.physics.backprojection`), per group of particles (K-means of the
   latents, 4 by default: once the poses are good, the heterogeneity is what blurs a
@@ -14,7 +15,8 @@ Two kinds of reference, both at the particles' *original* box:
   FSC, which sets the Wiener filter, is not inflated by noise the maps share. The maps are
   multiplied by a soft solvent mask made from the low-passed full map, which removes the
   noise around the molecule. (The halves are independent in their particles; the mask, and
-  the K-means groups, come from all of them.) Held-out images are left out of the maps.
+  the K-means groups, come from all of them.) Rows left out (a trainer's held-out images)
+  are left out of the maps.
 
 Measured on AdK (2000 particles, D = 64, SNR 0.1, input poses 24° off), three searches from
 the poses a model-referenced run had reached at its held-out-chosen epoch (0.152 rad):
@@ -24,88 +26,42 @@ the model's own maps stayed at 0.149–0.157 rad over the following epochs.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from cryoformer.model import CryoFormer
+from cryoformer import clustering
 from cryoformer.physics.backprojection import FourierBackprojector
-from cryoformer.physics.ctf import ctf_images
-from cryoformer.physics.fourier import fft2_center
 
-from .data import ParticleData
+from .config import PoseSearchConfig
+from .particles import Particles
 
-__all__ = ["FullBoxStream", "kmeans_groups", "model_references", "backprojected_references", "solvent_mask"]
+__all__ = ["Decoder", "MIN_GROUP_PARTICLES", "latent_groups", "merge_small_groups", "half_of", "solvent_mask",
+           "backprojected_references", "model_references", "make_references"]
 
 logger = logging.getLogger(__name__)
 
+# latents [k, zdim] float32 (CPU) → volumes [k, D, D, D] at the particles' original box
+Decoder = Callable[[torch.Tensor], torch.Tensor]
 
-class FullBoxStream:
-    """The particles at their original box, in chunks of ``chunk``.
+# A back-projected group needs this many particles: fewer, and each half map is mostly its own
+# particles' noise, which holds them at their current poses.
+MIN_GROUP_PARTICLES = 40
 
-    ``batches(band, device)`` yields ``(positions [b], spectra [b, M], ctf [b, M])`` with the
-    centred spectra and the CTF at the frequencies where ``band`` (``[D, D]`` bool, CPU) is
-    true; read and computed on the CPU, the tensors are sent to ``device`` (default: stay)."""
-
-    def __init__(self, data: ParticleData, chunk: int = 64) -> None:
-        self.data = dataclasses.replace(data, box_size=data.original_box)
-        self.chunk = chunk
-
-    def batches(self, band: torch.Tensor, device: Optional[torch.device] = None):
-        d, n = self.data.original_box, len(self.data)
-        for start in range(0, n, self.chunk):
-            pos = np.arange(start, min(start + self.chunk, n))
-            img_f = fft2_center(self.data.images(pos))[:, band]  # [b, M]
-            if self.data.ctf is not None:
-                ctf = ctf_images(self.data.ctf.array[pos], d)[:, band]
-            else:
-                ctf = torch.ones(len(pos), int(band.sum()))
-            yield pos, img_f.to(device), ctf.to(device)
+# Centres decoded per call of the decoder: bounds an accelerator's temporaries.
+DECODE_CHUNK = 4
 
 
-def kmeans_groups(latents: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """K-means of the latents ``[N, zdim]`` → (labels ``[N]``, centres ``[k', zdim]``), ``k' = min(k, N)``."""
-    from sklearn.cluster import KMeans
-
+def latent_groups(latents: np.ndarray, k: int, seed: int) -> clustering.KMeansResult:
+    """K-means of the latents ``[N, zdim]`` into ``min(k, N)`` groups: float32, 3 restarts, the
+    raw centroids in scikit-learn's numbering (:func:`cryoformer.clustering.kmeans`)."""
     latents = np.asarray(latents, dtype=np.float32)
-    k = min(k, len(latents))
-    if k == 1:
-        return np.zeros(len(latents), dtype=np.int64), latents.mean(0, keepdims=True)
-    km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(latents)
-    return km.labels_.astype(np.int64), km.cluster_centers_
-
-
-@torch.no_grad()
-def model_references(model: CryoFormer, latents: np.ndarray, k: int, D: int, seed: int,
-                     device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
-    """The model's maps at the K-means centres of the latents → (volumes ``[K, D, D, D]`` on the
-    CPU, labels ``[N]``). The model's train/eval mode is restored."""
-    labels, centres = kmeans_groups(latents, k, seed)
-    was_training = model.training
-    model.eval()
-    try:
-        z = torch.as_tensor(centres, dtype=torch.float32, device=device)
-        vols = torch.cat([model.decode_volume(z[i:i + 4], D).float().cpu() for i in range(0, len(z), 4)])
-    finally:
-        model.train(was_training)
-    return vols, labels
-
-
-def solvent_mask(volume: np.ndarray, lowpass_px: float = 2.0, threshold: float = 0.15,
-                 dilate_px: int = 3, edge_px: float = 1.5) -> np.ndarray:
-    """Soft mask around the molecule in ``volume`` ``[D, D, D]``: where the map low-passed by a
-    Gaussian of ``lowpass_px`` exceeds ``threshold`` × its maximum, dilated by ``dilate_px``
-    voxels, with a Gaussian edge of ``edge_px``. Values in ``[0, 1]``."""
-    from scipy import ndimage
-
-    smooth = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), lowpass_px)
-    inside = smooth > threshold * smooth.max()
-    if dilate_px > 0:
-        inside = ndimage.binary_dilation(inside, iterations=dilate_px)
-    return np.clip(ndimage.gaussian_filter(inside.astype(np.float32), edge_px), 0.0, 1.0)
+    return clustering.kmeans(latents, min(k, len(latents)), seed, n_init=3, on_data=False,
+                             order_along_pc1=False)
 
 
 def merge_small_groups(groups: np.ndarray, latents: np.ndarray, min_size: int) -> np.ndarray:
@@ -136,16 +92,28 @@ def half_of(n: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64) % 2
 
 
+def solvent_mask(volume: np.ndarray, lowpass_px: float = 2.0, threshold: float = 0.15,
+                 dilate_px: int = 3, edge_px: float = 1.5) -> np.ndarray:
+    """Soft mask around the molecule in ``volume`` ``[D, D, D]``: where the map low-passed by a
+    Gaussian of ``lowpass_px`` exceeds ``threshold`` × its maximum, dilated by ``dilate_px``
+    voxels, with a Gaussian edge of ``edge_px``. Values in ``[0, 1]``."""
+    smooth = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), lowpass_px)
+    inside = smooth > threshold * smooth.max()
+    if dilate_px > 0:
+        inside = ndimage.binary_dilation(inside, iterations=dilate_px)
+    return np.clip(ndimage.gaussian_filter(inside.astype(np.float32), edge_px), 0.0, 1.0)
+
+
 @torch.no_grad()
-def backprojected_references(data: ParticleData, rotations: np.ndarray, shifts_px: np.ndarray,
+def backprojected_references(particles: Particles, rotations: np.ndarray, shifts_px: np.ndarray,
                              groups: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
                              progress_bar=None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Gold-standard half maps of each group from the particles at their current poses.
 
     Parameters
     ----------
-    data : ParticleData
-        The particles, read at their original box ``D``.
+    particles : Particles
+        The particles at their original box ``D``.
     rotations : np.ndarray [N, 3, 3]
     shifts_px : np.ndarray [N, 2]
         Pixels of the original box.
@@ -167,7 +135,7 @@ def backprojected_references(data: ParticleData, rotations: np.ndarray, shifts_p
     resolution_px : np.ndarray
         ``[K]`` gold-standard resolution (FSC 0.143) of each group, px per cycle.
     """
-    n, D = len(data), data.original_box
+    n, D = len(particles), particles.box_size
     groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
     K = int(groups.max(initial=0)) + 1
     halves = half_of(n)
@@ -175,7 +143,7 @@ def backprojected_references(data: ParticleData, rotations: np.ndarray, shifts_p
     rot = torch.from_numpy(np.asarray(rotations, dtype=np.float32))
     shifts = torch.from_numpy(np.asarray(shifts_px, dtype=np.float32))
     use = np.ones(n, dtype=bool) if rows is None else np.isin(np.arange(n), rows)
-    for pos, img_f, ctf in FullBoxStream(data).batches(bp.band):
+    for pos, img_f, ctf in particles.spectra(bp.band):
         if progress_bar is not None:
             progress_bar.update(len(pos))
         sel = use[pos]
@@ -186,3 +154,39 @@ def backprojected_references(data: ParticleData, rotations: np.ndarray, shifts_p
     masks = torch.stack([torch.from_numpy(solvent_mask(m.numpy())) for m in rec.maps])  # [K, D, D, D]
     volumes = (rec.half_maps * masks[:, None]).reshape(2 * K, D, D, D)
     return volumes, groups * 2 + halves, rec.resolution_px()
+
+
+@torch.no_grad()
+def model_references(decode: Decoder, latents: np.ndarray, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Decoded maps at the K-means centres of the latents (:func:`latent_groups`) → (volumes
+    ``[K, D, D, D]`` float32 on the CPU, labels ``[N]``)."""
+    km = latent_groups(latents, k, seed)
+    z = torch.as_tensor(km.centroids, dtype=torch.float32)  # [K, zdim]
+    vols = torch.cat([decode(z[i:i + DECODE_CHUNK]).float().cpu() for i in range(0, len(z), DECODE_CHUNK)])
+    return vols, km.labels
+
+
+def make_references(config: PoseSearchConfig, particles: Particles, rotations: np.ndarray,
+                    shifts_px: np.ndarray, latents: np.ndarray, decode: Optional[Decoder] = None,
+                    seed: int = 0, rows: Optional[np.ndarray] = None) -> tuple[torch.Tensor, np.ndarray]:
+    """The references ``config.reference`` names → (volumes ``[K, D, D, D]``, the reference each
+    particle is matched against ``[N]``); arguments as :func:`cryoformer.refinement.search.search_poses`."""
+    t0 = time.monotonic()
+    if config.reference == "model":
+        if decode is None:
+            raise ValueError("model references need a decoder (decode=...)")
+        vols, labels = model_references(decode, latents, config.groups(), seed)
+        logger.info("pose search references: the model's maps at %d K-means centres (%.0f s)",
+                    len(vols), time.monotonic() - t0)
+        return vols, labels
+    groups = latent_groups(latents, config.groups(), seed).labels
+    # at least MIN_GROUP_PARTICLES per group (about half in each half map)
+    groups = merge_small_groups(groups, latents, MIN_GROUP_PARTICLES)
+    vols, labels, res_px = backprojected_references(particles, rotations, shifts_px, groups, rows)
+    apix = particles.pixel_size_angstrom
+    shown = ", ".join(f"{r:.2f} px" + (f" ({r * apix:.1f} Å)" if apix else "") for r in res_px[:4])
+    logger.info("pose search references: %d gold-standard half-map pair(s) back-projected from %d "
+                "particles, FSC-0.143 resolution %s%s (%.0f s)", len(res_px),
+                len(particles) if rows is None else len(rows), shown,
+                " …" if len(res_px) > 4 else "", time.monotonic() - t0)
+    return vols, labels

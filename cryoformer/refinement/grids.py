@@ -1,19 +1,33 @@
-"""The grids and the prior of the pose search (:mod:`.pose_search`): balls of rotation
-vectors, shift grids, the coarse-to-fine level plan and the empirical-Bayes width of the prior
-on the angle to the input rotation."""
+"""The grids and the prior of the pose search (:mod:`.search`): balls of rotation vectors, shift
+grids, the coarse-to-fine level plan and the empirical-Bayes width of the prior on the angle to
+the input rotation."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from cryoformer.physics.rotations import axis_angle_to_matrix
 
-if TYPE_CHECKING:
-    from .pose_search import PoseSearchConfig
+from .config import PoseSearchConfig
+
+__all__ = ["SearchLevel", "rotation_ball", "shift_grid", "angle_to", "fit_prior_sigma", "search_levels"]
+
+
+class SearchLevel(NamedTuple):
+    """One level of the coarse-to-fine search: candidates are ``offset @ R`` and ``t + shift``."""
+
+    rotations: torch.Tensor  # [C, 3, 3] rotation offsets; row 0 is the identity
+    shifts_px: torch.Tensor  # [S, 2] shift offsets
+    band: torch.Tensor  # [M] bool: the frequencies of the search band this level scores
+    is_last: bool
+
+    def to(self, device: torch.device) -> "SearchLevel":
+        return self._replace(rotations=self.rotations.to(device), shifts_px=self.shifts_px.to(device),
+                             band=self.band.to(device))
 
 
 def rotation_ball(step_rad: float, radius_rad: float) -> torch.Tensor:
@@ -28,13 +42,14 @@ def rotation_ball(step_rad: float, radius_rad: float) -> torch.Tensor:
 
 
 def shift_grid(step_px: float, radius_px: float) -> torch.Tensor:
+    """Shifts ``[S, 2]`` (px) of a square grid of spacing ``step_px`` within ± ``radius_px``."""
     n = int(math.floor(radius_px / step_px + 1e-9))
     g = torch.arange(-n, n + 1, dtype=torch.float32) * step_px
     return torch.cartesian_prod(g, g)  # [S, 2]
 
 
 def angle_to(rotations: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Geodesic angles [C] between rotations [C, 3, 3] and one reference [3, 3]."""
+    """Geodesic angles [C] (rad) between rotations [C, 3, 3] and one reference [3, 3]."""
     m = rotations @ reference.T
     cos = 0.5 * (m.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0)
     return torch.arccos(cos.clamp(-1.0, 1.0))
@@ -69,8 +84,9 @@ def fit_prior_sigma(log_lik: np.ndarray, angles: np.ndarray, max_sigma_rad: floa
     return best
 
 
-def search_levels(config: "PoseSearchConfig", D: int, kmax: float, freqs: torch.Tensor) -> list:
-    """Per level: (rotation offsets [C, 3, 3], shift offsets [S, 2], band mask [M], is_last).
+def search_levels(config: PoseSearchConfig, D: int, kmax: float, freqs: torch.Tensor) -> list[SearchLevel]:
+    """The levels of a search, coarse first, over the band ``freqs`` ``[M, 2]`` (cycles/px, up to
+    ``kmax``) of particles of box ``D``.
 
     A level with rotation spacing ``h`` scores frequencies up to ``1/(π·(D/2)·h)`` only: a
     rotation by ``h`` moves a point at the box edge by ``h·D/2`` px, a phase of ``π`` at that
@@ -92,5 +108,5 @@ def search_levels(config: "PoseSearchConfig", D: int, kmax: float, freqs: torch.
             offsets = rotation_ball(step, steps[level - 1] * math.sqrt(3) / 2)  # one cell of the previous grid
             s_step = shift_steps[min(level, len(shift_steps) - 1)]
             shifts = shift_grid(s_step, 3 * s_step)
-        out.append((axis_angle_to_matrix(offsets), shifts, radius_k <= k_l + 1e-9, last))
+        out.append(SearchLevel(axis_angle_to_matrix(offsets), shifts, radius_k <= k_l + 1e-9, last))
     return out

@@ -1,0 +1,245 @@
+"""Building a training run, or resuming one: checks, data, model, optimiser and state.
+
+:func:`build_run` does everything that may refuse — options that contradict the run being
+resumed, input data changed since it began, a directory that holds another run, images whose
+contrast contradicts ``--uninvert-data`` — before anything is written, then (rank 0) writes
+the run's header files: ``config.yaml``, the particle and held-out indices. What it returns
+is a :class:`Run`, which :mod:`.loop` trains.
+
+Determinism: the model is initialised from ``torch.manual_seed(seed)`` (identical weights on
+every rank and in every run) and a resumed run then restores the RNG streams its checkpoint
+captured, so a run stopped anywhere and resumed follows the trajectory of one never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from cryoformer.errors import InputError
+from cryoformer.io.fingerprint import compare_fingerprints, fingerprint_files
+from cryoformer.io.guard import inside
+from cryoformer.model import CryoFormer, ModelConfig
+
+from . import outputs
+from .checkpoint import load_checkpoint, restore_rng_state
+from .config import ModelOptions, TrainConfig
+from .data import BatchPlan, ParticleData, check_contrast, load_particle_data
+from .distributed import DistInfo
+from .state import RunState
+from .validation import MIN_HELDOUT, ValidationHistory, split_heldout
+
+logger = logging.getLogger("cryoformer.trainer.loop")  # one logger for the whole training log
+
+
+@dataclass
+class Run:
+    """A training run built or resumed by :func:`build_run`.
+
+    Attributes
+    ----------
+    config : TrainConfig
+        As given, with the options that belong to a resumed run taken from it.
+    model_config : ModelConfig
+    data : ParticleData
+        The selected particles at their *input* poses (current poses: ``state.poses``).
+    model : CryoFormer
+        On the run's device; its support mask is ``state.support``.
+    optimizer : torch.optim.AdamW
+    plan : BatchPlan
+        The training batches (held-out rows excluded).
+    heldout_rows : np.ndarray [m] int64
+        Subset rows held out of training (empty when none).
+    state : RunState
+    run_id : str
+    data_fingerprint : dict
+        Sizes and sampled hashes of the training inputs (:mod:`cryoformer.io.fingerprint`).
+    resumed : bool
+    """
+
+    config: TrainConfig
+    model_config: ModelConfig
+    data: ParticleData
+    model: CryoFormer
+    optimizer: torch.optim.Optimizer
+    plan: BatchPlan
+    heldout_rows: np.ndarray
+    state: RunState
+    run_id: str
+    data_fingerprint: dict[str, Any]
+    resumed: bool
+
+
+def build_run(config: TrainConfig, model_config: Optional[ModelConfig], info: DistInfo, resume: bool,
+              command_line: Optional[str], force: bool = False) -> Run:
+    """Check the inputs and build (or resume) the run in ``config.data.outdir``; see
+    :func:`~cryoformer.trainer.loop.train` for the arguments.
+
+    Raises
+    ------
+    InputError
+        Anything that stops the run, before any file is written.
+    """
+    run_dir = config.data.outdir
+    checkpoint, run_id, clear_first = None, outputs.new_run_id(), False
+    if resume:
+        checkpoint, run_id = _open_checkpoint(run_dir, run_id)
+        config = _resumed_config(config, checkpoint["train_config"], run_dir)
+    else:
+        clear_first = _may_start_over(run_dir, force)
+    data = load_particle_data(config)
+    # What training reads (the ground-truth poses are only reported, so they are not part of
+    # the data fingerprint, but they must survive a restart all the same).
+    opts = config.data
+    inputs = [opts.particles, opts.poses, opts.ctf, opts.ind, *data.source.files]
+    if clear_first:
+        _refuse_deleting_inputs(run_dir, inputs + [opts.gt_poses])
+    if checkpoint is None and opts.check_contrast:
+        # Before anything is written: a wrong contrast flag trains a map of inverted sign.
+        est = check_contrast(data, opts.particles, config.optimisation.seed)
+        if info.is_main:
+            logger.info("%s%s", est.summary(), "" if est.invert_data is not None else
+                        "; too few images or too little signal to check the contrast flag")
+    fingerprint = fingerprint_files(inputs)
+    if checkpoint is not None:
+        _refuse_changed_data(checkpoint, fingerprint, run_dir)
+        model_config = ModelConfig.from_dict(checkpoint["model_config"])
+        data = dataclasses.replace(data, image_scale=float(checkpoint["data"]["image_scale"]))
+    model_config = _fit_model_config(model_config, data.box_size, config.refinement.refine_poses)
+    seed = config.optimisation.seed
+    torch.manual_seed(seed)  # identical initial weights on every rank and every run
+    model = CryoFormer(model_config).to(info.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimisation.lr,
+                                  weight_decay=config.optimisation.weight_decay)
+    held = config.heldout
+    train_rows, heldout_rows = split_heldout(len(data), held.heldout_fraction, held.heldout_max, seed)
+    plan = BatchPlan(len(data), config.optimisation.batch_size, seed, info.rank, info.world,
+                     rows=train_rows if heldout_rows.size else None)
+    _check_run_options(config, model_config, heldout_rows, len(data))
+    if checkpoint is None:
+        state = RunState(poses=data.poses, validation=ValidationHistory(n_heldout=int(heldout_rows.size)))
+    else:
+        state = _restore(checkpoint, model, optimizer, data, int(heldout_rows.size))
+    run = Run(config, model_config, data, model, optimizer, plan, heldout_rows, state, run_id,
+              fingerprint, resumed=checkpoint is not None)
+    if info.is_main:
+        _write_header(run, command_line, info.world, clear_first)
+    return run
+
+
+def _open_checkpoint(run_dir: str, fresh_id: str) -> tuple[dict[str, Any], str]:
+    """``last.pt`` of the run to resume and the run's identity."""
+    last = outputs.resume_checkpoint(run_dir)
+    checkpoint = load_checkpoint(last)
+    recorded = (outputs.read_config_yaml(run_dir) or {}).get("run_id")
+    if recorded is not None and checkpoint.get("run_id") != recorded:
+        raise InputError(last, "run_id", f"belongs to run {checkpoint.get('run_id') or '(unknown)'}, "
+                         f"not to the run recorded in {run_dir}/config.yaml ({recorded}); a "
+                         "checkpoint copied from another run cannot continue this one")
+    return checkpoint, checkpoint.get("run_id") or recorded or fresh_id
+
+
+def _resumed_config(config: TrainConfig, saved: dict[str, Any], run_dir: str) -> TrainConfig:
+    """``config`` checked against the resumed run's saved one, with the options that belong
+    to the run (its held-out split, its support mask) taken from it."""
+    bad = config.resume_mismatches(saved)
+    if bad:
+        raise InputError(None, ", ".join(bad), "differs from the run being resumed "
+                         f"({run_dir}); only the schedule, time budget and device may change")
+    config = config.resumed_from(saved)
+    if config.heldout.early_stop_epochs is not None and config.heldout.heldout_fraction == 0:
+        raise InputError(run_dir, "--early-stop", "this run holds out no images (started "
+                         "with --heldout-fraction 0 or by an older cryoformer), so it cannot "
+                         "stop on a held-out loss")
+    return config
+
+
+def _may_start_over(run_dir: str, force: bool) -> bool:
+    """Whether ``run_dir`` holds files of an earlier run to remove once the inputs check out;
+    refuses a finished run without ``force``."""
+    if not outputs.existing_run_entries(run_dir):
+        return False
+    started = outputs.is_run_dir(run_dir) and not outputs.has_checkpoint(run_dir)
+    if not (force or started):
+        raise InputError(run_dir, None, "already holds a training run; pass --resume to "
+                         "continue it, --force to start it again from scratch (its "
+                         "checkpoints, latents, logs and analyses are deleted), or choose "
+                         "another output directory")
+    if started and not force:  # a start that never reached its first checkpoint
+        logger.warning("%s holds a run that stopped before its first checkpoint; starting "
+                       "it again", run_dir)
+    return True
+
+
+def _refuse_deleting_inputs(run_dir: str, paths: list[Optional[str]]) -> None:
+    entries = outputs.existing_run_entries(run_dir)
+    for path in paths:
+        if path is not None and any(inside(path, entry) for entry in entries):
+            raise InputError(run_dir, "-o", f"starting again would delete {path}, an "
+                             "input of this run; move it out of the run directory first")
+
+
+def _refuse_changed_data(checkpoint: dict[str, Any], fingerprint: dict[str, Any], run_dir: str) -> None:
+    if not checkpoint.get("data_fingerprint"):
+        return
+    changed = compare_fingerprints(checkpoint["data_fingerprint"], fingerprint)
+    if changed:
+        more = f" (and {len(changed) - 2} more)" if len(changed) > 2 else ""
+        raise InputError(run_dir, "--resume", "the input data changed since this run "
+                         f"started: {'; '.join(changed[:2])}{more}. A resumed run must read "
+                         "the data it began with; start a new run in another directory")
+
+
+def _fit_model_config(model_config: Optional[ModelConfig], box_size: int, refine_poses: bool) -> ModelConfig:
+    """The architecture for the training box: the given one (checked) or the default, with
+    the orientation encoder present exactly when poses are refined."""
+    if model_config is None:
+        model_config = ModelOptions().model_config(box_size, refine_poses=refine_poses)
+    if model_config.box_size != box_size:
+        raise InputError(None, "--box", f"model box {model_config.box_size} px differs from the "
+                         f"training box {box_size} px")
+    if model_config.use_orientation_encoder != refine_poses:
+        model_config = dataclasses.replace(model_config, use_orientation_encoder=refine_poses)
+    return model_config
+
+
+def _check_run_options(config: TrainConfig, model_config: ModelConfig, heldout_rows: np.ndarray,
+                       n_particles: int) -> None:
+    if config.support.support_mask and model_config.renderer != "canonical":
+        logger.warning("--support-mask only applies to the canonical renderer; the %s renderer "
+                       "evaluates the whole sphere", model_config.renderer)
+    if config.heldout.early_stop_epochs is not None and not heldout_rows.size:
+        raise InputError(None, "--early-stop", f"needs at least {MIN_HELDOUT} held-out images; "
+                         f"{config.heldout.heldout_fraction:g} of {n_particles} particles is fewer")
+
+
+def _restore(checkpoint: dict[str, Any], model: CryoFormer, optimizer: torch.optim.Optimizer,
+             data: ParticleData, n_heldout: int) -> RunState:
+    """Weights, optimiser, RNG streams and run state from a checkpoint."""
+    model.load_state_dict(checkpoint["model"])
+    state = RunState.from_checkpoint(checkpoint, data.poses, data.original_box, n_heldout)
+    if state.support is not None:
+        model.set_support(state.support)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_rng_state(checkpoint["rng"])
+    return state
+
+
+def _write_header(run: Run, command_line: Optional[str], world: int, clear_first: bool) -> None:
+    """Rank 0: the files that describe the run (an earlier start's removed first)."""
+    run_dir = run.config.data.outdir
+    if clear_first:
+        outputs.clear_run(run_dir)
+    os.makedirs(os.path.join(run_dir, outputs.CHECKPOINT_DIR), exist_ok=True)
+    outputs.write_config_yaml(run_dir, run.config, run.model_config, outputs.data_summary(run.data, run.config),
+                              command_line, world, resumed=run.resumed, run_id=run.run_id,
+                              data_fingerprint=run.data_fingerprint)
+    outputs.write_indices(run_dir, run.data.indices)
+    if run.heldout_rows.size:
+        outputs.write_indices(run_dir, run.data.indices[run.heldout_rows], outputs.HELDOUT_NAME)
