@@ -20,6 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from cryoformer.cli import main
+from cryoformer.io import read_poses_pkl, write_poses_pkl
+from cryoformer.metadata import Poses
+from cryoformer.trainer import list_epochs
 
 N_STACK = 40
 RUN_ROWS = np.arange(4, N_STACK)  # the --ind subset
@@ -39,8 +45,6 @@ class TinyDataset:
 @contextlib.contextmanager
 def _one_thread():
     """torch on one thread while building fixtures (the CI machine's two cores are shared)."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -59,10 +63,6 @@ def _rotation_about(axis: np.ndarray, angle: float) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> TinyDataset:
     """Simulated particles with ground truth, and input poses perturbed by known amounts."""
-    from cryoformer.cli import main
-    from cryoformer.io import read_poses_pkl, write_poses_pkl
-    from cryoformer.metadata import Poses
-
     root = tmp_path_factory.mktemp("widgets_tiny")
     sim = root / "sim"
     with _one_thread():
@@ -83,8 +83,6 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_dataset) -> str:
     """Directory of a real 2-stage training run (see the module docstring)."""
-    from cryoformer.cli import main
-
     run_dir = tiny_dataset.root / "run"
     with _one_thread():
         assert main(["train", str(tiny_dataset.sim / "particles.star"), "-o", str(run_dir),
@@ -105,8 +103,6 @@ def spread_run(tiny_run, tiny_dataset, tmp_path_factory) -> str:
     latent ``c_s + 0.3·noise`` of its true state ``s`` (centres ``c_s`` two units apart). The
     model and every other file are the real run's.
     """
-    from cryoformer.trainer import list_epochs
-
     dst = tmp_path_factory.mktemp("widgets_spread") / "run"
     shutil.copytree(tiny_run, dst)
     epoch = list_epochs(dst)[-1]

@@ -96,45 +96,66 @@ def jupyterlab(sync_api, spread_run, tmp_path):
         log.close()
 
 
+def _run_notebook(page, sync_api, url: str) -> None:
+    """Open the notebook, wait for its kernel, run it and wait for the explorer's first volume."""
+    page.set_default_timeout(90_000)
+    page.goto(url)
+    page.wait_for_selector(".jp-Notebook .jp-Cell")
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands")
+    page.wait_for_function(
+        "() => { const w = window.jupyterapp.shell.currentWidget;"
+        " return w && w.sessionContext && w.sessionContext.session"
+        " && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle'; }")
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    try:
+        page.wait_for_function(
+            "() => { const i = document.querySelector('img.cfx-slices');"
+            " return i && i.complete && i.naturalWidth > 0; }")
+    except sync_api.TimeoutError:
+        page.screenshot(path=str(ARTIFACTS / "latent_explorer_failed.png"))
+        pytest.fail("the explorer did not show a volume:\n" + page.inner_text(".jp-Notebook")[-3000:])
+
+
+def _check_click_on_centre(page, canvas, title, cluster: int) -> None:
+    """Clicking cluster ``cluster``'s centre decodes and shows that particle's volume."""
+    before = page.locator("img.cfx-slices").screenshot()
+    centres = json.loads(canvas.get_attribute("data-centers"))
+    target = next(c for c in centres if c["cluster"] == cluster)
+    canvas.click(position={"x": target["x"], "y": target["y"]})
+    page.wait_for_function(
+        f"() => document.querySelector('.cfx-title').textContent.includes('cluster {cluster}')")
+    page.wait_for_function(  # the new image has loaded
+        "() => { const i = document.querySelector('img.cfx-slices');"
+        " return i.complete && i.naturalWidth > 0; }")
+    page.wait_for_timeout(300)
+    after = page.locator("img.cfx-slices").screenshot()
+    assert title.inner_text().startswith(f"particle {target['row']} ")
+    assert after != before, "the slice image did not change after clicking a cluster centre"
+
+
+def _check_box_selects_all(page, canvas, n: int) -> None:
+    """A box drag over the whole plot selects every one of the ``n`` particles (counted in Python)."""
+    page.locator("button.cfx-mode", has_text="box").click()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=4)
+    page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] - 2, steps=4)
+    page.mouse.up()
+    page.wait_for_function(f"() => document.querySelector('.cfx-nsel').textContent.startsWith('{n} selected')")
+
+
 def test_click_in_explorer_changes_the_volume(sync_api, jupyterlab, spread_run):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(90_000)
-            page.goto(jupyterlab)
-            page.wait_for_selector(".jp-Notebook .jp-Cell")
-            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands")
-            # wait for the kernel, then run the notebook
-            page.wait_for_function(
-                "() => { const w = window.jupyterapp.shell.currentWidget;"
-                " return w && w.sessionContext && w.sessionContext.session"
-                " && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle'; }")
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            try:
-                page.wait_for_function(
-                    "() => { const i = document.querySelector('img.cfx-slices');"
-                    " return i && i.complete && i.naturalWidth > 0; }")
-            except sync_api.TimeoutError:
-                page.screenshot(path=str(ARTIFACTS / "latent_explorer_failed.png"))
-                pytest.fail("the explorer did not show a volume:\n" + page.inner_text(".jp-Notebook")[-3000:])
+            _run_notebook(page, sync_api, jupyterlab)
             canvas = page.locator("canvas.cfx-scatter")
             title = page.locator(".cfx-title")
             assert "cluster 0" in title.inner_text()
-            before = page.locator("img.cfx-slices").screenshot()
-            centres = json.loads(canvas.get_attribute("data-centers"))
-            target = next(c for c in centres if c["cluster"] == 2)
-            canvas.click(position={"x": target["x"], "y": target["y"]})
-            page.wait_for_function(
-                "() => document.querySelector('.cfx-title').textContent.includes('cluster 2')")
-            page.wait_for_function(  # the new image has loaded
-                "() => { const i = document.querySelector('img.cfx-slices');"
-                " return i.complete && i.naturalWidth > 0; }")
-            page.wait_for_timeout(300)
-            after = page.locator("img.cfx-slices").screenshot()
-            assert title.inner_text().startswith(f"particle {target['row']} ")
-            assert after != before, "the slice image did not change after clicking a cluster centre"
+            _check_click_on_centre(page, canvas, title, cluster=2)
 
             # the threshold slider re-renders the isosurface
             iso_before = page.locator("img.cfx-iso").screenshot()
@@ -143,16 +164,7 @@ def test_click_in_explorer_changes_the_volume(sync_api, jupyterlab, spread_run):
             page.wait_for_timeout(1500)  # throttled sync, render in the kernel, image reload
             assert page.locator("img.cfx-iso").screenshot() != iso_before
 
-            # a box drag over the whole plot selects every particle (counted in Python)
-            page.locator("button.cfx-mode", has_text="box").click()
-            box = canvas.bounding_box()
-            page.mouse.move(box["x"] + 2, box["y"] + 2)
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=4)
-            page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] - 2, steps=4)
-            page.mouse.up()
-            n = len(np.load(Path(spread_run) / "particle_indices.npy"))
-            page.wait_for_function(f"() => document.querySelector('.cfx-nsel').textContent.startsWith('{n} selected')")
+            _check_box_selects_all(page, canvas, len(np.load(Path(spread_run) / "particle_indices.npy")))
             assert page.locator(".cfx-error").count() == 0
             shot = ARTIFACTS / "latent_explorer.png"
             page.screenshot(path=str(shot), full_page=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("anywidget")
 
@@ -77,9 +79,6 @@ def test_threshold_and_view_change_the_isosurface(explorer):
     ex.azimuth = -60.0
     assert ex.iso_png != iso_low
     ex.threshold = 50.0  # above the maximum: nothing left to draw
-    from PIL import Image
-    import io
-
     img = np.asarray(Image.open(io.BytesIO(ex.iso_png)).convert("L"))
     assert img.max() == img.min()
 

@@ -1,5 +1,6 @@
-"""napari plugin logic without a display: layer data for a decoded latent, latent choices, and
-the MRC reader/writer, checked against ``napari.components.ViewerModel``."""
+"""napari plugin logic without a display: layer data for a decoded latent (through the shared
+run session) and the MRC reader/writer, checked against ``napari.components.ViewerModel``.
+The latent choices themselves are the session's (test_session.py)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,30 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 napari = pytest.importorskip("napari")
 pytest.importorskip("skimage")
 
+import npe2  # noqa: E402
 from napari.components import ViewerModel  # noqa: E402
+
+from cryoformer.analysis import attention_stack  # noqa: E402
 
 from cryoformer.errors import InputError  # noqa: E402
 from cryoformer.io.mrc import read_volume, write_volume  # noqa: E402
 from cryoformer.io.particles import write_stack  # noqa: E402
 from cryoformer_widgets.napari_io import get_reader, read_mrc, write_mrc  # noqa: E402
-from cryoformer_widgets.napari_latents import RunSession  # noqa: E402
 from cryoformer_widgets.napari_layers import (SURFACE_NAME, VOLUME_NAME, DecodedLatent,  # noqa: E402
                                               add_or_update, attention_layer_name, decode_latent,
                                               isosurface, latent_layers, layers_for_latent,
                                               surface_layer)
+from cryoformer_widgets.session import RunSession  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def plugins():
     """Discover installed npe2 plugins: a bare ViewerModel does not (a Qt viewer does)."""
-    import npe2
-
     pm = npe2.PluginManager.instance()
     pm.discover()
     assert "cryoformer-widgets" in pm  # the entry point of widgets/pyproject.toml is installed
@@ -38,49 +41,16 @@ def plugins():
 @pytest.fixture(scope="module")
 def session(tiny_run):
     """The shared tiny run (tests/widgets/conftest.py: box 16 at 12 Å/px, zdim 3, stack rows 4…39)."""
-    return RunSession.open(tiny_run, k=3, device="cpu")
-
-
-# ---------------------------------------------------------------- latent choices
-def test_latent_choices(session):
-    run = session.run
-    z0, label = session.from_pcs([0.0])
-    np.testing.assert_allclose(z0, session.pca.mean, rtol=1e-6, atol=1e-9)  # PC origin = mean latent
-    z1, _ = session.from_pcs([0.5, -0.25])
-    expected = session.pca.mean + 0.5 * session.pca.components[0] - 0.25 * session.pca.components[1]
-    np.testing.assert_allclose(z1, expected, rtol=1e-5, atol=1e-7)
-    assert "PC1=0.5" in session.from_pcs([0.5])[1]
-    for c in range(3):
-        zc, label = session.from_cluster(c)
-        row = session.kmeans.center_indices[c]
-        np.testing.assert_array_equal(zc, run.latents[row])  # centres are particles' latents
-        assert label == f"cluster {c} (particle {run.particle_indices[row]})"
-    assert session.cluster_names()[0].startswith("cluster 0 (n=")
-    # The run trained on stack rows 4…39 only: row 2 of the run is stack particle 6.
-    np.testing.assert_array_equal(session.from_particle(6, original=True)[0], run.latents[2])
-    assert session.from_particle(2)[1] == "particle 6"
-    with pytest.raises(ValueError, match="not part of this run"):
-        session.from_particle(3, original=True)
-    with pytest.raises(ValueError, match="out of range"):
-        session.from_cluster(3)
-    lo, hi = session.pc_range(1)
-    assert lo < hi
-
-
-def test_open_rejects_a_directory_that_is_not_a_run(tmp_path):
-    with pytest.raises(InputError, match=str(tmp_path)):
-        RunSession.open(str(tmp_path))
+    st = RunSession(tiny_run, k=3, device="cpu")
+    yield st
+    st.close()
 
 
 # ---------------------------------------------------------------- layers
 def test_layers_in_a_viewer_model(session):
-    import torch
-
-    from cryoformer.analysis import attention_stack
-
     run = session.run
     z, label = session.from_cluster(1)
-    layers = layers_for_latent(run, z, D=32, channels=["query_c0", "weight_k1", 2], visible=["query_c0"],
+    layers = layers_for_latent(session, z, D=32, channels=["query_c0", "weight_k1", 2], visible=["query_c0"],
                                surface_channel="query_c1", label=label)
     viewer = ViewerModel()
     added = add_or_update(viewer, layers)
@@ -128,8 +98,7 @@ def _edge_interpolation(channel: np.ndarray, verts: np.ndarray) -> np.ndarray:
 
 
 def test_surface_values_are_attention_at_the_vertices(session):
-    run = session.run
-    dec = decode_latent(run, session.from_cluster(0)[0])
+    dec = decode_latent(session, session.from_cluster(0)[0])
     assert len(dec.vertices) > 100 and dec.faces.max() < len(dec.vertices)
     edge = _on_edges(dec.vertices)
     assert edge.mean() > 0.95
@@ -166,11 +135,11 @@ def test_surface_of_a_synthetic_sphere_samples_a_linear_field():
 
 def test_redecoding_updates_layers_in_place(session):
     viewer = ViewerModel()
-    dec = session.decode(session.from_cluster(0)[0])
+    dec = decode_latent(session, session.from_cluster(0)[0])
     first = add_or_update(viewer, latent_layers(dec, channels=[0, 1], surface_channel=0))
     first[1].visible = False  # the user's choices …
     first[1].colormap = "gray"
-    dec2 = session.decode(session.from_cluster(2)[0], D=32)
+    dec2 = decode_latent(session, session.from_cluster(2)[0], D=32)
     second = add_or_update(viewer, latent_layers(dec2, channels=[0, 1], surface_channel=1))
     assert len(viewer.layers) == 4 and all(a is b for a, b in zip(first, second))
     assert second[0].data.shape == (32, 32, 32)
@@ -180,10 +149,19 @@ def test_redecoding_updates_layers_in_place(session):
     assert len(second[3].data[2]) == len(dec2.vertices)
 
 
+def test_decoding_goes_through_the_sessions_cache(session):
+    """One decoder for both front ends: napari's volumes are the session's cached ones."""
+    z, label = session.from_cluster(0)
+    dec = decode_latent(session, z, D=16, label=label)
+    again = decode_latent(session, z, D=16, label=label)
+    assert again.volume is dec.volume and session.volume_at(z, 16) is dec.volume
+    assert (dec.voxel_size, dec.unit) == session.voxel_size(16)
+
+
 def test_bad_iso_level_is_a_clear_error(session):
     with pytest.raises(ValueError, match="outside the density range"):
-        decode_latent(session.run, session.from_cluster(0)[0], iso_level=1e6)
-    dec = session.decode(session.from_cluster(0)[0])
+        decode_latent(session, session.from_cluster(0)[0], iso_level=1e6)
+    dec = decode_latent(session, session.from_cluster(0)[0])
     with pytest.raises(ValueError, match="no attention channel 'query_c99'"):
         latent_layers(dec, channels=["query_c99"])
 

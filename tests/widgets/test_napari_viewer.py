@@ -18,8 +18,11 @@ pytest.importorskip("napari")
 pytest.importorskip("qtpy")
 pytest.importorskip("pytestqt")
 
+from napari.utils.notifications import notification_manager  # noqa: E402
+
 from cryoformer_widgets.napari_dock import NO_SURFACE, RunExplorerDock  # noqa: E402
 from cryoformer_widgets.napari_layers import SURFACE_NAME, VOLUME_NAME, attention_layer_name  # noqa: E402
+from cryoformer_widgets.session import DEFAULT_K  # noqa: E402
 
 pytestmark = pytest.mark.napari
 
@@ -48,8 +51,6 @@ def dock(run_dir, make_napari_viewer, qtbot):
 @pytest.fixture
 def notifications():
     """Messages of the napari notifications dispatched during the test."""
-    from napari.utils.notifications import notification_manager
-
     seen = []
 
     def record(event):
@@ -69,6 +70,7 @@ def _open(qtbot, widget, path):
 def test_dock_widget_is_contributed_by_the_manifest(dock):
     viewer, widget = dock
     assert widget.session is None and not widget.decode_button.enabled
+    assert widget.k.value == DEFAULT_K  # the clusters of the Jupyter explorer and of cryoformer analyze
     assert any(w is widget for w in viewer.window.dock_widgets.values())  # docked in the window
     assert len(viewer.layers) == 0
 

@@ -100,7 +100,7 @@ def test_viewing_direction_is_the_projection_axis():
 
 def test_view_slider_updates_the_figure(tiny_run):
     ipywidgets = pytest.importorskip("ipywidgets")
-    from cryoformer_widgets import PoseRefinementView
+    from cryoformer_widgets import PoseRefinementView  # needs ipywidgets (the Jupyter extra), skipped above
 
     view = PoseRefinementView(tiny_run)
     assert isinstance(view, ipywidgets.VBox)
@@ -117,7 +117,7 @@ def test_view_slider_updates_the_figure(tiny_run):
 
 def test_view_without_refined_poses_and_bad_runs(tiny_run, tmp_path):
     pytest.importorskip("ipywidgets")
-    from cryoformer_widgets import PoseRefinementView
+    from cryoformer_widgets import PoseRefinementView  # needs ipywidgets (the Jupyter extra), skipped above
 
     copy = tmp_path / "run"
     shutil.copytree(tiny_run, copy)

@@ -5,8 +5,9 @@ Jupyter (``pip install 'cryoformer-widgets[jupyter]'``)
     selection and export, volumes decoded on demand (slices and isosurface), PC traversal.
     ``PoseRefinementView(run_dir)``: input vs refined vs true poses per epoch (paper Fig. 6).
 Without a GUI
-    ``ExplorerState`` (the explorer's model), ``DecodeWorker`` / ``VolumeCache`` (background
-    decoding with an LRU cache), ``PoseHistory`` (poses and errors across epochs).
+    ``RunSession`` (alias ``ExplorerState``): the one run session both front ends show (latents,
+    PCA, K-means, selection, decoding); ``DecodeWorker`` / ``VolumeCache`` (background decoding
+    with an LRU cache), ``PoseHistory`` (poses and errors across epochs).
 napari
     The plugin is found through the ``napari.manifest`` entry point (``napari.yaml``).
 
@@ -21,7 +22,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "LatentExplorer": "latent_explorer",
     "PoseRefinementView": "pose_view",
-    "ExplorerState": "state",
+    "RunSession": "session",
+    "ExplorerState": "session",
     "DecodeWorker": "decode_worker",
     "VolumeCache": "decode_worker",
     "PoseHistory": "pose_data",

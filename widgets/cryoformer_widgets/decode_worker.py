@@ -242,12 +242,7 @@ class DecodeWorker:
                 result.volume, result.cached = vol, True
             else:
                 t0 = time.perf_counter()
-                out = self._decode_fn(z, D)
-                if hasattr(out, "detach"):
-                    out = out.detach().float().cpu().numpy()
-                vol = np.ascontiguousarray(out, dtype=np.float32)
-                if vol.shape != (D, D, D):
-                    raise ValueError(f"decoder returned shape {vol.shape}, expected {(D, D, D)}")
+                vol = self._decode_array(z, D)
                 result.seconds = time.perf_counter() - t0
                 self.cache.put(key, vol)
                 result.volume = vol
@@ -263,6 +258,16 @@ class DecodeWorker:
                                                        f"decoded in {result.seconds:.2f} s"))
         return result
 
+    def _decode_array(self, z: np.ndarray, D: int) -> np.ndarray:
+        """``decode_fn(z, D)`` as a C-contiguous ``[D, D, D]`` float32 numpy array (worker thread)."""
+        out = self._decode_fn(z, D)
+        if hasattr(out, "detach"):  # a torch tensor, possibly on the GPU
+            out = out.detach().float().cpu().numpy()
+        vol = np.ascontiguousarray(out, dtype=np.float32)
+        if vol.shape != (D, D, D):
+            raise ValueError(f"decoder returned shape {vol.shape}, expected {(D, D, D)}")
+        return vol
+
     def decode_now(self, z: np.ndarray, D: Optional[int] = None) -> np.ndarray:
         """Decode in the calling thread's turn (queued behind pending work), using the cache.
 
@@ -277,14 +282,7 @@ class DecodeWorker:
         vol = self.cache.get(key)
         if vol is not None:
             return vol
-
-        def job() -> np.ndarray:
-            out = self._decode_fn(z, D)
-            if hasattr(out, "detach"):
-                out = out.detach().float().cpu().numpy()
-            return np.ascontiguousarray(out, dtype=np.float32)
-
-        vol = self._executor.submit(job).result()
+        vol = self._executor.submit(self._decode_array, z, D).result()
         self.cache.put(key, vol)
         return vol
 

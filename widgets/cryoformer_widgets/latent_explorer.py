@@ -28,7 +28,7 @@ import traitlets as t
 
 from .decode_worker import DecodeResult
 from .render import isosurface_png, palette, slices_png
-from .state import KMEANS, ExplorerState
+from .session import DEFAULT_K, KMEANS, RunSession
 
 __all__ = ["LatentExplorer"]
 
@@ -40,14 +40,16 @@ class LatentExplorer(anywidget.AnyWidget):
 
     Parameters
     ----------
-    run : str or TrainedRun or ExplorerState
-        Run directory (``cryoformer train -o``), a loaded run, or a prepared state.
+    run : str or TrainedRun or RunSession
+        Run directory (``cryoformer train -o``), a loaded run, or an open session (shared, e.g.
+        with a script; the explorer takes over its decoding callbacks).
     epoch : int, optional
         Epoch to load (default: lowest held-out loss, else the latest; see ``load_run``).
     device : str
         Where volumes are decoded (``"cpu"``, ``"cuda"``, ``"auto"``).
     k : int
-        K-means clusters when the run has no ``analysis/kmeans_labels.npy``.
+        K-means clusters when the run has no ``analysis/kmeans_labels.npy`` (default that of
+        ``cryoformer analyze``, :data:`~cryoformer_widgets.session.DEFAULT_K`).
     labels : dict[str, array], optional
         More colourings, e.g. ``{"true state": np.load("data/gt/state.npy")}`` (one label per
         run particle or per particle of the original stack).
@@ -108,18 +110,18 @@ class LatentExplorer(anywidget.AnyWidget):
     message = t.Unicode("").tag(sync=True)
     error = t.Unicode("").tag(sync=True)
 
-    def __init__(self, run: Any, epoch: Optional[int] = None, device: str = "auto", k: int = 8,
+    def __init__(self, run: Any, epoch: Optional[int] = None, device: str = "auto", k: int = DEFAULT_K,
                  labels: Optional[dict] = None, decode_box: Optional[int] = None, max_drawn: int = 20000,
                  output_dir: Optional[str] = None, select: Any = "center", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._lock = threading.RLock()
         self._volume: Optional[np.ndarray] = None
         self._shown: Optional[DecodeResult] = None
-        if isinstance(run, ExplorerState):
+        if isinstance(run, RunSession):
             self.state = run
             self.state.worker.on_result, self.state.worker.on_busy = self._on_result, self._on_busy
         else:
-            self.state = ExplorerState(run, epoch=epoch, device=device, k=k, decode_box=decode_box,
+            self.state = RunSession(run, epoch=epoch, device=device, k=k, decode_box=decode_box,
                                        on_result=self._on_result, on_busy=self._on_busy)
         st = self.state
         for name, lab in (labels or {}).items():
@@ -255,13 +257,10 @@ class LatentExplorer(anywidget.AnyWidget):
         if row < 0:
             return
         try:
-            if row >= self.state.n_particles:
-                raise ValueError(f"particle row {row} is outside 0…{self.state.n_particles - 1}")
-            cluster = int(self.state.labels[KMEANS][row])
-            original = int(self.state.run.particle_indices[row])
-            tag = (f"particle {row} (stack index {original}, cluster {cluster})", ("row", row))
+            label = self.state.describe_row(row)
+            z, _ = self.state.from_particle(row)
             self.traversal_step = -1
-            self.state.request_volume(self.state.latents[row], tag)
+            self.state.request_volume(z, (label, ("row", row)))
         except Exception as exc:
             self._report(exc, "selecting a particle")
 
@@ -271,11 +270,9 @@ class LatentExplorer(anywidget.AnyWidget):
         if step < 0:
             return
         try:
-            zs = self.state.traversal_latents(self.traversal_pc, self.traversal_steps)
-            step = min(step, len(zs) - 1)
+            z, label = self.state.from_traversal(self.traversal_pc, step, self.traversal_steps)
             self.selected_index = -1
-            tag = (f"PC{self.traversal_pc} step {step + 1}/{len(zs)}", ("pc", self.traversal_pc))
-            self.state.request_volume(zs[step], tag)
+            self.state.request_volume(z, (label, ("pc", self.traversal_pc)))
         except Exception as exc:
             self._report(exc, "walking along a PC")
 
@@ -317,7 +314,7 @@ class LatentExplorer(anywidget.AnyWidget):
         if z is None:
             self.marker = []
             return
-        coords = (z.astype(np.float64) - self.state.pca.mean) @ self.state.pca.components.T  # [p]
+        coords = self.state.pc_coords(z)  # [p]
         self.marker = [float(coords[self.pc_x - 1]), float(coords[self.pc_y - 1])]
 
     def _on_busy(self, busy: bool, message: str) -> None:

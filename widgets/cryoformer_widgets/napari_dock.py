@@ -2,8 +2,9 @@
 
 Open a training run, choose a latent (a K-means cluster centre, a point on PC sliders, or a
 particle), decode it, and look at the density with its attention channels overlaid and the
-isosurface coloured by one channel (paper §4.4, Fig. 5). Layer construction lives in
-:mod:`.napari_layers` and latent choice in :mod:`.napari_latents`; this module only wires
+isosurface coloured by one channel (paper §4.4, Fig. 5). The run, its clusters, the latent
+choices and the decoder are the :class:`~cryoformer_widgets.session.RunSession` the Jupyter
+explorer uses too; layer construction lives in :mod:`.napari_layers`. This module only wires
 magicgui controls to them.
 
 Loading and decoding run in a worker thread (``napari.qt.threading.thread_worker``) so the
@@ -16,6 +17,7 @@ is coalesced: the latest request runs when the current one finishes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable, Dict, List, Optional
 
@@ -26,10 +28,12 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlid
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error
 
-from .napari_latents import RunSession
+from cryoformer.analysis import attention_channel_names
+
 from .napari_layers import (SURFACE_NAME, VOLUME_NAME, IsoLevelError, add_or_update,
-                            attention_layer, attention_layer_name, isosurface, latent_layers,
-                            surface_layer)
+                            attention_layer, attention_layer_name, decode_latent, isosurface,
+                            latent_layers, surface_layer)
+from .session import DEFAULT_K, RunSession
 
 __all__ = ["RunExplorerDock"]
 
@@ -75,7 +79,7 @@ class RunExplorerDock(Container):
     Attributes
     ----------
     session : RunSession or None
-        The open run, its PCA and K-means.
+        The open run, its PCA, K-means and decoder.
     decoded : DecodedLatent or None
         The last decoded latent (what the layers show).
     busy : bool
@@ -94,7 +98,7 @@ class RunExplorerDock(Container):
         self._channel_boxes: Dict[str, CheckBox] = {}
 
         self.run_dir = FileEdit(mode="d", label="run directory")
-        self.k = SpinBox(value=10, min=1, max=200, label="K-means k")
+        self.k = SpinBox(value=DEFAULT_K, min=1, max=200, label="K-means k")
         self.open_button = PushButton(text="Open run")
         self.info = Label(value="no run open")
         self.source = RadioButtons(choices=SOURCES, value="cluster", label="latent from",
@@ -134,6 +138,8 @@ class RunExplorerDock(Container):
 
     def _on_destroyed(self, *_) -> None:
         self._closed = True
+        if self.session is not None:
+            self.session.close()
 
     def _cluster_choices(self, *_) -> List[str]:
         return self.session.cluster_names() if self.session is not None else []
@@ -174,21 +180,25 @@ class RunExplorerDock(Container):
         self.open(str(self.run_dir.value))
 
     def open(self, run_dir: str) -> None:
-        """Load ``run_dir`` (its default epoch: lowest held-out loss, else the latest), its PCA and K-means, in a worker thread."""
+        """Load ``run_dir`` (its default epoch: lowest held-out loss, else the latest), its PCA and
+        K-means (those of ``cryoformer analyze`` when it wrote them, else ``k`` clusters), in a
+        worker thread."""
         if self.busy:
             self.status.value = "busy: wait for the current task"
             return
         self.run_dir.value = run_dir
-        self._start(RunSession.open, (run_dir, int(self.k.value)), self._on_opened, f"opening {run_dir} …")
+        self._start(functools.partial(RunSession, k=int(self.k.value)), (run_dir,), self._on_opened,
+                    f"opening {run_dir} …")
 
     def _on_opened(self, session: RunSession) -> None:
-        from cryoformer.analysis import attention_channel_names
-
+        if self.session is not None:
+            self.session.close()  # its decoding thread; nothing of it is shown any more
         self.session, self.decoded = session, None
         run = session.run
         apix = f"{run.pixel_size_angstrom:.3g} Å/px" if run.pixel_size_angstrom else "no pixel size"
         self.info.value = (f"epoch {run.epoch}: {session.n_particles} particles, zdim "
-                           f"{run.model_config.zdim}, box {run.box_size} px ({apix})")
+                           f"{run.model_config.zdim}, box {run.box_size} px ({apix})\n"
+                           f"K-means: {session.kmeans_source}")
         self.cluster.reset_choices()
         self.cluster.value = self.cluster.choices[0]
         self.particle.max = session.n_particles - 1
@@ -256,11 +266,11 @@ class RunExplorerDock(Container):
             # A manual level set on one latent's volume may lie outside another's values;
             # then this volume gets its automatic level (the status line shows the one used).
             try:
-                return session.decode(z, box, level, label)
+                return decode_latent(session, z, box, level, label)
             except IsoLevelError:
                 if level is None:
                     raise
-                return session.decode(z, box, None, label)
+                return decode_latent(session, z, box, None, label)
 
         self._start(decode_with_level, (z, int(self.box.value), level, label), self._show,
                     f"decoding {label} …")

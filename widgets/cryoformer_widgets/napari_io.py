@@ -32,7 +32,9 @@ import os
 import warnings
 from typing import Any, Callable, List, Optional, Sequence, Union
 
+import mrcfile
 import numpy as np
+from mrcfile.utils import data_dtype_from_header
 
 from cryoformer.errors import InputError, require_file
 from cryoformer.io.mrc import read_volume, read_volume_stack, write_volume
@@ -120,9 +122,6 @@ def _read_one(path: str) -> LayerData:
 
 def _header(path: str) -> dict:
     """Header fields the reader dispatches on; InputError when the header is unreadable."""
-    import mrcfile
-    from mrcfile.utils import data_dtype_from_header
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # header oddities are not errors here
@@ -209,7 +208,7 @@ def voxel_size_from_meta(meta: dict, n_spatial: int, path: str = "") -> float:
 
 @functools.lru_cache(maxsize=1)
 def _unit_registry():
-    import pint  # a napari dependency; its registry takes ~0.1 s to build, so build it once
+    import pint  # napari's dependency (this module imports without it); a registry takes ~0.1 s: built once
 
     return pint.UnitRegistry()
 
@@ -219,7 +218,7 @@ def _to_angstrom(step: float, unit: Any) -> float:
     if unit is None:
         return step
     try:
-        import pint
+        import pint  # napari's dependency (this module imports without it)
 
         # A pint unit (what napari layers carry) converts in its own registry.
         quantity = step * (unit if isinstance(unit, pint.Unit) else _unit_registry().Unit(str(unit)))

@@ -1,9 +1,12 @@
 """napari layer data for a decoded latent: volume, attention channels, attention-coloured surface.
 
-Everything here is plain numpy/torch and returns napari *LayerData tuples*
+Everything here is plain numpy and returns napari *LayerData tuples*
 ``(data, kwargs, layer_type)``, so it runs without a display (against
 ``napari.components.ViewerModel``, in a notebook, in a worker thread) and the dock widget only
-wires controls to it. No Qt import.
+wires controls to it. Volumes and attention maps come from a
+:class:`~cryoformer_widgets.session.RunSession` (its one decoder and cache, shared with the
+Jupyter explorer). No Qt import; scikit-image and napari (the napari extra's dependencies) are
+imported where they are used, so the module imports without them.
 
 The three views (paper §4.4, Fig. 5):
 
@@ -25,6 +28,11 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from scipy.ndimage import map_coordinates
+
+from cryoformer.analysis import attention_channel_names
+
+from .session import RunSession
 
 __all__ = ["DecodedLatent", "decode_latent", "default_iso_level", "isosurface",
            "sample_at_vertices", "volume_layer", "attention_layer", "attention_layers",
@@ -110,7 +118,7 @@ class DecodedLatent:
 
 def default_iso_level(volume: np.ndarray) -> float:
     """Otsu's threshold of the density: splits molecule from solvent without a user guess."""
-    from skimage.filters import threshold_otsu
+    from skimage.filters import threshold_otsu  # scikit-image comes with the napari extra only
 
     vol = np.asarray(volume, dtype=np.float32)
     if not float(vol.max()) > float(vol.min()):
@@ -137,12 +145,14 @@ def isosurface(volume: np.ndarray, level: float) -> Tuple[np.ndarray, np.ndarray
     IsoLevelError (a ValueError)
         ``level`` outside the open range of the volume's values.
     """
-    from skimage.measure import marching_cubes
+    from skimage.measure import marching_cubes  # scikit-image comes with the napari extra only
 
     vol = np.asarray(volume, dtype=np.float32)
     lo, hi = float(vol.min()), float(vol.max())
     if not lo < level < hi:
         raise IsoLevelError(f"isosurface level {level:.4g} is outside the density range ({lo:.4g}, {hi:.4g})")
+    if not vol.flags.writeable:  # cached volumes are read-only; scikit-image's Cython wants a writable buffer
+        vol = vol.copy()
     verts, faces, _normals, _values = marching_cubes(vol, level=level)
     return verts.astype(np.float32), faces.astype(np.int32)
 
@@ -153,27 +163,25 @@ def sample_at_vertices(channel: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     Marching-cubes vertices lie on voxel edges, so this is exact linear interpolation between
     the edge's two voxels; coordinates outside the box take the nearest edge value.
     """
-    from scipy.ndimage import map_coordinates
-
     verts = np.asarray(vertices, dtype=np.float64)
     if verts.size == 0:
         return np.zeros(0, dtype=np.float32)
     return map_coordinates(np.asarray(channel, np.float32), verts.T, order=1, mode="nearest").astype(np.float32)
 
 
-def decode_latent(run, z, D: Optional[int] = None, iso_level: Optional[float] = None,
+def decode_latent(session: RunSession, z, D: Optional[int] = None, iso_level: Optional[float] = None,
                   label: str = "") -> DecodedLatent:
     """Decode the density and attention maps at one latent and extract the isosurface.
 
     Parameters
     ----------
-    run : TrainedRun
-        From :func:`cryoformer.trainer.run_dir.load_run` (uses ``model``, ``box_size``,
-        ``pixel_size_angstrom``).
+    session : RunSession
+        The open run: its decoder (and volume cache), attention maps and voxel size.
     z : array-like
         ``[zdim]`` latent.
     D : int, optional
-        Decoding box in voxels (default the training box); the voxel size scales by ``box / D``.
+        Decoding box in voxels (default the session's, the training box); the voxel size
+        scales by ``box / D``.
     iso_level : float, optional
         Isosurface level (density units); default :func:`default_iso_level`.
     label : str
@@ -183,23 +191,15 @@ def decode_latent(run, z, D: Optional[int] = None, iso_level: Optional[float] = 
     -------
     DecodedLatent
     """
-    import torch
-
-    from cryoformer.analysis import attention_channel_names, attention_stack, decoded_voxel_size
-
-    D = int(D or run.box_size)
+    D = int(D or session.decode_box)
     latent = np.asarray(z, dtype=np.float32).reshape(-1)
-    with torch.no_grad():
-        volume = run.model.decode_volume(latent, D).float().cpu().numpy()
-    stack = attention_stack(run.model, latent, D)
-    if run.pixel_size_angstrom:
-        voxel, unit = decoded_voxel_size(run.box_size, run.pixel_size_angstrom, D), "angstrom"
-    else:  # no pixel size recorded: keep physical proportions in training pixels
-        voxel, unit = float(run.box_size) / D, "pixel"
+    volume = session.volume_at(latent, D)      # [D, D, D], through the session's cache
+    stack = session.attention_at(latent, D)    # [C + K, D, D, D]
+    voxel, unit = session.voxel_size(D)
     level = default_iso_level(volume) if iso_level is None else float(iso_level)
     verts, faces = isosurface(volume, level)
-    return DecodedLatent(latent, volume, stack, tuple(attention_channel_names(run.model)), float(voxel),
-                         unit, level, verts, faces, label)
+    return DecodedLatent(latent, volume, stack, tuple(attention_channel_names(session.run.model)),
+                         voxel, unit, level, verts, faces, label)
 
 
 def _spatial(dec: DecodedLatent) -> dict:
@@ -267,12 +267,12 @@ def latent_layers(dec: DecodedLatent, channels: Optional[Sequence[Channel]] = No
     return layers
 
 
-def layers_for_latent(run, z, D: Optional[int] = None, channels: Optional[Sequence[Channel]] = None,
+def layers_for_latent(session: RunSession, z, D: Optional[int] = None, channels: Optional[Sequence[Channel]] = None,
                       visible: Optional[Sequence[Channel]] = None, surface_channel: Optional[Channel] = 0,
                       rendering: str = "iso", iso_level: Optional[float] = None,
                       label: str = "") -> List[LayerData]:
-    """:func:`decode_latent` then :func:`latent_layers`: a run and a latent → napari layer data."""
-    dec = decode_latent(run, z, D, iso_level, label)
+    """:func:`decode_latent` then :func:`latent_layers`: a session and a latent → napari layer data."""
+    dec = decode_latent(session, z, D, iso_level, label)
     return latent_layers(dec, channels, visible, surface_channel, rendering)
 
 
@@ -294,7 +294,7 @@ def add_or_update(viewer, layer_data: Sequence[LayerData]) -> list:
     -------
     list of napari layers, in the order of ``layer_data``.
     """
-    from napari.layers import Image, Layer, Surface
+    from napari.layers import Image, Layer, Surface  # napari is the napari extra's; this module imports without it
 
     classes = {"image": Image, "surface": Surface}
     out = []

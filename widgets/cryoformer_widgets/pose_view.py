@@ -19,6 +19,9 @@ from typing import Any, Optional
 
 import ipywidgets as w
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .pose_data import PoseHistory, direction_angles, viewing_directions
 
@@ -47,16 +50,26 @@ def pose_figure_png(history: PoseHistory, epoch: Optional[int], max_points: int 
     dpi : int
         Resolution of the 11 × 6.6 inch figure.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     fig = Figure(figsize=(11, 6.6), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(2, 3)
-    sphere = fig.add_subplot(gs[0, :2], projection="mollweide")
-    idx = _sample(history.n_particles, max_points)
-    ref = history.reference
+    _draw_directions(fig, fig.add_subplot(gs[0, :2], projection="mollweide"), history, epoch,
+                     _sample(history.n_particles, max_points), n_arrows)
+    curves = history.curves()
+    for row, (col, unit, name) in enumerate([("rotation_median_deg", "°", "rotation"),
+                                             ("shift_median_px", "px", "shift")]):
+        _draw_curve(fig.add_subplot(gs[row, 2]), curves, col, unit, name, epoch)
+    for j, (attr, unit, scale, name) in enumerate([("rotation_rad", "°", 180 / np.pi, "rotation"),
+                                                   ("shift_px", "px", 1.0, "shift")]):
+        _draw_histogram(fig.add_subplot(gs[1, j]), history, epoch, attr, unit, scale, name)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _draw_directions(fig: Figure, sphere, history: PoseHistory, epoch: Optional[int],
+                     idx: np.ndarray, n_arrows: int) -> None:
+    """Viewing directions of particles ``idx`` on a Mollweide map: input, truth, refined."""
     lon_in, lat_in = direction_angles(viewing_directions(history.initial.rotations[idx]))
     sphere.scatter(lon_in, lat_in, s=6, c="0.7", label="input", linewidths=0)
     if history.truth is not None:
@@ -72,55 +85,52 @@ def pose_figure_png(history: PoseHistory, epoch: Optional[int], max_points: int 
                 sphere.plot([a, c], [b, d], color="0.55", lw=0.4, alpha=0.6)
         sc = sphere.scatter(lon_r, lat_r, s=8, c=err, cmap="viridis", vmin=0, vmax=max(float(err.max()), 1e-3),
                             label=f"epoch {epoch}", linewidths=0)
-        fig.colorbar(sc, ax=sphere, shrink=0.7, label=f"rotation error vs {ref} (°)")
+        fig.colorbar(sc, ax=sphere, shrink=0.7, label=f"rotation error vs {history.reference} (°)")
     sphere.grid(True, lw=0.3)
     sphere.tick_params(labelsize=7)
     sphere.legend(loc="lower left", fontsize=7, markerscale=2, bbox_to_anchor=(-0.05, -0.12))
     sphere.set_title("viewing directions (beam direction in the map frame)", fontsize=10)
 
-    curves = history.curves()
-    for row, (col, unit, name) in enumerate([("rotation_median_deg", "°", "rotation"),
-                                             ("shift_median_px", "px", "shift")]):
-        ax = fig.add_subplot(gs[row, 2])
-        refined = curves[curves.stage != "input"]
-        if len(refined):
-            ax.plot(refined.epoch, refined[col], "o-", color="C0", ms=4, label="refined")
-            pre = refined[refined.stage == "pretrained"]
-            if len(pre):
-                ax.plot(pre.epoch, pre[col], "s", color="C1", ms=6, label="after pose-only pre-training")
-        inp = curves[curves.stage == "input"]
-        if len(inp) and np.isfinite(inp[col].iloc[0]):
-            ax.axhline(float(inp[col].iloc[0]), color="0.4", ls="--", lw=1, label="input poses")
-        if epoch is not None:
-            ax.axvline(epoch, color="C3", lw=1, alpha=0.7)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch (0 = after pose-only pre-training)", fontsize=8)
-        ax.set_ylabel(f"median {name} error ({unit})", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="lower right")
-        top = np.nanmax(np.r_[curves[col].to_numpy(dtype=float), 0.0])
-        ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)
 
-    for j, (attr, unit, scale, name) in enumerate([("rotation_rad", "°", 180 / np.pi, "rotation"),
-                                                   ("shift_px", "px", 1.0, "shift")]):
-        ax = fig.add_subplot(gs[1, j])
-        sets = []
-        if history.truth is not None:
-            sets.append(("input", getattr(history.errors("input"), attr) * scale, "0.5"))
-        if epoch is not None:
-            sets.append((f"epoch {epoch}", getattr(history.errors(epoch), attr) * scale, "C0"))
-        top = max([float(v.max()) for _, v, _ in sets] + [1e-6])
-        bins = np.linspace(0, top * 1.001, 31)
-        for label, values, color in sets:
-            ax.hist(values, bins=bins, histtype="step", lw=1.5, color=color,
-                    label=f"{label}: median {np.median(values):.3g} {unit}")
-        ax.set_xlabel(f"{name} error vs {ref} ({unit})", fontsize=8)
-        ax.set_ylabel("particles", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+def _draw_curve(ax, curves, col: str, unit: str, name: str, epoch: Optional[int]) -> None:
+    """Median error ``col`` per epoch (:meth:`PoseHistory.curves`), the input's as a dashed line."""
+    refined = curves[curves.stage != "input"]
+    if len(refined):
+        ax.plot(refined.epoch, refined[col], "o-", color="C0", ms=4, label="refined")
+        pre = refined[refined.stage == "pretrained"]
+        if len(pre):
+            ax.plot(pre.epoch, pre[col], "s", color="C1", ms=6, label="after pose-only pre-training")
+    inp = curves[curves.stage == "input"]
+    if len(inp) and np.isfinite(inp[col].iloc[0]):
+        ax.axhline(float(inp[col].iloc[0]), color="0.4", ls="--", lw=1, label="input poses")
+    if epoch is not None:
+        ax.axvline(epoch, color="C3", lw=1, alpha=0.7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (0 = after pose-only pre-training)", fontsize=8)
+    ax.set_ylabel(f"median {name} error ({unit})", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="lower right")
+    top = np.nanmax(np.r_[curves[col].to_numpy(dtype=float), 0.0])
+    ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)
+
+
+def _draw_histogram(ax, history: PoseHistory, epoch: Optional[int], attr: str, unit: str,
+                    scale: float, name: str) -> None:
+    """Histograms of the per-particle error ``attr`` (× ``scale`` → ``unit``): input and ``epoch``."""
+    sets = []
+    if history.truth is not None:
+        sets.append(("input", getattr(history.errors("input"), attr) * scale, "0.5"))
+    if epoch is not None:
+        sets.append((f"epoch {epoch}", getattr(history.errors(epoch), attr) * scale, "C0"))
+    top = max([float(v.max()) for _, v, _ in sets] + [1e-6])
+    bins = np.linspace(0, top * 1.001, 31)
+    for label, values, color in sets:
+        ax.hist(values, bins=bins, histtype="step", lw=1.5, color=color,
+                label=f"{label}: median {np.median(values):.3g} {unit}")
+    ax.set_xlabel(f"{name} error vs {history.reference} ({unit})", fontsize=8)
+    ax.set_ylabel("particles", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
 
 
 class PoseRefinementView(w.VBox):
@@ -212,7 +222,3 @@ class PoseRefinementView(w.VBox):
                 "<th>mean square</th></tr>")
         return (f"<b>Pose refinement</b> — {h.n_particles} particles, errors vs {h.reference} "
                 f"(shifts in px of the {h.box0}-px box)<table>{head}{''.join(rows)}</table>")
-
-    def figure_png(self, epoch: Optional[int] = None) -> bytes:
-        """PNG of the figure for ``epoch`` (default the one shown)."""
-        return pose_figure_png(self.history, self.epoch.value if epoch is None else epoch, self.max_points)

@@ -16,6 +16,10 @@ import io
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
+from PIL import Image
+from scipy import ndimage
 
 __all__ = ["png_bytes", "iso_level", "slice_panels", "slices_png", "isosurface_rgb", "isosurface_png",
            "palette", "SURFACE_RGB"]
@@ -27,8 +31,6 @@ BACKGROUND = 32                    # grey level behind the surface
 
 def png_bytes(image: np.ndarray) -> bytes:
     """Encode ``[H, W]`` or ``[H, W, 3]`` uint8 as PNG bytes (Pillow, a matplotlib dependency)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
@@ -36,8 +38,6 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def _resize(image: np.ndarray, size: int, smooth: bool) -> np.ndarray:
     """Resize ``[h, w(, 3)]`` uint8 so the longer side is ``size`` px."""
-    from PIL import Image
-
     h, w = image.shape[:2]
     scale = size / max(h, w)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -145,44 +145,67 @@ def isosurface_rgb(volume: np.ndarray, threshold_sigma: float, azimuth_deg: floa
         ``[G, G, 3]`` uint8 image, ``G = render_grid``; rows ``y`` (down), columns ``x``.
         A threshold above the maximum gives an empty (background) image.
     """
-    from scipy import ndimage
-
     v = np.asarray(volume, dtype=np.float32)
-    level = iso_level(v, threshold_sigma)
+    level = iso_level(v, threshold_sigma)  # of the map as decoded, before resampling
+    v = _volume_in_view(v, azimuth_deg, elevation_deg, render_grid)
+    G = v.shape[0]
+    zz, yy, xx, depth = _first_crossing(v, level)
+    shade = _headlight(v, zz, yy, xx) * (1.0 - 0.35 * depth / max(G - 1, 1))  # farther is darker
+    img = np.full((G, G, 3), BACKGROUND, np.uint8)
+    img[yy, xx] = np.clip(shade[:, None] * np.asarray(color)[None, :] * 255, 0, 255).astype(np.uint8)
+    return img
+
+
+def _volume_in_view(v: np.ndarray, azimuth_deg: float, elevation_deg: float, render_grid: int) -> np.ndarray:
+    """``v`` ``[D, D, D]`` resampled to ``[G, G, G]`` (``G = render_grid``) and turned so that the
+    viewing rays run along +z (index axis 0); outside the box is the map's minimum."""
     if v.shape[0] != render_grid:  # smooth spline upsampling gives smooth normals on small maps
         v = ndimage.zoom(v, render_grid / v.shape[0], order=1 if v.shape[0] > render_grid else 3)
-    G = v.shape[0]
-    R = _view_rotation(azimuth_deg, elevation_deg)
-    centre = (np.array(v.shape) - 1) / 2.0
-    low = float(v.min())
     if azimuth_deg % 360 or elevation_deg % 360:
-        v = ndimage.affine_transform(v, R, offset=centre - R @ centre, order=1, cval=low)
-    inside = v > level                           # [z, y, x]; rays run along +z
+        R = _view_rotation(azimuth_deg, elevation_deg)
+        centre = (np.array(v.shape) - 1) / 2.0
+        v = ndimage.affine_transform(v, R, offset=centre - R @ centre, order=1, cval=float(v.min()))
+    return v
+
+
+def _first_crossing(v: np.ndarray, level: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where each ray along +z first rises above ``level``.
+
+    Returns
+    -------
+    zz, yy, xx : np.ndarray
+        ``[P]`` int voxel of the first hit of each ray that hits (``P`` rays).
+    depth : np.ndarray
+        ``[P]`` float sub-voxel depth of the crossing (linear interpolation between ``zz − 1``,
+        below the level, and ``zz``, above it).
+    """
+    inside = v > level                           # [z, y, x]
     hit = inside.any(axis=0)                     # [y, x]
     first = np.argmax(inside, axis=0)            # first voxel above the level
     yy, xx = np.nonzero(hit)
     zz = first[yy, xx]
-    # Sub-voxel crossing between voxel zz-1 (below the level) and zz (above).
     prev = v[np.maximum(zz - 1, 0), yy, xx]
     cur = v[zz, yy, xx]
     frac = np.where(zz > 0, (level - prev) / np.maximum(cur - prev, 1e-12), 1.0)
-    depth = zz - 1 + np.clip(frac, 0, 1)
-    # Outward normal = −gradient (density falls outward), by central differences at the hit.
-    def diff(axis: int) -> np.ndarray:
+    return zz, yy, xx, zz - 1 + np.clip(frac, 0, 1)
+
+
+def _headlight(v: np.ndarray, zz: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """``[P]`` brightness in ``[0.22, 1]`` at voxels ``(zz, yy, xx)``: ambient plus diffuse light
+    from the viewer's upper left on the outward normal (−gradient: density falls outward)."""
+    G = v.shape[0]
+
+    def diff(axis: int) -> np.ndarray:  # central difference along one index axis, clamped at the box
         idx_hi, idx_lo = [zz, yy, xx], [zz, yy, xx]
         idx_hi[axis] = np.minimum(idx_hi[axis] + 1, G - 1)
         idx_lo[axis] = np.maximum(idx_lo[axis] - 1, 0)
         return v[tuple(idx_hi)] - v[tuple(idx_lo)]
 
-    g = np.stack([diff(0), diff(1), diff(2)], axis=-1)  # (z, y, x)
+    g = np.stack([diff(0), diff(1), diff(2)], axis=-1)  # [P, 3] (z, y, x)
     n = -g / np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-12)
     light = np.array([-1.0, -0.45, -0.35])  # towards the viewer (−z), from the upper left
     light /= np.linalg.norm(light)
-    diffuse = np.clip(n @ light, 0, 1)
-    shade = (0.22 + 0.78 * diffuse) * (1.0 - 0.35 * depth / max(G - 1, 1))
-    img = np.full((G, G, 3), BACKGROUND, np.uint8)
-    img[yy, xx] = np.clip(shade[:, None] * np.asarray(color)[None, :] * 255, 0, 255).astype(np.uint8)
-    return img
+    return 0.22 + 0.78 * np.clip(n @ light, 0, 1)
 
 
 def isosurface_png(volume: np.ndarray, threshold_sigma: float, azimuth_deg: float = 30.0,
@@ -194,8 +217,5 @@ def isosurface_png(volume: np.ndarray, threshold_sigma: float, azimuth_deg: floa
 
 def palette(n: int) -> list:
     """``n`` distinguishable colours as ``"#rrggbb"`` (matplotlib's tab10, then tab20, cycled)."""
-    from matplotlib import colormaps
-    from matplotlib.colors import to_hex
-
     base = colormaps["tab10"].colors if n <= 10 else colormaps["tab20"].colors
     return [to_hex(base[i % len(base)]) for i in range(n)]

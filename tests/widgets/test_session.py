@@ -1,21 +1,29 @@
-"""The explorer's state without any GUI: LRU cache, background decoding, selections, labels."""
+"""The run session both front ends share, without any GUI: LRU cache, background decoding,
+K-means (the default of ``cryoformer analyze``), latent choices, selections, labels."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 
-from cryoformer.analysis import kmeans, load_selection, to_original_indices
+import cryoformer_widgets
+from cryoformer.analysis import (AnalyzeConfig, attention_stack, kmeans, load_selection,
+                                 to_original_indices)
+from cryoformer.cli import main
+from cryoformer.errors import InputError
 from cryoformer.io import image_locations, read_star
 from cryoformer.io.guard import OutputError
 from cryoformer.trainer import load_run
 from cryoformer_widgets.decode_worker import DecodeWorker, VolumeCache, latent_key
-from cryoformer_widgets.state import ExplorerState, points_in_polygon, stratified_subsample
+from cryoformer_widgets.session import (DEFAULT_K, ExplorerState, RunSession, points_in_polygon,
+                                        stratified_subsample)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +33,6 @@ def run(spread_run):
 
 def real_decoder(run, calls=None, gate=None):
     """The model's own decode, optionally counting calls / waiting on a gate (to hold the worker busy)."""
-    import torch
-
     def decode(z, D):
         if calls is not None:
             calls.append(np.array(z))
@@ -117,7 +123,7 @@ def test_decode_errors_are_reported_not_raised(run):
 
 
 def test_state_kmeans_pca_and_labels(run, tiny_dataset):
-    st = ExplorerState(run, k=3)
+    st = RunSession(run, k=3)
     try:
         rows = tiny_dataset.run_rows
         assert st.n_particles == rows.size and st.n_pcs == 3
@@ -143,14 +149,10 @@ def test_state_kmeans_pca_and_labels(run, tiny_dataset):
 
 def test_state_reads_kmeans_labels_of_analyze(spread_run, tmp_path):
     """``RUN/analysis/kmeans_labels.npy`` (cryoformer analyze) is used when it matches the epoch."""
-    import shutil
-
-    from cryoformer.cli import main
-
     run_dir = tmp_path / "run"
     shutil.copytree(spread_run, run_dir)
     assert main(["analyze", str(run_dir), "--k", "2", "--n-traversal", "2"]) == 0
-    st = ExplorerState(str(run_dir), k=5)
+    st = RunSession(str(run_dir), k=5)
     try:
         labels = np.load(run_dir / "analysis" / "kmeans_labels.npy")
         np.testing.assert_array_equal(st.labels["kmeans"], labels)
@@ -161,7 +163,7 @@ def test_state_reads_kmeans_labels_of_analyze(spread_run, tmp_path):
     info = json.loads((run_dir / "analysis" / "analysis.json").read_text())
     info["epoch"] = 99  # labels of another epoch are not used
     (run_dir / "analysis" / "analysis.json").write_text(json.dumps(info))
-    st = ExplorerState(str(run_dir), k=3)
+    st = RunSession(str(run_dir), k=3)
     try:
         assert "computed" in st.kmeans_source and st.labels["kmeans"].max() == 2
     finally:
@@ -194,7 +196,7 @@ def test_points_in_polygon_against_brute_force():
 
 
 def test_selection_save_and_export_round_trip(run, tmp_path, tiny_dataset):
-    st = ExplorerState(run, k=3)
+    st = RunSession(run, k=3)
     try:
         rows = st.select_polygon([[-10, -10], [0, -10], [0, 10], [-10, 10]], pcs=(1, 2))
         xy = st.coords((1, 2))
@@ -229,3 +231,84 @@ def test_selection_save_and_export_round_trip(run, tmp_path, tiny_dataset):
     finally:
         st.close()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # atomic writes left nothing
+
+
+# ---------------------------------------------------------------- one session for both front ends
+@pytest.fixture(scope="module")
+def session(tiny_run):
+    """The shared tiny run (tests/widgets/conftest.py: box 16 at 12 Å/px, zdim 3, stack rows 4…39)."""
+    st = RunSession(tiny_run, k=3, device="cpu")
+    yield st
+    st.close()
+
+
+def test_explorer_state_is_the_session():
+    assert ExplorerState is RunSession
+    assert cryoformer_widgets.ExplorerState is RunSession and cryoformer_widgets.RunSession is RunSession
+
+
+def test_default_k_is_that_of_analyze(run):
+    """Without labels of ``cryoformer analyze``, a session clusters as analyze does by default."""
+    assert DEFAULT_K == AnalyzeConfig().k
+    st = RunSession(run)
+    try:
+        km = kmeans(st.latents, AnalyzeConfig().k, seed=AnalyzeConfig().seed)
+        assert st.n_clusters == km.k == DEFAULT_K
+        np.testing.assert_array_equal(st.labels["kmeans"], km.labels)
+        np.testing.assert_array_equal(st.center_rows, km.center_indices)
+        assert f"K = {DEFAULT_K}" in st.kmeans_source
+    finally:
+        st.close()
+
+
+def test_latent_choices(session):
+    run = session.run
+    z0, label = session.from_pcs([0.0])
+    np.testing.assert_allclose(z0, session.pca.mean, rtol=1e-6, atol=1e-9)  # PC origin = mean latent
+    z1, _ = session.from_pcs([0.5, -0.25])
+    expected = session.pca.mean + 0.5 * session.pca.components[0] - 0.25 * session.pca.components[1]
+    np.testing.assert_allclose(z1, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(session.pc_coords(z1), [0.5, -0.25, 0.0], atol=1e-5)
+    assert "PC1=0.5" in session.from_pcs([0.5])[1]
+    for c in range(3):
+        zc, label = session.from_cluster(c)
+        row = session.center_rows[c]
+        np.testing.assert_array_equal(zc, run.latents[row])  # centres are particles' latents
+        assert label == f"cluster {c} (particle {run.particle_indices[row]})"
+    assert session.cluster_names()[0].startswith("cluster 0 (n=")
+    assert [int(n.split("n=")[1][:-1]) for n in session.cluster_names()] == np.bincount(
+        session.labels["kmeans"], minlength=3).tolist()
+    # The run trained on stack rows 4…39 only: row 2 of the run is stack particle 6.
+    np.testing.assert_array_equal(session.from_particle(6, original=True)[0], run.latents[2])
+    assert session.from_particle(2)[1] == "particle 6"
+    assert session.describe_row(2) == f"particle 2 (stack index 6, cluster {session.labels['kmeans'][2]})"
+    with pytest.raises(ValueError, match="not part of this run"):
+        session.from_particle(3, original=True)
+    with pytest.raises(ValueError, match="out of range"):
+        session.from_cluster(3)
+    with pytest.raises(ValueError, match="outside"):
+        session.from_particle(session.n_particles)
+    lo, hi = session.pc_range(1)
+    assert lo < hi
+    z, label = session.from_traversal(2, 99, 5)  # steps beyond the last are clamped
+    np.testing.assert_array_equal(z, session.traversal_latents(2, 5)[4])
+    assert label == "PC2 step 5/5"
+
+
+def test_open_rejects_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(InputError, match=str(tmp_path)):
+        RunSession(str(tmp_path))
+
+
+def test_volumes_and_attention_go_through_the_one_decoder(session):
+    run = session.run
+    z, _ = session.from_cluster(1)
+    hits = session.worker.cache.hits
+    vol = session.volume_at(z, 32)
+    assert vol.shape == (32, 32, 32) and not vol.flags.writeable  # shared with the cache
+    np.testing.assert_allclose(vol, run.model.decode_volume(z, 32).numpy(), atol=1e-6)
+    assert session.request_volume(z, D=32).result(30).volume is vol  # the same cache entry
+    assert session.worker.cache.hits == hits + 1
+    np.testing.assert_allclose(session.attention_at(z, 32), attention_stack(run.model, z, 32), atol=1e-6)
+    assert session.voxel_size(32) == (pytest.approx(6.0), "angstrom")  # 12 Å at box 16
+    assert session.voxel_size_angstrom == pytest.approx(12.0)
