@@ -34,7 +34,8 @@ from .hash_grid import HashGridConfig, HashGridEncoding
 from .mlp import prepare_encoder_input
 from .orientation_encoder import OrientationEncoder
 from .pose_loss import kl_divergence, pose_loss
-from .renderer import CanonicalGridRenderer, DirectRenderer, GridSites, PointSites, form_image
+from .renderer import CanonicalGridRenderer, DirectRenderer, form_image
+from .sites import GridSites, PointSites
 from .spatial_cross_attention import ConcatDensityHead, RegionWiseSpatialHead
 from .structure_queries import DeformationTokens, StructureQueries
 

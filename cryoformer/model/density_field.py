@@ -5,9 +5,9 @@
 evaluates the per-image half, a density head of :mod:`.spatial_cross_attention` reading the
 per-block query table by GetQuery (:mod:`.get_query`), at
 
-* arbitrary points (:class:`~cryoformer.model.renderer.PointSites`, direct renderer): GetQuery's
+* arbitrary points (:class:`~cryoformer.model.sites.PointSites`, direct renderer): GetQuery's
   point form and ``F_S`` at the points themselves;
-* voxels of a grid (:class:`~cryoformer.model.renderer.GridSites`, canonical renderer,
+* voxels of a grid (:class:`~cryoformer.model.sites.GridSites`, canonical renderer,
   decoding, attention maps): GetQuery's separable grid form, in z-slabs.
 
 How the grid evaluation runs is an explicit :class:`ExecutionPolicy`
@@ -33,12 +33,9 @@ from .config import ModelConfig
 from .coordinates import grid_points_unit, grid_unit_coords, pixel_to_unit, resolution_ratio_grid
 from .feature_volume import FeatureVolume
 from .get_query import get_query_at_points, interpolation_matrix, query_matrix, separable_resample
-from .renderer import GridSites, PointSites
 from .spatial_cross_attention import RegionWiseSpatialHead
+from .sites import GridSites, PointSites
 from .support import support_index
-
-EXECUTION_MODES = ("autograd", "checkpointed", "fused")
-
 
 def slab_voxels(device: torch.device, batch: int | None = None,
                 override: int | None = None) -> int:

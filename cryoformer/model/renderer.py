@@ -24,45 +24,15 @@ sample grid ``p = (x, y, z)`` (pixels relative to ``D//2``) restricted to the sp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..physics import ctf as ctf_mod
 from ..physics import fourier, projector
 from .coordinates import sphere_voxel_index
+from .sites import GridSites, PointSites
 
 RENDERERS = ("canonical", "direct")
-
-
-@dataclass(frozen=True)
-class PointSites:
-    """Density wanted at arbitrary points.
-
-    Attributes
-    ----------
-    points_px : Tensor [B, S, 3]
-        ``(x, y, z)`` in pixels relative to the box centre.
-    """
-
-    points_px: torch.Tensor
-
-
-@dataclass(frozen=True)
-class GridSites:
-    """Density wanted on voxels of a ``resolution³`` grid spanning the box.
-
-    Attributes
-    ----------
-    resolution : int
-        Grid edge in voxels.
-    voxel_index : LongTensor [S] or None
-        Sorted flat ``[z, y, x]`` voxel ids; None = every voxel.
-    """
-
-    resolution: int
-    voxel_index: torch.Tensor | None = None
 
 
 def form_image(projection: torch.Tensor, shifts_px: torch.Tensor | None = None,

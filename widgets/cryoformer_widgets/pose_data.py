@@ -37,16 +37,10 @@ _EPOCH_PKL = re.compile(r"^epoch_(\d{3,})\.pkl$")
 
 
 # Where the training options read here live in the run's TrainConfig (its option groups).
-_TRAIN_OPTIONS = {"refine_poses": ("refinement", "refine_poses"),
-                  "pose_pretrain_epochs": ("refinement", "pose_pretrain_epochs"),
-                  "gt_poses": ("data", "gt_poses")}
-
-
 def _train_option(run, name: str):
-    """Option ``name`` of the configuration ``run`` was trained with (``refine_poses``,
-    ``pose_pretrain_epochs``, ``gt_poses``): the one place that knows where options live."""
-    group, field = _TRAIN_OPTIONS[name]
-    return getattr(getattr(run.train_config, group), field)
+    """Option ``name`` (its flat name, e.g. ``refine_poses``) of the configuration ``run`` was
+    trained with; the flat form does not depend on which option group holds it."""
+    return run.train_config.to_dict()[name]
 
 
 def viewing_directions(rotations: np.ndarray) -> np.ndarray:

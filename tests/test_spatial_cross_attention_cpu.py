@@ -30,7 +30,7 @@ def _head_inputs(b, p, k, c, h, dtype, seed=0):
     return head, table, feats
 
 
-def test_fused_head_gradcheck():
+def test_fused_kernel_gradcheck():
     head, table, feats = _head_inputs(3, 5, 4, 4, 6, torch.float64)
     params = (head.value_proj.weight, head.value_proj.bias, head.ffn[0].weight,
               head.ffn[0].bias, head.ffn[2].weight, head.ffn[2].bias)
@@ -43,7 +43,7 @@ def test_fused_head_gradcheck():
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 3, 4, 5), (16, 300, 8, 8, 32)])
-def test_fused_head_equals_module(shape):
+def test_fused_kernel_equals_module(shape):
     """Same density and gradients as autograd through the module's own forward."""
     b, p, k, c, h = shape
     head, table, feats = _head_inputs(b, p, k, c, h, torch.float32, seed=1)
