@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -40,10 +41,15 @@ def snapshot(root) -> dict:
     return out
 
 
+PROGRESS_LINE = re.compile(r"^[^:]+: step \d+/\d+ \(\d+%\)")
+
+
 def error_lines(stderr: str) -> list:
-    """What a command said besides progress bars and INFO log lines (the refusal must be one)."""
+    """What a command said besides progress (tqdm bars on a terminal, plain "…: step i/n (p%) …"
+    lines otherwise) and INFO log lines (the refusal must be one)."""
     return [line for line in stderr.splitlines()
-            if line.strip() and "%|" not in line and not line.startswith("INFO ")]
+            if line.strip() and "%|" not in line and not line.startswith("INFO ")
+            and not PROGRESS_LINE.match(line)]
 
 
 def refused(capsys, argv, root, *words):

@@ -339,7 +339,7 @@ def _stack_consistent_ctf(ctf: CtfParameters, ctf_path: str, source, rows: np.nd
 
 def load_paired_metadata(source, particles_path: PathLike, poses_path: Optional[PathLike] = None,
                          ctf_path: Optional[PathLike] = None, datadir: Optional[PathLike] = None,
-                         rows: Optional[np.ndarray] = None) -> PairedMetadata:
+                         rows: Optional[np.ndarray] = None, cs_class: Optional[int] = None) -> PairedMetadata:
     """Read poses and CTF for ``source``, pair their rows with its images, check them against it.
 
     Parameters
@@ -355,6 +355,9 @@ def load_paired_metadata(source, particles_path: PathLike, poses_path: Optional[
         Where relative image names of the metadata are found.
     rows : np.ndarray, optional
         ``[M]`` particles that will be used (``--ind``): pixel sizes must agree among them only.
+    cs_class : int, optional
+        The class whose poses to read from a cryoSPARC ``.cs`` with per-class alignments
+        (:func:`~cryoformer.io.dispatch.load_poses`).
 
     Raises
     ------
@@ -378,7 +381,7 @@ def load_paired_metadata(source, particles_path: PathLike, poses_path: Optional[
     if poses_path is not None:
         poses_path = os.fspath(poses_path)
         # Origins in Å become pixels of the stack's own pixel size (a downsampled stack too).
-        raw = load_poses(poses_path, box_size=d0, pixel_size_angstrom=apix)
+        raw = load_poses(poses_path, box_size=d0, pixel_size_angstrom=apix, cs_class=cs_class)
         if ctf_match is not None and same_file(poses_path, ctf_path) and len(raw) == len(ctf):
             match = ctf_match  # one file: its names were matched already
         else:

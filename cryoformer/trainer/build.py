@@ -61,6 +61,10 @@ class Run:
     data_fingerprint : dict
         Sizes and sampled hashes of the training inputs (:mod:`cryoformer.io.fingerprint`).
     resumed : bool
+    contrast_note : str
+        The contrast convention trained under and how it was decided (for ``run.log``).
+    loaded_from : str or None
+        The checkpoint whose weights a new run started from (``--load``).
     """
 
     config: TrainConfig
@@ -74,6 +78,8 @@ class Run:
     run_id: str
     data_fingerprint: dict[str, Any]
     resumed: bool
+    contrast_note: str = ""
+    loaded_from: Optional[str] = None
 
 
 def build_run(config: TrainConfig, model_config: Optional[ModelConfig], info: DistInfo, resume: bool,
@@ -87,11 +93,13 @@ def build_run(config: TrainConfig, model_config: Optional[ModelConfig], info: Di
         Anything that stops the run, before any file is written.
     """
     run_dir = config.data.outdir
-    checkpoint, run_id, clear_first = None, outputs.new_run_id(), False
+    checkpoint, run_id, clear_first, loaded = None, outputs.new_run_id(), False, None
     if resume:
         checkpoint, run_id = _open_checkpoint(run_dir, run_id)
         config = _resumed_config(config, checkpoint["train_config"], run_dir)
     else:
+        if config.optimisation.load is not None:
+            loaded = _open_load_checkpoint(config.optimisation.load, run_dir)
         clear_first = _may_start_over(run_dir, force)
     data = load_particle_data(config)
     # What training reads (the ground-truth poses are only reported, so they are not part of
@@ -99,18 +107,15 @@ def build_run(config: TrainConfig, model_config: Optional[ModelConfig], info: Di
     opts = config.data
     inputs = [opts.particles, opts.poses, opts.ctf, opts.ind, *data.source.files]
     if clear_first:
-        _refuse_deleting_inputs(run_dir, inputs + [opts.gt_poses])
-    if checkpoint is None and opts.check_contrast:
-        # Before anything is written: a wrong contrast flag trains a map of inverted sign.
-        est = check_contrast(data, opts.particles, config.optimisation.seed)
-        if info.is_main:
-            logger.info("%s%s", est.summary(), "" if est.invert_data is not None else
-                        "; too few images or too little signal to check the contrast flag")
+        _refuse_deleting_inputs(run_dir, inputs + [opts.gt_poses, config.optimisation.load])
+    contrast_note = _contrast(data, config, checkpoint is not None, info.is_main)
     fingerprint = fingerprint_files(inputs)
     if checkpoint is not None:
         _refuse_changed_data(checkpoint, fingerprint, run_dir)
         model_config = ModelConfig.from_dict(checkpoint["model_config"])
         data = dataclasses.replace(data, image_scale=float(checkpoint["data"]["image_scale"]))
+    if loaded is not None:
+        model_config = _loaded_model_config(loaded, model_config, data.box_size, config)
     model_config = _fit_model_config(model_config, data.box_size, config.refinement.refine_poses)
     seed = config.optimisation.seed
     torch.manual_seed(seed)  # identical initial weights on every rank and every run
@@ -124,10 +129,13 @@ def build_run(config: TrainConfig, model_config: Optional[ModelConfig], info: Di
     _check_run_options(config, model_config, heldout_rows, len(data))
     if checkpoint is None:
         state = RunState(poses=data.poses, validation=ValidationHistory(n_heldout=int(heldout_rows.size)))
+        if loaded is not None:
+            state.support = _load_weights(loaded, model, optimizer, config)
     else:
         state = _restore(checkpoint, model, optimizer, data, int(heldout_rows.size))
     run = Run(config, model_config, data, model, optimizer, plan, heldout_rows, state, run_id,
-              fingerprint, resumed=checkpoint is not None)
+              fingerprint, resumed=checkpoint is not None, contrast_note=contrast_note,
+              loaded_from=config.optimisation.load if checkpoint is None else None)
     if info.is_main:
         _write_header(run, command_line, info.world, clear_first)
     return run
@@ -158,6 +166,78 @@ def _resumed_config(config: TrainConfig, saved: dict[str, Any], run_dir: str) ->
                          "with --heldout-fraction 0 or by an older cryoformer), so it cannot "
                          "stop on a held-out loss")
     return config
+
+
+def _contrast(data: ParticleData, config: TrainConfig, resumed: bool, is_main: bool) -> str:
+    """Check the contrast flag against the images (new runs; refuses a contradiction before
+    anything is written: a wrong flag trains a map of inverted sign) and say how it was decided."""
+    used = ("images multiplied by -1 (RELION/cryoSPARC convention, the default)" if data.invert
+            else "images used as they are (--uninvert-data, cryoDRGN convention)")
+    if resumed:
+        return f"{used}; checked when the run started"
+    if not config.data.check_contrast:
+        return f"{used}; not checked (--no-contrast-check)"
+    est = check_contrast(data, config.data.particles, config.optimisation.seed)
+    undecided = est.invert_data is None
+    if is_main:
+        logger.info("%s%s", est.summary(), "; too few images or too little signal to check the "
+                    "contrast flag" if undecided else "")
+    verdict = ("undecided (too few images or too little signal), the flag as given" if undecided
+               else "the images agree")
+    measured = est.summary().removeprefix("contrast: ")
+    return f"{used}; checked on the images: {measured} → {verdict}"
+
+
+def _open_load_checkpoint(path: str, run_dir: str) -> dict[str, Any]:
+    """The checkpoint ``--load`` starts a new run from; refused when it belongs to the run
+    in ``run_dir`` (that run continues with ``--resume``)."""
+    checkpoint = load_checkpoint(path)
+    recorded = (outputs.read_config_yaml(run_dir) or {}).get("run_id") if os.path.isdir(run_dir) else None
+    mine = inside(path, run_dir) or (recorded is not None and checkpoint.get("run_id") == recorded)
+    if mine:
+        raise InputError(path, "--load", f"is a checkpoint of the run in -o {run_dir}; --load "
+                         "starts a new run: continue this one with --resume, or write the new "
+                         "run to another directory")
+    if "model_config" not in checkpoint or "model" not in checkpoint:
+        raise InputError(path, "--load", "holds no model weights (model, model_config)")
+    return checkpoint
+
+
+def _loaded_model_config(checkpoint: dict[str, Any], given: Optional[ModelConfig], box_size: int,
+                         config: TrainConfig) -> ModelConfig:
+    """The architecture of a run started from ``checkpoint``: the checkpoint's, which the
+    given one (model options on the command line) and the training box must match."""
+    saved = ModelConfig.from_dict(checkpoint["model_config"])
+    wanted = given or saved
+    if wanted.box_size == box_size:  # (another box is reported below, with the other fields)
+        wanted = _fit_model_config(wanted, box_size, config.refinement.refine_poses)
+    a, b = saved.to_dict(), wanted.to_dict()
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} here" for k in diff[:3])
+        hint = (" (--box sets the training box)" if "box_size" in diff else
+                " (--refine-poses must be as when it was trained)" if "use_orientation_encoder" in diff
+                else " (leave the model options out to use the checkpoint's)")
+        raise InputError(config.optimisation.load, "model_config",
+                         f"does not match this run's model: {shown}{hint}")
+    return saved
+
+
+def _load_weights(checkpoint: dict[str, Any], model: CryoFormer, optimizer: torch.optim.Optimizer,
+                  config: TrainConfig) -> Optional[torch.Tensor]:
+    """``--load``: weights and Adam moments from ``checkpoint``; the learning rate and weight
+    decay stay this run's. Returns the support mask the weights were trained under (None when
+    this run trains without one): the head was never trained outside it."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # load_state_dict brought the old run's values
+        group["lr"], group["weight_decay"] = config.optimisation.lr, config.optimisation.weight_decay
+    support = checkpoint.get("support") if config.support.support_mask else None
+    if support is None:
+        return None
+    support = support.to(dtype=torch.bool, device="cpu")
+    model.set_support(support)
+    return support
 
 
 def _may_start_over(run_dir: str, force: bool) -> bool:

@@ -52,7 +52,9 @@ class DataOptions:
     trained on. ``invert_data``: RELION/cryoSPARC particles are contrast-inverted relative to
     the model's ``projection ⊛ CTF`` (docs/conventions.md, "Contrast"); ``check_contrast``
     refuses, before a new run, an ``invert_data`` the images contradict
-    (:func:`.data.check_contrast`).
+    (:func:`.data.check_contrast`). ``cs_class``: the class ``K`` whose
+    ``alignments_class_K`` poses a cryoSPARC ``.cs`` supplies
+    (:func:`cryoformer.io.cryosparc.poses_from_cs`).
     """
 
     particles: str = option(
@@ -72,6 +74,11 @@ class DataOptions:
     ind: Optional[str] = option(
         "--ind", default=None, resume=MUST_MATCH,
         help="subset: .npy/.pkl of 0-based particle indices")
+    cs_class: Optional[int] = option(
+        "--cs-class", default=None, metavar="K", resume=MUST_MATCH, legacy=None,
+        help="cryoSPARC class whose poses to read from a .cs with per-class alignments "
+             "(alignments_class_K/*, from ab-initio or heterogeneous refinement); required when "
+             "such a file has several classes and no alignments3D")
     gt_poses: Optional[str] = option(
         "--gt-poses", default=None,
         help="ground-truth poses (.pkl/.star/.cs) to log rotation (rad) and shift (px) errors "
@@ -97,6 +104,8 @@ class DataOptions:
             object.__setattr__(self, name, _abs(getattr(self, name)))
         if self.box_size is not None and (self.box_size < 8 or self.box_size % 2):
             raise _bad("--box", f"must be even and >= 8, got {self.box_size}")
+        if self.cs_class is not None and self.cs_class < 0:
+            raise _bad("--cs-class", f"must be a class number >= 0, got {self.cs_class}")
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,7 @@ class OptimisationOptions:
     (per image, divided by ``D²`` like the per-pixel MSE; variational models only) and the
     seed of the initialisation, the data order and every random draw."""
 
-    epochs: int = option("--epochs", default=20, help="training epochs (default {default})")
+    epochs: int = option("-n", "--epochs", default=20, help="training epochs (default {default})")
     batch_size: int = option(
         "-b", "--batch-size", default=16, unit="images", resume=MUST_MATCH,
         help="global batch size in images, split over DDP processes (default {default})")
@@ -118,8 +127,18 @@ class OptimisationOptions:
         "--kl-weight", default=1.0, resume=MUST_MATCH,
         help="KL weight (per image / D² px) for --variational models (default {default:g})")
     seed: int = option("--seed", default=0, resume=MUST_MATCH, help="random seed (default {default})")
+    # A new run's starting point, kept in the run's record; a resumed run restores its own
+    # last.pt instead, so the saved value stays (FROM_RUN).
+    load: Optional[str] = option(
+        "--load", default=None, metavar="CKPT", resume=FROM_RUN, legacy=None,
+        help="start a new run in -o from the model weights and optimiser state (Adam moments) "
+             "of checkpoint CKPT (RUN/checkpoints/epoch_XXX.pt or last.pt of another run), as "
+             "cryoDRGN's --load; the architecture is the checkpoint's (model options, if "
+             "given, must match it), epochs count from 1, --lr and --weight-decay are this "
+             "run's. To continue the run in -o itself, use --resume")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "load", _abs(self.load))
         if self.epochs < 0:
             raise _bad("--epochs", f"must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
@@ -134,15 +153,18 @@ class OptimisationOptions:
 class RuntimeOptions:
     """Where and how long the run computes; none of it changes the result.
 
-    ``max_minutes``: training stops cleanly at the first step past it, writing a checkpoint
-    (and the latents of the partial epoch). ``num_workers`` None: 0 on CPU (the cores are busy
+    ``max_minutes``: the wall time of the whole run. Training stops cleanly at the first step
+    that leaves less than the held-out pass needs (its measured time, else an upper estimate,
+    at most half the budget), then writes a checkpoint, the latents of the partial epoch and
+    its held-out score. ``num_workers`` None: 0 on CPU (the cores are busy
     training), 4 on CUDA. ``log_every_steps``: ``log.csv`` rows every this many optimiser steps
     (and at epoch end). ``amp``: bf16 autocast on CUDA (never on CPU: slower, less accurate).
     """
 
     max_minutes: Optional[float] = option(
         "--max-minutes", default=None, unit="min",
-        help="wall-clock budget in minutes; stops cleanly with a checkpoint and latents")
+        help="wall-clock budget in minutes for the whole run: training stops in time to score the "
+             "held-out images and write a checkpoint and latents within it")
     device: str = option("--device", default="auto", choices=DEVICES,
                          help="auto (default): CUDA when available")
     num_workers: Optional[int] = option(

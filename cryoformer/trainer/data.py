@@ -204,7 +204,7 @@ def load_particle_data(config: TrainConfig) -> ParticleData:
     # box D·Å/px (a .pkl keeps its own D, as in cryoDRGN: a stack downsampled after CTF
     # estimation still trains); pixel sizes must agree among the used particles only.
     meta = load_paired_metadata(source, opts.particles, poses_path, _metadata_path(opts.ctf, opts.particles),
-                                datadir=opts.datadir, rows=indices)
+                                datadir=opts.datadir, rows=indices, cs_class=opts.cs_class)
     apix = meta.pixel_size_angstrom
     gt = None
     if opts.gt_poses is not None:

@@ -82,11 +82,12 @@ def update_support(model: CryoFormer, data: ParticleData, rows: np.ndarray, seed
 
 
 def validate(model: CryoFormer, data: ParticleData, current_poses: Poses, heldout_rows: np.ndarray,
-             device: torch.device, config: TrainConfig, world: int) -> float:
+             device: torch.device, config: TrainConfig, world: int, progress=False) -> float:
     """Held-out image loss of the current model (:func:`.validation.heldout_loss`).
 
     ``data`` holds the input poses; ``current_poses`` are the run's (refined by
     ``--pose-search``). ``world``: DDP processes (the batch is the per-rank training batch).
+    ``progress``: a style of :mod:`.progress` or a bool.
     """
     # With --pose-search the held-out images are scored at their searched poses, so the loss
     # measures model and poses together and the best epoch is one whose poses were refined
@@ -97,7 +98,8 @@ def validate(model: CryoFormer, data: ParticleData, current_poses: Poses, heldou
     scored = data.with_poses(current_poses) if config.search.pose_search else data
     return heldout_loss(model, scored, heldout_rows, device,
                         predicted_poses=config.refinement.refine_poses, amp=config.runtime.amp,
-                        batch_size=max(1, min(64, 2 * config.optimisation.batch_size // world)))
+                        batch_size=max(1, min(64, 2 * config.optimisation.batch_size // world)),
+                        progress=progress)
 
 
 def early_stop_due(history: ValidationHistory, early_stop_epochs: Optional[int], epoch_complete: bool) -> bool:

@@ -32,8 +32,6 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from cryoformer.metrics.pose_error import pose_error_summary
 from cryoformer.model import ModelConfig
 
@@ -46,6 +44,8 @@ from .checkpoint import CHECKPOINT_FORMAT, capture_rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import make_loader
 from .inference import encode_particles
+from .progress import BARS, OFF, Progress, progress_style
+from .runlog import RunLog, end_line, epoch_line, start_lines
 from .step import LossAccumulator, LossModule, StopFlag, step_seed
 from .trainlog import TrainLog
 
@@ -90,8 +90,11 @@ class Trainer:
     only what running needs besides: the DDP-wrapped loss, the log and the clock.
     """
 
-    def __init__(self, run: Run, info: dist_mod.DistInfo, progress: bool) -> None:
-        self.run, self.info, self.progress = run, info, progress
+    def __init__(self, run: Run, info: dist_mod.DistInfo, progress: bool,
+                 command_line: Optional[str] = None) -> None:
+        self.run, self.info = run, info
+        # bars on a terminal, plain lines in a batch job's log file, nothing off rank 0
+        self.style = progress_style(progress) if info.is_main else OFF
         self.config, self.state, self.model = run.config, run.state, run.model
         self.run_dir, self.device = run.config.data.outdir, info.device
         self._t0 = time.monotonic()
@@ -101,7 +104,15 @@ class Trainer:
                 self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.config.refinement.refine_poses)
         self.log: Optional[TrainLog] = None
+        self.runlog: Optional[RunLog] = None
+        self._epoch_news: dict = {}  # what the current epoch wrote, for its run.log line
+        # training throughput and held-out cost measured in this process: they size the part
+        # of a --max-minutes budget kept for the held-out pass that follows a time stop
+        self._trained_images, self._training_s = 0, 0.0
+        self._heldout_s_per_image: Optional[float] = None
         if info.is_main:
+            self.runlog = RunLog(self.run_dir)
+            self.runlog.lines(start_lines(run, self.device, info.world, command_line))
             state = self.state
             keep_epoch = state.last_epoch_written
             if state.phase == "train" and not state.epoch_complete and keep_epoch == state.epoch:
@@ -145,12 +156,31 @@ class Trainer:
                     if reason is not None:
                         stopped = reason
                         break
+            self._log_end(stopped)
+        except TrainingDiverged:
+            self._log_end("diverged")
+            raise
+        except KeyboardInterrupt:
+            self._log_end("interrupted", "a second Ctrl-C aborted at once")
+            raise
+        except BaseException as exc:
+            self._log_end("error", f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            raise
         finally:
             if self.log is not None:
                 self.log.close()
+            if self.runlog is not None:
+                self.runlog.close()
         last = outputs.last_checkpoint(self.run_dir)
         return TrainResult(self.run_dir, stopped, self.state.last_epoch_written, self.state.step,
                            last if os.path.isfile(last) else None)
+
+    def _log_end(self, reason: str, detail: str = "") -> None:
+        """run.log's last line for this piece of the run: how it ended, where to continue."""
+        if self.runlog is not None:
+            last = outputs.last_checkpoint(self.run_dir)
+            self.runlog.write(end_line(reason, self.state.step, last if os.path.isfile(last) else None,
+                                       detail))
 
     def _run_epoch(self, phase: str, epoch: int, start_batch: int, flag: StopFlag) -> Optional[str]:
         """Train one epoch from ``start_batch`` (or until a stop); returns the stop reason."""
@@ -158,19 +188,22 @@ class Trainer:
         n_batches = self.run.plan.steps_per_epoch()
         state.phase, state.epoch, state.batch_in_epoch = phase, epoch, start_batch
         state.epoch_complete = start_batch >= n_batches
+        self._epoch_news = {"written": [], "heldout": None}
         loader, bar = self._begin_epoch(phase, epoch, start_batch, n_batches)
         acc = {"step": LossAccumulator(), "epoch": LossAccumulator()}
         self.model.train()
         reason = None
         try:
             for batch in loader:
+                t_step = time.monotonic()
                 terms, n_images = self._train_step(batch, phase)
+                self._trained_images += n_images
+                self._training_s += time.monotonic() - t_step
                 state.batch_in_epoch += 1
                 state.epoch_complete = state.batch_in_epoch >= n_batches
                 for a in acc.values():
                     a.add(terms, n_images)
-                bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.4g}", img_s=f"{acc['epoch'].rate():.1f}")
+                bar.update(1, loss=terms["loss"], images=n_images)
                 reason = self._stop_reason(flag)
                 if state.step % cfg.runtime.log_every_steps == 0 or state.epoch_complete or reason:
                     self._log_row("step", acc["step"])
@@ -182,11 +215,21 @@ class Trainer:
             reason = "interrupted"
         finally:
             bar.close()
+        trained = (acc["epoch"].means(), acc["epoch"].rate()) if acc["epoch"].images else ({}, 0.0)
         if acc["epoch"].images:
             self._log_row("epoch", acc["epoch"])
         if self._end_of_epoch(phase, epoch, reason) and reason is None:
             reason = "early"
+        self._log_epoch_line(phase, epoch, *trained)
         return reason
+
+    def _log_epoch_line(self, phase: str, epoch: int, losses: dict[str, float], rate: float) -> None:
+        if self.runlog is None:
+            return
+        total = self.config.refinement.pose_pretrain_epochs if phase == "pretrain" else self.config.optimisation.epochs
+        news = self._epoch_news
+        self.runlog.write(epoch_line(phase, epoch, total, losses, news["heldout"], rate, self.elapsed(),
+                                     news["written"], partial=not self.state.epoch_complete))
 
     def _begin_epoch(self, phase: str, epoch: int, start_batch: int, n_batches: int):
         """The support mask this epoch trains under, its data loader and progress bar."""
@@ -196,10 +239,12 @@ class Trainer:
             # The mask this epoch trains under, from the model the previous epoch left: the
             # checkpoints of this epoch then hold the mask their weights were trained with.
             rows = run.plan.rows if run.plan.rows is not None else np.arange(len(run.data))
+            t0 = time.monotonic()
             state.support = epoch_hooks.update_support(
                 self.model, run.data, rows, cfg.optimisation.seed, epoch, cfg.support.support_threshold,
                 cfg.support.support_margin_px, self.device, self.info)
             self.model.set_support(state.support)
+            self._log_pass(f"support mask (epoch {epoch}): {int(state.support.sum())} voxels", t0)
         stream = 1 if phase == "pretrain" else 0
         batches = list(run.plan.rank_batches(epoch, start_batch, stream=stream))
         workers = cfg.runtime.num_workers
@@ -209,16 +254,38 @@ class Trainer:
                              pin_memory=self.device.type == "cuda")
         total = cfg.refinement.pose_pretrain_epochs if phase == "pretrain" else cfg.optimisation.epochs
         desc = f"{'pose pre-training' if phase == 'pretrain' else 'epoch'} {epoch}/{total}"
-        bar = tqdm(total=n_batches, initial=start_batch, desc=desc, unit="batch", leave=False,
-                   disable=not (self.info.is_main and self.progress), dynamic_ncols=True)
+        bar = Progress(n_batches, desc, self.style, initial=start_batch, unit="batch")
         return loader, bar
 
     def _stop_reason(self, flag: StopFlag) -> Optional[str]:
-        """Why to stop after this step ("time", "interrupted" or None), the same on every rank."""
+        """Why to stop after this step ("time", "interrupted" or None), the same on every rank.
+
+        A time budget is the wall time of the whole run: training stops early enough to leave
+        the held-out pass that follows it room inside the budget (:meth:`_heldout_reserve_s`),
+        so a batch job given the same limit is not killed while writing its last epoch."""
         budget = self.config.runtime.max_minutes
-        stop = flag.reason or ("time" if budget and self.elapsed() > 60 * budget else None)
+        over = budget and self.elapsed() + self._heldout_reserve_s(60 * budget) > 60 * budget
+        stop = flag.reason or ("time" if over else None)
         code = dist_mod.all_reduce_max({None: 0, "time": 1, "interrupted": 2}[stop], self.info)
         return {0: None, 1: "time", 2: "interrupted"}[int(code)]
+
+    def _heldout_reserve_s(self, budget_s: float) -> float:
+        """Seconds of the budget kept for scoring the held-out images after a time stop.
+
+        The last held-out pass's time per image when one ran in this process, else the
+        training time per image so far (scoring renders without the backward pass, so this
+        over-estimates, by about 2.7× at D = 64 on 2 CPU cores). At most half the budget:
+        training always gets the other half. The latent pass is not reserved for: it runs the
+        encoder alone, about 2 s per 20 000 particles at D = 32 (docs/benchmarks.md)."""
+        n = self.run.heldout_rows.size
+        if n == 0 or self.state.phase != "train":
+            return 0.0
+        per_image = self._heldout_s_per_image
+        if per_image is None:
+            if not self._trained_images:
+                return 0.0
+            per_image = self._training_s / self._trained_images
+        return min(n * per_image, 0.5 * budget_s)
 
     def _train_step(self, batch, phase: str) -> tuple[dict[str, float], int]:
         cfg, info, state = self.config, self.info, self.state
@@ -280,12 +347,18 @@ class Trainer:
             out_epoch = epoch
         elif finished_pretrain:
             out_epoch = 0
+        if reason == "time" and out_epoch is not None:
+            self._note(f"time budget reached at step {state.step}; writing latents for {len(run.data)} "
+                       f"particles" + (f" and scoring {run.heldout_rows.size} held-out images"
+                                       if phase == "train" and run.heldout_rows.size else ""))
         latents = None
         if (cfg.search.pose_search and phase == "train" and state.epoch_complete
                 and epoch >= cfg.search.pose_search_start):
+            t0 = time.monotonic()
             state.poses, latents = epoch_hooks.search_training_poses(
                 self.model, run.data, state.poses, run.heldout_rows, epoch, cfg, self.device, self.info,
-                self.progress)
+                self.style == BARS)
+            self._log_pass(f"pose search (after epoch {epoch}): {len(run.data)} particles", t0)
         stop_early = False
         if self.info.is_main:
             validated = False
@@ -302,8 +375,12 @@ class Trainer:
     def _validate(self, out_epoch: int) -> bool:
         """Held-out loss of this epoch's model → history and log; True to stop early."""
         run, state = self.run, self.state
+        t0 = time.monotonic()
         mse = epoch_hooks.validate(self.model, run.data, state.poses, run.heldout_rows, self.device,
-                                   self.config, self.info.world)
+                                   self.config, self.info.world, progress=self.style)
+        self._heldout_s_per_image = (time.monotonic() - t0) / max(run.heldout_rows.size, 1)
+        self._log_pass(f"held-out (epoch {out_epoch}): {run.heldout_rows.size} images, mse {mse:.5g}", t0)
+        self._epoch_news["heldout"] = mse
         state.validation.add(out_epoch, state.step, self.elapsed(), mse, state.epoch_complete)
         best = state.validation.best_epoch()
         self.log.row({"kind": "heldout", "epoch": out_epoch, "step": state.step, "phase": "train",
@@ -317,17 +394,24 @@ class Trainer:
         # --refine-poses exclude each other, so no predicted poses are needed then)
         cfg, data = self.config, self.run.data
         refine = cfg.refinement.refine_poses
-        enc = {"z": latents} if latents is not None else encode_particles(self.model, data, self.device,
-                                                                           want_poses=refine)
+        if latents is not None:
+            enc = {"z": latents}
+        else:
+            t0 = time.monotonic()
+            enc = encode_particles(self.model, data, self.device, want_poses=refine, progress=self.style)
+            self._log_pass(f"latents (epoch {out_epoch}): {len(data)} particles", t0)
         outputs.write_latents(self.run_dir, out_epoch, enc["z"])
+        self._epoch_news["written"].append("latents")
         if cfg.search.pose_search:
             p = self.state.poses
             outputs.write_refined_poses(self.run_dir, out_epoch, p.rotations, p.shifts_px, data.original_box)
+            self._epoch_news["written"].append("poses")
             if data.gt_poses is not None:
                 self._log_pose_errors(out_epoch, "search", p.rotations, p.shifts_px)
         if refine:
             shifts = enc["shifts_px"] * (data.original_box / data.box_size)  # back to D₀ px
             outputs.write_refined_poses(self.run_dir, out_epoch, enc["rotations"], shifts, data.original_box)
+            self._epoch_news["written"].append("poses")
             if data.gt_poses is not None:
                 stage = "pretrained" if out_epoch == 0 else "train"
                 self._log_pose_errors(out_epoch, stage, enc["rotations"], shifts)
@@ -348,10 +432,24 @@ class Trainer:
         last = outputs.last_checkpoint(self.run_dir)
         if out_epoch is None:
             save_checkpoint(checkpoint, last)
+            self._epoch_news.setdefault("written", []).append("checkpoint last.pt")
         else:
             path = outputs.epoch_file(self.run_dir, outputs.CHECKPOINT_DIR, out_epoch)
             save_checkpoint(checkpoint, path)
             outputs.copy_atomic(path, last)
+            self._epoch_news.setdefault("written", []).append(f"checkpoint {os.path.basename(path)}")
+
+    def _note(self, message: str) -> None:
+        """A line for the stderr log and run.log (rank 0)."""
+        if self.info.is_main:
+            logger.info("%s", message)
+            if self.runlog is not None:
+                self.runlog.write(message)
+
+    def _log_pass(self, what: str, t0: float) -> None:
+        """run.log: a pass between epochs (latents, held-out, pose search, mask) and its duration."""
+        if self.runlog is not None:
+            self.runlog.write(f"pass {what} in {time.monotonic() - t0:.1f} s")
 
 
 def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, resume: bool = False,
@@ -370,7 +468,8 @@ def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, re
     command_line : str, optional
         Recorded in ``config.yaml``.
     progress : bool
-        Show the tqdm progress bar (rank 0).
+        Show progress (rank 0): a tqdm bar when stderr is a terminal (or in a notebook),
+        else plain lines (every 30 s and per epoch) that read well in a batch job's log file.
     force : bool
         Start afresh in a directory that holds a run with checkpoints, deleting that run's
         files (never the inputs). Without it such a directory is refused; one whose run
@@ -392,7 +491,8 @@ def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, re
         keep_freed_memory()  # reuse freed activations instead of page-faulting them in again
     trainer = None
     try:
-        trainer = Trainer(build_run(config, model_config, info, resume, command_line, force), info, progress)
+        trainer = Trainer(build_run(config, model_config, info, resume, command_line, force), info, progress,
+                          command_line)
         return trainer.run_epochs()
     except BaseException as exc:
         # the traceback's frames hold the trainer too: clear them so it can be freed below

@@ -4,6 +4,8 @@ Layout (rank 0 writes everything, each file atomically)::
 
     RUN/config.yaml                 version, command line, TrainConfig, ModelConfig, data
     RUN/particle_indices.npy        [N] int64 rows of the original stack (the --ind subset)
+    RUN/run.log                     plain-text record: start-up summary per start/resume, one
+                                    line per epoch and pass, how each piece ended (see runlog)
     RUN/log.csv                     losses, lr, images/s, elapsed (see trainlog)
     RUN/pose_errors.csv             with --gt-poses: errors of input / refined poses
     RUN/validation.json             held-out image loss per epoch and the best epoch
@@ -49,7 +51,7 @@ CONTRAST_NOTE = ("images were multiplied by -1 before training (default; RELION/
 
 # Everything ``train`` writes in a run directory (and the analyses made of it), relative names:
 # what ``--force`` removes before a run starts again, and nothing else.
-RUN_ENTRIES = (CONFIG_NAME, INDICES_NAME, HELDOUT_NAME, "log.csv", "pose_errors.csv",
+RUN_ENTRIES = (CONFIG_NAME, INDICES_NAME, HELDOUT_NAME, "run.log", "log.csv", "pose_errors.csv",
                "validation.json", CHECKPOINT_DIR, LATENT_DIR, POSE_DIR, "tensorboard")
 DERIVED_PATTERNS = ("analysis", "analysis.*", "evaluation", "evaluation.*")
 

@@ -35,6 +35,7 @@ import torch
 from cryoformer.io.atomic import atomic_open
 
 from .data import ParticleData, make_loader
+from .progress import OFF, Progress, resolve_style
 
 VALIDATION_NAME = "validation.json"
 # Held-out images per forward call, at most: no gradients, so a few training batches' worth
@@ -69,7 +70,8 @@ def split_heldout(n: int, fraction: float, maximum: int, seed: int) -> tuple[np.
 
 @torch.no_grad()
 def heldout_loss(model, data: ParticleData, rows: np.ndarray, device: torch.device,
-                 predicted_poses: bool, amp: bool = False, batch_size: int = VAL_BATCH) -> float:
+                 predicted_poses: bool, amp: bool = False, batch_size: int = VAL_BATCH,
+                 progress=OFF) -> float:
     """Mean per-image MSE of the model's predictions of the held-out images.
 
     Parameters
@@ -86,6 +88,8 @@ def heldout_loss(model, data: ParticleData, rows: np.ndarray, device: torch.devi
         bf16 autocast (CUDA only), as in training.
     batch_size : int
         Images per forward call.
+    progress : bool or str
+        A style of :mod:`.progress`, or a bool (True: bars on a terminal, plain lines elsewhere).
 
     Returns
     -------
@@ -98,9 +102,11 @@ def heldout_loss(model, data: ParticleData, rows: np.ndarray, device: torch.devi
     batches = [rows[i:i + batch_size] for i in range(0, rows.size, batch_size)]
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
+    bar = Progress(len(batches), "held-out", resolve_style(progress), unit="batch")
     try:
         for batch in make_loader(data, batches, 0):
             images = batch["images"].to(device)
+            bar.update(1, images=images.shape[0])
             ctf = batch["ctf"].to(device) if "ctf" in batch else None
             with autocast:
                 out = model(images, batch["rotations"].to(device), batch["shifts_px"].to(device), ctf,
@@ -109,6 +115,7 @@ def heldout_loss(model, data: ParticleData, rows: np.ndarray, device: torch.devi
             total += float(err.sum())
             count += int(err.numel())
     finally:
+        bar.close()
         model.train(was_training)
     return total / max(count, 1)
 
