@@ -16,6 +16,8 @@ from cryoformer.io import (
     read_star,
     write_star,
 )
+from cryoformer.io.dispatch import load_poses
+from cryoformer.io.star import star_pixel_size, star_pose_columns, subset_star
 from cryoformer.metadata import CtfParameters, Poses
 
 
@@ -338,3 +340,51 @@ def test_image_locations_with_datadir(tmp_path):
     locs = image_locations(star, datadir=data)
     assert locs[0] == (str(data / "Particles" / "stack.mrcs"), 0)
     assert locs[2] == (str(data / "other.mrcs"), 11)
+
+
+def test_relion30_pixel_origins_of_a_downsampled_stack(tmp_path):
+    """RELION 3.0 origins are px of the images the file describes (1.3 Å/px here); for a stack
+    downsampled to 2.6 Å/px they are half as many pixels, as Å origins would be."""
+    path = write_text(tmp_path / "r30.star", RELION30)
+    star = read_star(path)
+    full = [[1.5, -2.0], [0.0, 0.25], [-3.0, 3.0]]
+    np.testing.assert_allclose(poses_from_star(star, pixel_size_angstrom=1.3).shifts_px, full, atol=1e-6)
+    half = poses_from_star(star, box_size=48, pixel_size_angstrom=2.6)
+    np.testing.assert_allclose(half.shifts_px, np.array(full) / 2, atol=1e-6)
+    assert half.box_size == 48
+    np.testing.assert_allclose(load_poses(path, box_size=48, pixel_size_angstrom=2.6).shifts_px,
+                               np.array(full) / 2, atol=1e-6)
+    # Without a pixel size the box ratio tells: rlnImageSize 96 read for a 48-px stack.
+    sized = RELION30.replace("_rlnOriginY #15", "_rlnOriginY #15\n_rlnImageSize #16")
+    sized = "\n".join(line + " 96" if "@" in line else line for line in sized.splitlines())
+    star96 = read_star(write_text(tmp_path / "r30_96.star", sized))
+    np.testing.assert_allclose(poses_from_star(star96, box_size=48).shifts_px, np.array(full) / 2, atol=1e-6)
+    np.testing.assert_allclose(poses_from_star(star96).shifts_px, full, atol=1e-6)
+
+
+def test_angstrom_origins_for_a_smaller_box(tmp_path):
+    """Å origins of 64-px images read for a 32-px copy: the pixels are twice as large."""
+    star = read_star(write_text(tmp_path / "r31.star", RELION31))
+    np.testing.assert_allclose(poses_from_star(star, box_size=32).shifts_px, [[1.5, -3.0], [0.75, -1.5]], atol=1e-6)
+
+
+@pytest.mark.parametrize("text", [RELION30, RELION31])
+def test_star_pose_columns_invert_poses_from_star(tmp_path, rng, text):
+    """Poses in px of a 2×-downsampled box written back as the file's own columns (px of the
+    file's images for 3.0, Å for 3.1) read back to the same poses."""
+    star = read_star(write_text(tmp_path / "in.star", text))
+    n = len(star)
+    own = star_pixel_size(star)
+    poses = Poses(random_rotations(rng, n), rng.uniform(-4, 4, (n, 2)), box_size=32)
+    columns = star_pose_columns(star, poses, pixel_size_angstrom=float(own[0]) * 2)
+    angstrom = text is RELION31
+    assert ("rlnOriginXAngst" in columns) is angstrom and ("rlnOriginX" in columns) is not angstrom
+    origin_x = columns["rlnOriginXAngst" if angstrom else "rlnOriginX"]
+    np.testing.assert_allclose(origin_x, poses.shifts_px[:, 0] * (own[0] * 2 if angstrom else 2), rtol=1e-6)
+    for name, values in columns.items():
+        star.particles[name] = values
+    back = poses_from_star(star, box_size=32, pixel_size_angstrom=float(own[0]) * 2)
+    np.testing.assert_allclose(back.rotations, poses.rotations, atol=1e-6)
+    np.testing.assert_allclose(back.shifts_px, poses.shifts_px, atol=1e-6)
+    sub = subset_star(star, [n - 1, 0])
+    assert len(sub) == 2 and sub.particles["rlnImageName"].tolist() == star.particles["rlnImageName"].iloc[[n - 1, 0]].tolist()

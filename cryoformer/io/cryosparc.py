@@ -5,6 +5,9 @@ Fields used (units as cryoSPARC stores them)
 * ``alignments3D/pose`` ``[N, 3]``: axis-angle vector (rad) of ``Rᵀ``; cryoDRGN's
   ``parse_pose_csparc`` converts it and transposes, and so do we, so the rotation matches
   docs/conventions.md. ``alignments3D/shift`` ``[N, 2]``: shift in pixels of the refinement box (= ``s``).
+* ``alignments_class_K/pose``, ``/shift``, ``/psize_A``, ``/class_posterior``: the same per
+  class ``K`` (ab-initio reconstruction, heterogeneous refinement), instead of or beside
+  ``alignments3D``; read with ``cs_class=K`` (:func:`poses_from_cs`).
 * ``ctf/df1_A``, ``ctf/df2_A`` (Å), ``ctf/df_angle_rad``, ``ctf/accel_kv``, ``ctf/cs_mm``,
   ``ctf/amp_contrast``, ``ctf/phase_shift_rad``, optional ``ctf/bfactor`` (Å²).
 * ``blob/path`` (bytes), ``blob/idx`` (0-based), ``blob/shape`` ``[N, 2]`` (px),
@@ -16,6 +19,7 @@ Functions taking ``cs`` accept a structured array or a path; with a path, errors
 from __future__ import annotations
 
 import os
+import re
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -26,7 +30,8 @@ from cryoformer.io.atomic import atomic_open
 from cryoformer.io.validate import check_finite_rows
 from cryoformer.metadata import CtfParameters, Poses
 
-__all__ = ["read_cs", "poses_from_cs", "ctf_from_cs", "write_cs", "cs_image_locations"]
+__all__ = ["read_cs", "poses_from_cs", "ctf_from_cs", "write_cs", "cs_image_locations", "cs_pose_classes",
+           "cs_class_counts", "cs_rotations", "cs_pose_vectors", "with_cs_poses"]
 
 CsLike = Union[np.ndarray, PathLike]
 
@@ -90,7 +95,83 @@ def _box(cs: np.ndarray, path: Optional[str], override: Optional[int], required:
     return int(shapes[0])
 
 
-def poses_from_cs(cs: CsLike, box_size: Optional[int] = None) -> Poses:
+_CLASS_POSE = re.compile(r"^alignments_class_(\d+)/pose$")
+
+
+def cs_pose_classes(cs: CsLike) -> List[int]:
+    """The classes ``K`` of ``alignments_class_K/pose`` fields (ab-initio, heterogeneous
+    refinement), ascending; empty for a file without them."""
+    cs, _ = _load(cs)
+    return sorted(int(m.group(1)) for name in cs.dtype.names or () if (m := _CLASS_POSE.match(name)))
+
+
+def cs_class_counts(cs: CsLike) -> Optional[dict]:
+    """Particles per class whose ``alignments_class_K/class_posterior`` is the highest
+    (``{K: count}``), or ``None`` when the file has no posteriors for every class."""
+    cs, _ = _load(cs)
+    classes = cs_pose_classes(cs)
+    fields = [f"alignments_class_{k}/class_posterior" for k in classes]
+    if not classes or any(f not in cs.dtype.names for f in fields):
+        return None
+    posterior = np.stack([np.asarray(cs[f], dtype=np.float64).reshape(len(cs)) for f in fields], axis=1)  # [N, K]
+    best = np.argmax(np.nan_to_num(posterior, nan=-np.inf), axis=1)  # [N]
+    return {k: int(np.count_nonzero(best == j)) for j, k in enumerate(classes)}
+
+
+def _pose_prefix(cs: np.ndarray, path: Optional[str], cs_class: Optional[int]) -> str:
+    """The field prefix the poses are read from: ``alignments3D``, or ``alignments_class_K``
+    for the chosen class ``cs_class`` (or the only class of a file without ``alignments3D``)."""
+    classes = cs_pose_classes(cs)
+    names = cs.dtype.names or ()
+    if cs_class is None:
+        if "alignments3D/pose" in names or not classes:
+            return "alignments3D"  # a file with neither: "required field is missing"
+        if len(classes) == 1:
+            return f"alignments_class_{classes[0]}"
+        counts = cs_class_counts(cs)
+        listed = ", ".join(f"{k} ({counts[k]} particles most likely)" if counts else str(k) for k in classes)
+        raise InputError(path, "alignments3D/pose", f"no consensus poses, but poses of {len(classes)} "
+                         f"classes: {listed}; choose one (--cs-class K; cs_class=K in Python), or "
+                         "export the particles of one class from cryoSPARC")
+    if int(cs_class) not in classes:
+        have = ", ".join(str(k) for k in classes) or "none"
+        raise InputError(path, f"alignments_class_{int(cs_class)}/pose", f"class {int(cs_class)} not in "
+                         f"the file (classes with poses: {have})")
+    return f"alignments_class_{int(cs_class)}"
+
+
+def cs_rotations(pose: np.ndarray) -> np.ndarray:
+    """cryoSPARC ``pose`` ``[N, 3]`` (axis-angle of ``Rᵀ``, rad) → ``R`` ``[N, 3, 3]``
+    (docs/conventions.md); :func:`cs_pose_vectors` is the inverse."""
+    return np.swapaxes(axis_angle_to_matrix(pose), -1, -2)
+
+
+def cs_pose_vectors(rotations: np.ndarray) -> np.ndarray:
+    """``R`` ``[N, 3, 3]`` → cryoSPARC ``pose`` ``[N, 3]`` (axis-angle of ``Rᵀ``, rad)."""
+    return matrix_to_axis_angle(np.swapaxes(np.asarray(rotations), -1, -2))
+
+
+def _shift_scale(cs: np.ndarray, path: Optional[str], prefix: str, box_size: Optional[int]) -> np.ndarray:
+    """``[N]`` factor from ``{prefix}/shift`` (px of the alignment) to px of the images of box
+    ``box_size`` (default the blob box): alignment Å/px / blob Å/px × ``box_size`` / blob box."""
+    names = cs.dtype.names or ()
+    scale = np.ones(len(cs))
+    if f"{prefix}/psize_A" in names and "blob/psize_A" in names:
+        align = np.asarray(cs[f"{prefix}/psize_A"], dtype=np.float64)  # [N] Å/px
+        blob = np.asarray(cs["blob/psize_A"], dtype=np.float64)  # [N] Å/px
+        bad = np.nonzero(~(np.isfinite(align) & (align > 0) & np.isfinite(blob) & (blob > 0)))[0]
+        if bad.size:
+            raise InputError(path, f"{prefix}/psize_A", f"particle {int(bad[0])}: pixel sizes "
+                             f"{align[bad[0]]:g} (alignment) and {blob[bad[0]]:g} (blob) Å must be "
+                             "positive")
+        scale = align / blob
+    blob_box = _box(cs, path, None, required=False)
+    if box_size is not None and blob_box is not None and int(box_size) != blob_box:
+        scale = scale * (int(box_size) / blob_box)
+    return scale
+
+
+def poses_from_cs(cs: CsLike, box_size: Optional[int] = None, cs_class: Optional[int] = None) -> Poses:
     """Poses from ``alignments3D/pose`` (transposed Rodrigues matrix) and ``alignments3D/shift`` (px).
 
     ``box_size`` is the box (px) of the images the poses are for (default ``blob/shape``). When
@@ -102,24 +183,48 @@ def poses_from_cs(cs: CsLike, box_size: Optional[int] = None) -> Poses:
     is ``alignments3D/psize_A``. When that differs from the particles' ``blob/psize_A`` (a
     refinement run on downsampled particles, a heterogeneous refinement), the shift is rescaled
     to pixels of the particle images; read as it is, it would be wrong by that ratio.
+
+    ``cs_class`` reads ``alignments_class_K/pose``, ``/shift`` and ``/psize_A`` of class ``K``
+    instead (ab-initio and heterogeneous refinement), with the same rescaling. Without it, a
+    file that has class poses but no ``alignments3D`` is read from its only class, and one with
+    several classes is an InputError listing them (:func:`cs_class_counts`).
     """
     cs, path = _load(cs)
-    rotations = np.swapaxes(axis_angle_to_matrix(_field(cs, path, "alignments3D/pose", 3)), -1, -2)
-    shifts = _field(cs, path, "alignments3D/shift", 2)
-    names = cs.dtype.names or ()
-    if "alignments3D/psize_A" in names and "blob/psize_A" in names:
-        align = np.asarray(cs["alignments3D/psize_A"], dtype=np.float64)  # [N] Å/px
-        blob = np.asarray(cs["blob/psize_A"], dtype=np.float64)  # [N] Å/px
-        bad = np.nonzero(~(np.isfinite(align) & (align > 0) & np.isfinite(blob) & (blob > 0)))[0]
-        if bad.size:
-            raise InputError(path, "alignments3D/psize_A", f"particle {int(bad[0])}: pixel sizes "
-                             f"{align[bad[0]]:g} (alignment) and {blob[bad[0]]:g} (blob) Å must be "
-                             "positive")
-        shifts = (shifts * (align / blob)[:, None]).astype(np.float32)
-    blob_box = _box(cs, path, None, required=False)
-    if box_size is not None and blob_box is not None and int(box_size) != blob_box:
-        shifts = (shifts * (int(box_size) / blob_box)).astype(np.float32)
+    prefix = _pose_prefix(cs, path, cs_class)
+    rotations = cs_rotations(_field(cs, path, f"{prefix}/pose", 3))  # [N, 3, 3]
+    shifts = _field(cs, path, f"{prefix}/shift", 2)  # [N, 2] px of the alignment
+    shifts = (shifts * _shift_scale(cs, path, prefix, box_size)[:, None]).astype(np.float32)
     return Poses(rotations, shifts, _box(cs, path, box_size, required=False))
+
+
+def with_cs_poses(cs: CsLike, poses: Poses) -> np.ndarray:
+    """A copy of the table ``cs`` with ``alignments3D/pose``, ``/shift`` and ``/psize_A`` set
+    from ``poses`` (fields added when missing; every other field kept).
+
+    ``poses.shifts_px`` are in pixels of images of box ``poses.box_size`` (default the blob
+    box); they are written in pixels of the blob (``blob/shape``, ``blob/psize_A``), and
+    ``alignments3D/psize_A`` is set to ``blob/psize_A`` — :func:`poses_from_cs` at
+    ``box_size=poses.box_size`` reads back ``poses``.
+    """
+    cs, path = _load(cs)
+    if len(poses) != len(cs):
+        raise ValueError(f"{len(poses)} poses for {len(cs)} rows")
+    if "blob/psize_A" not in (cs.dtype.names or ()):
+        raise InputError(path, "blob/psize_A", "required field is missing (the pixel size the shifts are in)")
+    fields = [(name, cs.dtype.fields[name][0]) for name in cs.dtype.names]
+    fields += [(name, dtype) for name, dtype in (("alignments3D/pose", np.dtype(("<f4", (3,)))),
+                                                  ("alignments3D/shift", np.dtype(("<f4", (2,)))),
+                                                  ("alignments3D/psize_A", np.dtype("<f4")))
+               if name not in cs.dtype.names]
+    out = np.zeros(len(cs), dtype=np.dtype(fields))
+    for name in cs.dtype.names:
+        out[name] = cs[name]
+    out["alignments3D/psize_A"] = cs["blob/psize_A"]
+    blob_box = _box(cs, path, None, required=False)
+    scale = 1.0 if poses.box_size is None or blob_box is None else blob_box / int(poses.box_size)
+    out["alignments3D/pose"] = cs_pose_vectors(poses.rotations)
+    out["alignments3D/shift"] = poses.shifts_px.astype(np.float64) * scale
+    return out
 
 
 def ctf_from_cs(cs: CsLike, box_size: Optional[int] = None, pixel_size_angstrom: Optional[float] = None,
@@ -197,7 +302,7 @@ def write_cs(path: PathLike, poses: Optional[Poses], ctf: Optional[CtfParameters
     out["blob/shape"] = int(box)
     out["blob/psize_A"] = pixel_size_angstrom
     if poses is not None:
-        out["alignments3D/pose"] = matrix_to_axis_angle(np.swapaxes(poses.rotations, -1, -2))
+        out["alignments3D/pose"] = cs_pose_vectors(poses.rotations)
         out["alignments3D/shift"] = poses.shifts_px
         out["alignments3D/psize_A"] = pixel_size_angstrom
     if ctf is not None:

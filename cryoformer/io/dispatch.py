@@ -32,7 +32,7 @@ def _extension(path: str, what: str) -> str:
 
 
 def load_poses(path: PathLike, box_size: Optional[int] = None,
-               pixel_size_angstrom: Optional[float] = None) -> Poses:
+               pixel_size_angstrom: Optional[float] = None, cs_class: Optional[int] = None) -> Poses:
     """Read poses from a cryoDRGN ``.pkl``, RELION ``.star`` or cryoSPARC ``.cs`` file.
 
     Parameters
@@ -42,8 +42,14 @@ def load_poses(path: PathLike, box_size: Optional[int] = None,
         Box size ``D`` (px): needed for cryoDRGN fractional translations; overrides the
         file's value for ``.star`` / ``.cs``.
     pixel_size_angstrom : float, optional
-        Overrides the star file's pixel size (used to convert ``rlnOriginX/YAngst`` to px);
-        ignored for ``.pkl`` and ``.cs`` (their shifts are already in px or box fractions).
+        Å/px of the images the poses are for; for a ``.star`` it overrides the file's pixel
+        size (``rlnOriginX/YAngst`` are divided by it; ``rlnOriginX/Y`` in px are rescaled by
+        the file's pixel size / this one; :func:`cryoformer.io.star.star_origin_units`).
+        Ignored for ``.pkl`` and ``.cs`` (their shifts are in box fractions or px of a box).
+    cs_class : int, optional
+        For a cryoSPARC ``.cs`` with per-class poses (``alignments_class_K/pose``): the class
+        ``K`` to read (see :func:`cryoformer.io.cryosparc.poses_from_cs`). An InputError for
+        other files, so a class never goes silently unused.
 
     Returns
     -------
@@ -52,6 +58,8 @@ def load_poses(path: PathLike, box_size: Optional[int] = None,
     """
     path = require_file(path, "pose file")
     ext = _extension(path, "pose")
+    if cs_class is not None and ext != ".cs":
+        raise InputError(path, "--cs-class", "a class can only be chosen for a cryoSPARC .cs pose file")
     if ext == ".pkl":
         return read_poses_pkl(path, box_size=box_size)  # checks the matrices are rotations
     # Rotations built from Euler angles / rotation vectors are rotations; the shifts are
@@ -60,7 +68,7 @@ def load_poses(path: PathLike, box_size: Optional[int] = None,
         poses = poses_from_star(read_star(path), box_size=box_size, pixel_size_angstrom=pixel_size_angstrom)
         check_finite_rows(poses.shifts_px, path, "_rlnOriginXAngst", "origin")
         return poses
-    return poses_from_cs(path, box_size=box_size)
+    return poses_from_cs(path, box_size=box_size, cs_class=cs_class)
 
 
 def load_ctf(path: PathLike, box_size: Optional[int] = None, pixel_size_angstrom: Optional[float] = None,

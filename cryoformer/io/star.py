@@ -38,7 +38,7 @@ from cryoformer.metadata import CtfParameters, Poses
 
 __all__ = [
     "RelionStar", "read_star", "poses_from_star", "ctf_from_star", "write_star", "image_locations",
-    "star_pixel_size", "star_pixel_size_column",
+    "star_pixel_size", "star_pixel_size_column", "star_origin_units", "star_pose_columns", "subset_star",
 ]
 
 # Keep names that look numeric as text. Older starfile releases lack the option; names then
@@ -228,6 +228,64 @@ def _box_size(star: RelionStar, override: Optional[int], required: bool,
     return int(sizes[0])
 
 
+def _star_box(star: RelionStar) -> Optional[int]:
+    """The file's ``rlnImageSize`` (px), ``None`` where it records none."""
+    return _box_size(star, None, required=False)
+
+
+def _known_pixel_size(star: RelionStar) -> Optional[np.ndarray]:
+    """The file's own per-particle pixel size ``[N]`` (Å), ``None`` where it records none."""
+    return None if star_pixel_size_column(star) is None else star_pixel_size(star)
+
+
+def star_origin_units(star: RelionStar, box_size: Optional[int] = None,
+                      pixel_size_angstrom: Optional[float] = None,
+                      angstrom: Optional[bool] = None) -> Tuple[bool, np.ndarray]:
+    """How the file's origins relate to shifts in pixels of the images the poses are for.
+
+    The one conversion between ``rlnOriginX/Y[Angst]`` and ``Poses.shifts_px``, used both ways:
+    ``origin = shifts_px × factor`` (writing) and ``shifts_px = origin / factor`` (reading).
+    The images may be a downsampled copy of those the file describes (same physical box):
+
+    * origins in Å (``rlnOriginX/YAngst``, RELION 3.1+): ``factor`` is the Å/px of the images:
+      ``pixel_size_angstrom``, else the file's pixel size × ``rlnImageSize / box_size``, else
+      the file's pixel size (InputError if the file has none);
+    * origins in px of the file's images (``rlnOriginX/Y``, RELION 3.0): ``factor`` is
+      ``pixel_size_angstrom`` / the file's pixel size when both are known, else
+      ``rlnImageSize / box_size`` when both are known, else 1.
+
+    Parameters
+    ----------
+    star : RelionStar
+    box_size : int, optional
+        Box (px) of the images the shifts are in.
+    pixel_size_angstrom : float, optional
+        Å/px of those images.
+    angstrom : bool, optional
+        Which kind of origin; default: Å when the file has ``rlnOriginX/YAngst`` or no pixel
+        origins and an optics block (RELION 3.1+), else px.
+
+    Returns
+    -------
+    (bool, np.ndarray)
+        Whether the origins are in Å, and ``factor`` ``[N]``.
+    """
+    if angstrom is None:
+        angstrom = (star.has("rlnOriginXAngst") or star.has("rlnOriginYAngst")
+                    or (star.version != "3.0" and not (star.has("rlnOriginX") or star.has("rlnOriginY"))))
+    n = len(star)
+    star_box = _star_box(star)
+    rescale = star_box / box_size if box_size is not None and star_box is not None else 1.0
+    if angstrom:
+        if pixel_size_angstrom is not None:
+            return True, star_pixel_size(star, pixel_size_angstrom)
+        return True, star_pixel_size(star) * rescale  # InputError naming the column if none
+    own = None if pixel_size_angstrom is None else _known_pixel_size(star)
+    if own is not None:
+        return False, star_pixel_size(star, pixel_size_angstrom) / own
+    return False, np.full(n, float(rescale))
+
+
 def poses_from_star(star: RelionStar, box_size: Optional[int] = None,
                     pixel_size_angstrom: Optional[float] = None) -> Poses:
     """Poses from Euler angles and origins (docs/conventions.md: ``s`` = ``rlnOriginX/Y`` in px).
@@ -236,28 +294,72 @@ def poses_from_star(star: RelionStar, box_size: Optional[int] = None,
     ----------
     star : RelionStar
     box_size : int, optional
-        Overrides ``rlnImageSize``; recorded in the result (``None`` if neither is known).
+        Box (px) of the images the poses are for; overrides ``rlnImageSize`` and is recorded in
+        the result (``None`` if neither is known). When it differs from ``rlnImageSize`` (a
+        downsampled stack), origins are rescaled to pixels of that box.
     pixel_size_angstrom : float, optional
-        Overrides the file's pixel size; used only to convert ``rlnOriginX/YAngst`` to pixels.
+        Å/px of the images the poses are for; overrides the file's pixel size. Origins in Å
+        are divided by it; origins in px (RELION 3.0) are rescaled by the file's pixel size /
+        this one.
 
     Returns
     -------
     Poses
-        Rotations from ``rlnAngleRot/Tilt/Psi`` (RELION ZYZ matrix), shifts in pixels (zeros
-        when the file has no origins).
+        Rotations from ``rlnAngleRot/Tilt/Psi`` (RELION ZYZ matrix), shifts in pixels of the
+        images (zeros when the file has no origins); see :func:`star_origin_units`.
     """
     angles = np.stack([_column(star, f"rlnAngle{a}") for a in ("Rot", "Tilt", "Psi")], axis=1)
     rotations = euler_to_matrix(angles)
     n = len(star)
     if star.has("rlnOriginXAngst") or star.has("rlnOriginYAngst"):
-        apix = star_pixel_size(star, pixel_size_angstrom)
+        _, factor = star_origin_units(star, box_size, pixel_size_angstrom, angstrom=True)
         shifts = np.stack([_column(star, "rlnOriginXAngst"), _column(star, "rlnOriginYAngst")], axis=1)
-        shifts = shifts / apix[:, None]
+        shifts = shifts / factor[:, None]
     elif star.has("rlnOriginX") or star.has("rlnOriginY"):
+        _, factor = star_origin_units(star, box_size, pixel_size_angstrom, angstrom=False)
         shifts = np.stack([_column(star, "rlnOriginX"), _column(star, "rlnOriginY")], axis=1)
+        shifts = shifts / factor[:, None]
     else:
         shifts = np.zeros((n, 2))
     return Poses(rotations, shifts, _box_size(star, box_size, required=False))
+
+
+def star_pose_columns(star: RelionStar, poses: Poses, pixel_size_angstrom: Optional[float] = None
+                      ) -> Dict[str, np.ndarray]:
+    """``poses`` as the pose columns of ``star``'s rows, in the file's own conventions.
+
+    The inverse of :func:`poses_from_star`: ``rlnAngleRot/Tilt/Psi`` (deg) and
+    ``rlnOriginX/YAngst`` (Å, RELION 3.1+) or ``rlnOriginX/Y`` (px of the file's images,
+    RELION 3.0), from shifts in px of images of box ``poses.box_size`` at
+    ``pixel_size_angstrom`` Å/px (see :func:`star_origin_units`).
+
+    Parameters
+    ----------
+    star : RelionStar
+        The file the rows belong to; ``len(poses)`` must equal ``len(star)`` (pass the star's
+        rows the poses are for, e.g. a subset made with :func:`subset_star`).
+    poses : Poses
+    pixel_size_angstrom : float, optional
+
+    Returns
+    -------
+    dict
+        Column name (no underscore) → ``[N]`` float64 values.
+    """
+    if len(poses) != len(star):
+        raise ValueError(f"{len(poses)} poses for {len(star)} star rows")
+    angstrom, factor = star_origin_units(star, poses.box_size, pixel_size_angstrom)
+    euler = matrix_to_euler(poses.rotations).astype(np.float64)  # [N, 3] deg
+    origin = poses.shifts_px.astype(np.float64) * factor[:, None]  # [N, 2] Å or file px
+    suffix = "Angst" if angstrom else ""
+    return {"rlnAngleRot": euler[:, 0], "rlnAngleTilt": euler[:, 1], "rlnAnglePsi": euler[:, 2],
+            f"rlnOriginX{suffix}": origin[:, 0], f"rlnOriginY{suffix}": origin[:, 1]}
+
+
+def subset_star(star: RelionStar, rows: Sequence[int]) -> RelionStar:
+    """The particles ``rows`` (0-based) of ``star``, optics and path kept."""
+    idx = np.asarray(rows, dtype=np.int64)
+    return RelionStar(star.particles.iloc[idx].reset_index(drop=True), star.optics, star.version, star.path)
 
 
 def ctf_from_star(star: RelionStar, box_size: Optional[int] = None, pixel_size_angstrom: Optional[float] = None,
