@@ -33,25 +33,34 @@ def add_parser(sub) -> argparse.ArgumentParser:
             "Train on particle images with given poses (and CTF), writing a run directory: "
             "config.yaml, log.csv, checkpoints/epoch_XXX.pt and last.pt, latents/epoch_XXX.npy "
             "([N, zdim] mean latents), and poses/epoch_XXX.pkl with --refine-poses. Images are "
-            "read memory-mapped. Ctrl-C or SIGTERM stops after the current step with a checkpoint; "
-            "--resume continues. Several GPUs/nodes: torchrun --nproc_per_node=K -m cryoformer train ..."
+            "read memory-mapped. RUN/run.log is the run's plain-text record (settings, one line "
+            "per epoch, how it ended), appended to on every resume; progress is a bar on a "
+            "terminal and plain lines when the output goes to a file (batch jobs). Ctrl-C or "
+            "SIGTERM stops after the current step with a checkpoint; --resume continues the same "
+            "run, --load CKPT starts a new one from another run's weights. Several GPUs/nodes: "
+            "torchrun --nproc_per_node=K -m cryoformer train ..."
         ),
     )
     options.add_arguments(p, TrainConfig)
     # Not an option of the run: how this invocation relates to the run directory.
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in -o from checkpoints/last.pt (same data/options and "
-                        "held-out split; --epochs, --max-minutes, --early-stop, --device, "
-                        "--num-workers may change)")
+                   help="continue the run in -o from checkpoints/last.pt: the same run (its id, "
+                        "epoch count, held-out split, logs), same data/options; --epochs, "
+                        "--max-minutes, --early-stop, --device, --num-workers may change. "
+                        "Compare --load, which starts a new run from a checkpoint's weights")
     options.add_arguments(p, ModelOptions, title="model")
     return p
 
 
 def build_configs(args):
-    """``(TrainConfig, ModelConfig or None)`` from parsed arguments; None = from the checkpoint."""
+    """``(TrainConfig, ModelConfig or None)`` from parsed arguments; None = from the checkpoint
+    (that of the run resumed, or the one ``--load`` starts from when no model option is given)."""
     given = options.given_values(args, TrainConfig)
     model_given = options.given_values(args, ModelOptions)
     if args.resume:
+        if "load" in given:
+            raise InputError(None, "--load", "--load starts a new run from a checkpoint's weights, "
+                             "--resume continues the run in -o from its own last.pt: give one of them")
         if model_given:
             raise InputError(None, "--resume", "model options (--preset, --zdim, --feature-grid, "
                              "--variational) come from the run being resumed and cannot be given")
@@ -64,6 +73,8 @@ def build_configs(args):
     box = data.box_size or open_particles(data.particles, datadir=data.datadir).box_size
     if box % 2 or box < 8:
         raise InputError(data.particles, "box size", f"training box must be even and >= 8, got {box}")
+    if config.optimisation.load is not None and not model_given:
+        return config, None  # the architecture of the checkpoint loaded
     model = options.from_flat(ModelOptions, model_given)
     return config, model.model_config(box, refine_poses=config.refinement.refine_poses)
 
