@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cryoformer.cli import EXIT_INPUT_ERROR, main
-from cryoformer.io.cryodrgn import read_ctf_pkl, read_poses_pkl, write_ctf_pkl, write_poses_pkl
+from cryoformer.io.cryodrgn import read_ctf_pkl, read_poses_pkl, write_ctf_pkl
 from cryoformer.io.mrc import read_volume
 from cryoformer.io.star import poses_from_star, read_star
 

@@ -8,7 +8,11 @@ import math
 from cryoformer.errors import InputError
 from cryoformer.io.guard import claim_output_dir
 from cryoformer.simulation import sources
-from cryoformer.simulation.simulate import CtfRanges, SimulationConfig, simulate_dataset
+from cryoformer.simulation.simulate import CONTRASTS, CtfRanges, SimulationConfig, simulate_dataset
+
+# The library's defaults are the command's: each is declared once, on the config.
+_SIM = SimulationConfig()
+_CTF = CtfRanges()
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -29,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     src.add_argument("--trajectory", nargs="+", metavar="FILE",
                      help="TOPOLOGY [TRAJECTORY] read with MDAnalysis (pip install 'cryoformer[sim]')")
     p.add_argument("-o", "--outdir", required=True, help="output directory")
-    p.add_argument("-n", "--n-particles", type=int, default=1000, help="number of images (default 1000)")
+    p.add_argument("-n", "--n-particles", type=int, default=_SIM.n_particles, help="number of images (default %(default)s)")
     p.add_argument("-D", "--box", type=int, default=64,
                    help="box size in pixels for atomic models, trajectory and the embedded molecule (default 64)")
     p.add_argument("--Apix", type=float, default=3.0,
@@ -38,23 +42,29 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="states sampled from a trajectory / the embedded molecule (default 10)")
     p.add_argument("--selection", default="protein and not name H*", help="MDAnalysis atom selection")
     p.add_argument("--bfactor", type=float, default=20.0, help="B-factor in Å² for atomic densities (default 20)")
-    p.add_argument("--snr", type=float, default=0.1,
-                   help="signal-to-noise ratio = var(signal in particle)/var(noise) (default 0.1; 'inf' = noise-free)")
-    p.add_argument("--shift-range", type=float, default=0.0, help="max |shift| per axis in pixels (default 0)")
+    p.add_argument("--snr", type=float, default=_SIM.snr,
+                   help="signal-to-noise ratio = var(signal in particle)/var(noise) (default %(default)s; 'inf' = noise-free)")
+    p.add_argument("--shift-range", type=float, default=_SIM.shift_range_px,
+                   help="max |shift| per axis in pixels (default %(default)s)")
     p.add_argument("--no-ctf", action="store_true", help="do not apply a CTF")
-    p.add_argument("--defocus-min", type=float, default=10000.0, help="min defocus in Å (default 10000)")
-    p.add_argument("--defocus-max", type=float, default=25000.0, help="max defocus in Å (default 25000)")
-    p.add_argument("--astigmatism-max", type=float, default=500.0,
-                   help="max defocus U−V in Å (default 500)")
-    p.add_argument("--kv", type=float, default=300.0, help="voltage in kV (default 300)")
-    p.add_argument("--cs", type=float, default=2.7, help="spherical aberration in mm (default 2.7)")
-    p.add_argument("-w", type=float, default=0.1, help="amplitude contrast ratio (default 0.1)")
-    p.add_argument("--ps", type=float, default=0.0, help="phase shift in degrees (default 0)")
-    p.add_argument("--contrast", choices=("relion", "cryodrgn"), default="relion",
+    p.add_argument("--defocus-min", type=float, default=_CTF.defocus_min_angstrom,
+                   help="min defocus in Å (default %(default)s)")
+    p.add_argument("--defocus-max", type=float, default=_CTF.defocus_max_angstrom,
+                   help="max defocus in Å (default %(default)s)")
+    p.add_argument("--astigmatism-max", type=float, default=_CTF.astigmatism_max_angstrom,
+                   help="max defocus U−V in Å (default %(default)s)")
+    p.add_argument("--kv", type=float, default=_CTF.voltage_kv, help="voltage in kV (default %(default)s)")
+    p.add_argument("--cs", type=float, default=_CTF.spherical_aberration_mm,
+                   help="spherical aberration in mm (default %(default)s)")
+    p.add_argument("-w", type=float, default=_CTF.amplitude_contrast,
+                   help="amplitude contrast ratio (default %(default)s)")
+    p.add_argument("--ps", type=float, default=_CTF.phase_shift_deg, help="phase shift in degrees (default %(default)s)")
+    p.add_argument("--contrast", choices=CONTRASTS, default=_SIM.contrast,
                    help="relion: images = −(projection⊛CTF) like real RELION particles (default); "
                         "cryodrgn: images = projection⊛CTF")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--chunk-size", type=int, default=256, help="images generated per step (default 256)")
+    p.add_argument("--seed", type=int, default=_SIM.seed, help="random seed (default %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=_SIM.chunk_size,
+                   help="images generated per step (default %(default)s)")
     return p
 
 
