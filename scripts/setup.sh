@@ -8,12 +8,12 @@
 #   CRYOFORMER_TORCH  "cpu" (default without an NVIDIA driver) installs torch==2.13.0, whose CPU
 #                     wheel this project's machines carry; "cuda" installs PyPI's default (CUDA)
 #                     torch; "skip" keeps whatever torch the venv already has.
-#   CRYOFORMER_EXTRAS extras of the core to install (default "dev,sim").
+#   CRYOFORMER_EXTRAS extras of the core to install (default "dev,sim,umap").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${CRYOFORMER_EXTRAS:-dev,sim}"
+EXTRAS="${CRYOFORMER_EXTRAS:-dev,sim,umap}"
 
 # System packages. Only what pip cannot provide; installed when we are root and apt exists.
 APT_PACKAGES=()

@@ -4,7 +4,9 @@ commands' bad-input handling (one line, exit 2, nothing half-written)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -72,6 +74,52 @@ def test_analyze_writes_everything(run, capsys):
     for name in ("summary.png", "summary.html", "pca_explained_variance.png"):
         assert (out / name).stat().st_size > 1000
     assert not [f for f in os.listdir(run / "run") if f.startswith(".")]  # no staging left
+    # UMAP (umap-learn is installed with the umap extra): every particle placed, recorded, shown.
+    xy = np.load(out / "umap.npy")
+    assert xy.shape == (24, 2) and xy.dtype == np.float32 and np.all(np.isfinite(xy))
+    assert info["umap"]["file"] == "umap.npy" and info["umap"]["fit_particles"] == 24
+    assert "fitted on 24 of 24 particles" in (out / "summary.html").read_text()
+    assert "UMAP: umap.npy, fitted on 24 of 24 particles" in capsys.readouterr().out
+
+
+def test_analyze_epoch_positional_and_skip_umap(run, capsys):
+    """`analyze RUN E` is `analyze RUN --epoch E` (same folder, same epoch); --skip-umap writes no
+    umap.npy and says so in the record; the epoch given twice, differently, is refused."""
+    rundir = str(run / "run")
+    epoch = json.loads((run / "run" / "analysis" / "analysis.json").read_text())["epoch"]
+    assert main(["analyze", rundir, str(epoch), "--k", "2", "--n-traversal", "2", "--skip-umap"]) == 0
+    out = run / "run" / f"analysis.{epoch}"
+    info = json.loads((out / "analysis.json").read_text())
+    assert info["epoch"] == epoch and info["umap"] == {"skipped": "--skip-umap"}
+    assert not (out / "umap.npy").exists() and (out / "kmeans_labels.npy").is_file()
+    assert "UMAP:" not in capsys.readouterr().out
+    # Both spellings, agreeing: the same folder (already there, so --force).
+    assert main(["analyze", rundir, str(epoch), "--epoch", str(epoch), "--k", "2", "--n-traversal", "2",
+                 "--skip-umap", "--force"]) == 0
+    err = fails(["analyze", rundir, "0", "--epoch", str(epoch), "--force"], capsys, "EPOCH", "0", f"--epoch {epoch}")
+    assert "twice" in err
+    fails(["export", rundir, "0", "--epoch", str(epoch), "--clusters", "0", "--format", "pkl", "-o",
+           str(run / "never.pkl")], capsys, "twice")
+    assert not (run / "never.pkl").exists()
+    fails(["analyze", rundir, "--umap-fit-max", "2", "-o", str(run / "never")], capsys, "--umap-fit-max", "2")
+    assert not (run / "never").exists()
+
+
+def test_analyze_without_umap_learn_notes_it_once(run, caplog, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)  # as if umap-learn were not installed
+    caplog.set_level(logging.INFO)
+    assert main(["analyze", str(run / "run"), "--k", "2", "--n-traversal", "2", "-o", str(tmp_path / "a")]) == 0
+    notes = [r for r in caplog.records if "UMAP" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.WARNING, notes
+    assert "umap-learn is not installed" in notes[0].getMessage()
+    info = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert "umap-learn is not installed" in info["umap"]["skipped"]
+    assert not (tmp_path / "a" / "umap.npy").exists() and (tmp_path / "a" / "summary.png").is_file()
+    # --skip-umap: asked for, so no note.
+    caplog.clear()
+    assert main(["analyze", str(run / "run"), "--k", "2", "--n-traversal", "2", "--skip-umap",
+                 "-o", str(tmp_path / "b")]) == 0
+    assert not [r for r in caplog.records if "UMAP" in r.getMessage()]
 
 
 def test_eval_vol_scales_voxel_size(run, capsys, tmp_path):

@@ -8,6 +8,10 @@ its ``model``, ``latents``, ``box_size``, ``pixel_size_angstrom`` and ``epoch``)
 ``pca.npy``                             ``[N, p]`` PC coordinates; ``pca_components.npy``
                                         ``[p, zdim]``, ``pca_mean.npy`` ``[zdim]``,
                                         ``pca_explained_variance.npy`` ``[p]`` and ``.png``
+``umap.npy``                             ``[N, 2]`` UMAP coordinates (umap-learn; fitted on a seeded
+                                        subset of at most ``umap_fit_max`` particles, the rest
+                                        placed with ``transform``); absent with ``skip_umap`` or
+                                        without umap-learn
 ``kmeans_labels.npy``                   ``[N]`` cluster of each particle (0…K−1, ordered along PC1)
 ``kmeans_centers.npy``                  ``[K, zdim]`` centres, each the particle latent nearest
                                         to its K-means centroid (as cryoDRGN); the particles'
@@ -28,6 +32,7 @@ The directory is staged and replaces the previous one only when complete.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -36,25 +41,31 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cryoformer.analysis.attention_maps import attention_channel_names, attention_stack, flex_score
-from cryoformer.analysis.latent_space import KMeansResult, PcaResult, kmeans, pc_traversal, pca
+from cryoformer.analysis.latent_space import (UMAP_FIT_MAX, UMAP_MIN_DIST, UMAP_N_NEIGHBORS, KMeansResult,
+                                             PcaResult, kmeans, pc_traversal, pca, umap_available,
+                                             umap_embedding)
 from cryoformer.analysis.summary import plot_explained_variance, plot_summary, write_summary_html
+from cryoformer.analysis.traversal import write_series_movie
 from cryoformer.analysis.volumes import decoded_voxel_size, iter_decoded, staged_directory, write_volumes
 from cryoformer.errors import InputError, PathLike
 from cryoformer.io.mrc import write_volume
+from cryoformer.options import option
 
 __all__ = ["AnalyzeConfig", "analysis_dir", "analyze_run"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class AnalyzeConfig:
-    """Options of :func:`analyze_run`.
+    """Options of :func:`analyze_run`; each field with flags is also a ``cryoformer analyze`` option.
 
     Attributes
     ----------
     k : int
         K-means clusters.
     seed : int
-        Seed of K-means and of the latent subsample of the flexible-region score.
+        Seed of K-means, of UMAP and of the latent subsamples (UMAP fit, flexible-region score).
     n_traversal : int
         Volumes per PC traversal.
     traversal_pcs : int
@@ -67,18 +78,33 @@ class AnalyzeConfig:
         ``"queries"`` or ``"weights"`` (:func:`~cryoformer.analysis.attention_maps.flex_score`).
     batch_size : int
         Volumes decoded together.
+    skip_umap : bool
+        Do not compute the UMAP (``umap.npy``). Without umap-learn it is skipped anyway, with a
+        note.
+    umap_fit_max : int
+        Most particles UMAP is fitted on; the others are placed with its ``transform``.
     progress : bool
         tqdm progress bars.
     """
 
-    k: int = 10
-    seed: int = 0
-    n_traversal: int = 10
-    traversal_pcs: int = 2
+    k: int = option("--k", default=10, help="number of K-means clusters (default {default})")
+    seed: int = option("--seed", default=0,
+                       help="seed of K-means, UMAP and latent subsampling (default {default})")
+    n_traversal: int = option("--n-traversal", default=10, metavar="N", help="volumes per PC traversal (default {default})")
+    traversal_pcs: int = option("--pcs", default=2, metavar="N", help="traverse PC1…PCn (default {default})")
     traversal_percentiles: Tuple[float, float] = (5.0, 95.0)
-    box_size: Optional[int] = None
-    flex_method: str = "queries"
-    batch_size: int = 4
+    box_size: Optional[int] = option("-D", "--box", default=None, unit="voxels", metavar="D",
+                                     help="decoding box in voxels, even (default: the training box)")
+    flex_method: str = option("--flex-method", default="queries", choices=("queries", "weights"),
+                              help="flexible-region score: variance of the conditioned queries across "
+                                   "latents (default) or of the per-voxel attention weights")
+    batch_size: int = option("-b", "--batch-size", default=4, help="volumes decoded together (default {default})")
+    skip_umap: bool = option("--skip-umap", default=False, switch="store_true",
+                             help="do not compute the UMAP of the latents (umap.npy; minutes for 10⁵ "
+                                  "particles)")
+    umap_fit_max: int = option("--umap-fit-max", default=UMAP_FIT_MAX, metavar="N",
+                               help="fit UMAP on at most N particles (a seeded random subset) and place "
+                                    "the others with its transform (default {default})")
     progress: bool = True
 
 
@@ -104,7 +130,8 @@ def analyze_run(run, out_dir: PathLike, config: AnalyzeConfig = AnalyzeConfig())
     Raises
     ------
     InputError
-        ``k`` larger than the number of particles, or an odd / non-positive decoding box.
+        ``k`` larger than the number of particles, an odd / non-positive decoding box, or a
+        ``umap_fit_max`` below 3.
     """
     z = np.asarray(run.latents, dtype=np.float32)  # [N, zdim]
     n = len(z)
@@ -113,44 +140,80 @@ def analyze_run(run, out_dir: PathLike, config: AnalyzeConfig = AnalyzeConfig())
     D = int(config.box_size or run.box_size)
     if D < 2 or D % 2:
         raise InputError(None, "-D", f"decoding box must be even and >= 2, got {D}")
+    if config.umap_fit_max < 3:
+        raise InputError(None, "--umap-fit-max", f"must be at least 3 particles, got {config.umap_fit_max}")
     # A stack without a recorded pixel size gives maps in pixel units (1 "Å" per training px).
     apix = decoded_voxel_size(run.box_size, run.pixel_size_angstrom or 1.0, D)
     model = run.model.eval()
     pcs = pca(z)
     km = kmeans(z, config.k, seed=config.seed)
+    embedding, umap_info = _umap(z, config)
     files: Dict[str, str] = {}
     with staged_directory(out_dir, replace=True) as stage:
         def out(name: str) -> str:
             return os.path.join(stage, name)
 
         _write_latent_tables(out, z, pcs, km)
+        if embedding is not None:
+            _save_npy(out("umap.npy"), embedding)
+            files["UMAP coordinates"] = "umap.npy"
         cluster_vols = _write_cluster_maps(out, model, km.centers, D, apix, config)
         files.update(_write_traversals(out, model, pcs, D, apix, config))
         write_volume(out("flex_score.mrc"),
                      flex_score(model, z, D, config.flex_method, seed=config.seed,
                                 progress=config.progress), apix)
-
-        centers_pc = pcs.projections[km.center_indices]
-        info = {
-            "epoch": getattr(run, "epoch", None),
-            "particles": n,
-            "zdim": int(z.shape[1]),
-            "k": config.k,
-            "decoded box (voxels)": D,
-            "voxel size (Å)": round(apix, 4),
-            "PC1/PC2 explained variance": ", ".join(f"{v:.3f}" for v in pcs.explained_variance_ratio[:2]),
-        }
-        plot_summary(out("summary.png"), pcs.projections, km.labels, centers_pc,
-                     pcs.explained_variance_ratio, cluster_vols,
-                     title=f"cryoformer analysis — epoch {info['epoch']}, {n} particles")
         files.update({"cluster volumes": "vol_kmeans_XX.mrc", "attention maps": "attn_kmeans_XX.mrc",
                       "flexible-region score": "flex_score.mrc", "latents": "z.npy",
                       "PC coordinates": "pca.npy", "cluster labels": "kmeans_labels.npy"})
-        write_summary_html(out("summary.html"), out("summary.png"), info, km.sizes().tolist(), files)
+        _write_summary(out, getattr(run, "epoch", None), z, D, apix, config, pcs, km, cluster_vols,
+                       embedding, umap_info, files)
         record = _analysis_record(run, z, config, D, apix, pcs, km, attention_channel_names(model), files)
+        record["umap"] = umap_info
         with open(out("analysis.json"), "w", encoding="utf-8") as fh:
             json.dump(record, fh, indent=2)
     return record
+
+
+def _umap(z: np.ndarray, config: AnalyzeConfig) -> Tuple[Optional[np.ndarray], Dict[str, object]]:
+    """(``[N, 2]`` UMAP coordinates or None, the record's ``umap`` entry); without umap-learn
+    the UMAP is skipped with one logged note, not an error."""
+    if config.skip_umap:
+        return None, {"skipped": "--skip-umap"}
+    if not umap_available():
+        why = "umap-learn is not installed (pip install 'cryoformer[umap]')"
+        logger.warning("UMAP skipped: %s; --skip-umap silences this note", why)
+        return None, {"skipped": why}
+    if len(z) < 3:
+        return None, {"skipped": f"{len(z)} particles: UMAP needs at least 3"}
+    embedding = umap_embedding(z, seed=config.seed, fit_max=config.umap_fit_max, progress=config.progress)
+    return embedding, {"file": "umap.npy", "fit_particles": int(min(len(z), config.umap_fit_max)),
+                       "n_neighbors": UMAP_N_NEIGHBORS, "min_dist": UMAP_MIN_DIST, "metric": "euclidean",
+                       "seed": config.seed,
+                       "fit": "umap-learn UMAP fitted on a seeded uniform random subset of at most "
+                              "umap_fit_max particles; the others placed with UMAP.transform"}
+
+
+def _write_summary(out: Callable[[str], str], epoch, z: np.ndarray, D: int, apix: float,
+                   config: AnalyzeConfig, pcs: PcaResult, km: KMeansResult, cluster_vols: List[np.ndarray],
+                   embedding: Optional[np.ndarray], umap_info: Dict[str, object], files: Dict[str, str]) -> None:
+    """``summary.png`` (PCA and UMAP scatters, cluster volumes) and ``summary.html``."""
+    n = len(z)
+    info = {
+        "epoch": epoch,
+        "particles": n,
+        "zdim": int(z.shape[1]),
+        "k": config.k,
+        "decoded box (voxels)": D,
+        "voxel size (Å)": round(apix, 4),
+        "PC1/PC2 explained variance": ", ".join(f"{v:.3f}" for v in pcs.explained_variance_ratio[:2]),
+        "UMAP": (f"skipped: {umap_info['skipped']}" if "skipped" in umap_info
+                 else f"fitted on {umap_info['fit_particles']} of {n} particles (umap.npy)"),
+    }
+    plot_summary(out("summary.png"), pcs.projections, km.labels, pcs.projections[km.center_indices],
+                 pcs.explained_variance_ratio, cluster_vols,
+                 title=f"cryoformer analysis — epoch {epoch}, {n} particles", umap=embedding,
+                 centers_umap=None if embedding is None else embedding[km.center_indices])
+    write_summary_html(out("summary.html"), out("summary.png"), info, km.sizes().tolist(), files)
 
 
 def _write_latent_tables(out: Callable[[str], str], z: np.ndarray, pcs: PcaResult, km: KMeansResult) -> None:
@@ -188,9 +251,12 @@ def _write_traversals(out: Callable[[str], str], model, pcs: PcaResult, D: int, 
         zt = pc_traversal(pcs, p, config.n_traversal, config.traversal_percentiles)
         os.makedirs(out(f"pc{p}"))
         _save_npy(out(f"pc{p}/z.npy"), zt)
-        write_volumes(model, zt, out(f"pc{p}"), apix, D, batch_size=config.batch_size,
-                      progress=config.progress, desc=f"PC{p} traversal")
+        maps = write_volumes(model, zt, out(f"pc{p}"), apix, D, batch_size=config.batch_size,
+                             progress=config.progress, desc=f"PC{p} traversal")
         files[f"pc{p} traversal"] = f"pc{p}/"
+        # Beside pcN/, not in it: one isosurface level and view for the whole traversal.
+        movies = write_series_movie(maps, out(f"pc{p}_movie.gif"), progress=config.progress)
+        files[f"pc{p} movie"] = ", ".join(os.path.basename(m) for m in movies)
     return files
 
 

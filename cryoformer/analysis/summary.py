@@ -1,8 +1,9 @@
 """One-page summaries of an analysis: a PNG figure and an HTML page (matplotlib Agg only).
 
-The figure shows the latent scatter on PC1/PC2 coloured by K-means cluster (centres numbered),
-the explained variance of the PCs, and, for each cluster volume, its central slice and its
-projection along z, so the conformations can be compared at a glance without a 3-D viewer.
+The figure shows the latent scatter on PC1/PC2 and, when it was computed, on the UMAP, both
+coloured by K-means cluster (centres numbered), the explained variance of the PCs, and, for each
+cluster volume, its central slice and its projection along z, so the conformations can be
+compared at a glance without a 3-D viewer.
 """
 
 from __future__ import annotations
@@ -54,25 +55,28 @@ def plot_explained_variance(ratio: np.ndarray, path: PathLike) -> None:
     _save(fig, path)
 
 
-def _scatter(ax, pc: np.ndarray, labels: np.ndarray, centers_pc: np.ndarray, ratio) -> None:
+def _scatter(ax, xy: np.ndarray, labels: np.ndarray, centers_xy: np.ndarray, xlabel: str, ylabel: str,
+             title: str) -> None:
+    """Particles ``xy`` ``[N, ≥1]`` coloured by ``labels`` ``[N]``, numbered centres ``[K, ≥1]``."""
     import matplotlib  # at first use, as in _figure (always called first)
 
     k = int(labels.max()) + 1 if labels.size else 0
     cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
-    y = pc[:, 1] if pc.shape[1] > 1 else np.zeros(len(pc))
-    ax.scatter(pc[:, 0], y, c=[cmap(l % cmap.N) for l in labels], s=3, alpha=0.5, linewidths=0)
-    for i, c in enumerate(centers_pc):
+    y = xy[:, 1] if xy.shape[1] > 1 else np.zeros(len(xy))
+    ax.scatter(xy[:, 0], y, c=[cmap(l % cmap.N) for l in labels], s=3, alpha=0.5, linewidths=0)
+    for i, c in enumerate(centers_xy):
         cy = c[1] if c.size > 1 else 0.0
         ax.scatter([c[0]], [cy], c=[cmap(i % cmap.N)], s=60, edgecolors="black", zorder=3)
         ax.annotate(str(i), (c[0], cy), fontsize=8, ha="center", va="center", zorder=4)
-    ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% of variance)")
-    ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}%)" if len(ratio) > 1 else "PC2 (n/a)")
-    ax.set_title("latent space, coloured by K-means cluster")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
 
 
 def plot_summary(path: PathLike, pc: np.ndarray, labels: np.ndarray, centers_pc: np.ndarray,
                  explained_variance_ratio: np.ndarray, volumes: Sequence[np.ndarray],
-                 title: str = "cryoformer analysis") -> None:
+                 title: str = "cryoformer analysis", umap: Optional[np.ndarray] = None,
+                 centers_umap: Optional[np.ndarray] = None) -> None:
     """Draw the one-page summary.
 
     Parameters
@@ -89,16 +93,30 @@ def plot_summary(path: PathLike, pc: np.ndarray, labels: np.ndarray, centers_pc:
         ``[p]``.
     volumes : sequence of np.ndarray
         ``K`` volumes ``[D, D, D]`` (cluster volumes, in cluster order).
+    title : str
+    umap : np.ndarray, optional
+        ``[N, 2]`` UMAP coordinates of the particles, drawn beside the PCA scatter.
+    centers_umap : np.ndarray, optional
+        ``[K, 2]`` UMAP coordinates of the cluster centres (with ``umap``).
     """
     k = len(volumes)
     ncol = max(1, min(k, 5))
+    width = max(ncol, 3)
     nrow_vol = 2 * int(np.ceil(k / ncol))  # slice row + projection row per line of clusters
-    fig = _figure(3.0 * max(ncol, 3), 4.2 + 2.2 * nrow_vol)
-    grid = fig.add_gridspec(1 + nrow_vol, max(ncol, 3), height_ratios=[2.0] + [1.0] * nrow_vol)
-    _scatter(fig.add_subplot(grid[0, : max(ncol, 3) - 1]), pc, labels, centers_pc,
-             explained_variance_ratio)
-    ax = fig.add_subplot(grid[0, max(ncol, 3) - 1])
+    fig = _figure(3.0 * width, 4.2 + 2.2 * nrow_vol)
+    grid = fig.add_gridspec(1 + nrow_vol, width, height_ratios=[2.0] + [1.0] * nrow_vol)
     ratio = np.asarray(explained_variance_ratio)
+    # Top row: PCA scatter (and UMAP beside it, sharing the columns left of the variance bars).
+    pca_cols = width - 1 if umap is None else (width - 1) // 2
+    _scatter(fig.add_subplot(grid[0, :pca_cols]), pc, labels, centers_pc,
+             f"PC1 ({100 * ratio[0]:.0f}% of variance)",
+             f"PC2 ({100 * ratio[1]:.0f}%)" if ratio.size > 1 else "PC2 (n/a)",
+             "PCA, coloured by K-means cluster")
+    if umap is not None:
+        centers = np.zeros((0, 2)) if centers_umap is None else np.asarray(centers_umap)
+        _scatter(fig.add_subplot(grid[0, pca_cols:width - 1]), np.asarray(umap), labels, centers,
+                 "UMAP1", "UMAP2", "UMAP, coloured by K-means cluster")
+    ax = fig.add_subplot(grid[0, width - 1])
     ax.bar(np.arange(1, ratio.size + 1), ratio)
     ax.set_xlabel("PC")
     ax.set_title("explained variance")

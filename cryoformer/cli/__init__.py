@@ -36,6 +36,7 @@ _COMMAND_MODULES = (
     "cryoformer.cli.train_cmd",
     "cryoformer.cli.analyze_cmd",
     "cryoformer.cli.eval_vol_cmd",
+    "cryoformer.cli.traverse_cmd",
     "cryoformer.cli.evaluate_cmd",
     "cryoformer.cli.export_cmd",
     "cryoformer.cli.demo_cmd",

@@ -204,3 +204,48 @@ def test_300k_particles_stay_responsive(spread_run, tmp_path):
         assert ex.volume is not None and ex.error == ""
     finally:
         ex.close()
+
+
+def test_axes_umap_and_latent_dimensions(spread_run, tmp_path):
+    """The axes menus offer PCs, latent dimensions and, where analyze wrote umap.npy, the UMAP."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(spread_run, run_dir)
+    ex = LatentExplorer(str(run_dir), k=3, output_dir=str(tmp_path / "out"))
+    try:
+        ex.wait()
+        assert "UMAP1" not in ex.axis_names and ex.state.umap is None
+        ex.axis_x, ex.axis_y = "z2", "PC1"
+        n = ex.n_particles
+        np.testing.assert_array_equal(np.frombuffer(ex.points, np.float32).reshape(n, 2),
+                                      np.stack([ex.state.latents[:, 2], ex.state.pca.projections[:, 0]], 1))
+        assert (ex.pc_x, ex.pc_y) == (0, 1)
+        ex.pc_x = 3  # scripts may still set a PC number
+        assert ex.axis_x == "PC3"
+    finally:
+        ex.close()
+    # umap.npy of analyze for the run's default epoch (RUN/analysis, no analysis.json): a known layout.
+    (run_dir / "analysis").mkdir()
+    umap = np.stack([np.arange(n), np.arange(n) % 4], 1).astype(np.float32)  # [N, 2]
+    np.save(run_dir / "analysis" / "umap.npy", umap)
+    ex = LatentExplorer(str(run_dir), k=3, output_dir=str(tmp_path / "out"))
+    try:
+        ex.wait()
+        assert ex.axis_names[3:5] == ["UMAP1", "UMAP2"] and ex.state.umap_source.endswith("umap.npy")
+        ex.axis_x, ex.axis_y = "UMAP1", "UMAP2"
+        drawn = np.frombuffer(ex.point_rows, np.int32)
+        np.testing.assert_array_equal(np.frombuffer(ex.points, np.float32).reshape(-1, 2), umap[drawn])
+        row = ex.selected_index  # the particle shown: marked at its own UMAP position
+        assert ex.marker == pytest.approx(umap[row].tolist())
+        centre = ex.centers[0]
+        assert [centre["x"], centre["y"]] == pytest.approx(umap[centre["row"]].tolist())
+        rows = ex.select_box(-0.5, 0.5, 9.5, 1.5)  # UMAP coordinates: rows 0…9 with row % 4 == 1
+        np.testing.assert_array_equal(rows, [1, 5, 9])
+        ex.traversal_step = 2  # a latent between particles has no UMAP position: no marker
+        ex.wait()
+        assert ex.marker == [] and ex.error == ""
+        ex.axis_y = "PC2"
+        assert ex.marker == [] and ex.error == ""
+        ex.axis_x = "PC1"
+        assert len(ex.marker) == 2
+    finally:
+        ex.close()

@@ -158,14 +158,69 @@ def test_state_reads_kmeans_labels_of_analyze(spread_run, tmp_path):
         np.testing.assert_array_equal(st.labels["kmeans"], labels)
         np.testing.assert_array_equal(st.center_rows, np.load(run_dir / "analysis" / "kmeans_center_indices.npy"))
         assert st.kmeans_source.endswith("kmeans_labels.npy")
+        # analyze's UMAP (umap-learn is installed with the umap extra) becomes two scatter axes.
+        np.testing.assert_array_equal(st.coords(("UMAP1", "UMAP2")), np.load(run_dir / "analysis" / "umap.npy"))
+        assert st.axis_names() == ["PC1", "PC2", "PC3", "UMAP1", "UMAP2", "z0", "z1", "z2"]
+        assert st.umap_source.endswith("umap.npy")
     finally:
         st.close()
     info = json.loads((run_dir / "analysis" / "analysis.json").read_text())
-    info["epoch"] = 99  # labels of another epoch are not used
+    info["epoch"] = 99  # labels (and a UMAP) of another epoch are not used
     (run_dir / "analysis" / "analysis.json").write_text(json.dumps(info))
     st = RunSession(str(run_dir), k=3)
     try:
         assert "computed" in st.kmeans_source and st.labels["kmeans"].max() == 2
+        assert st.umap is None and "UMAP1" not in st.axis_names()
+    finally:
+        st.close()
+
+
+def test_axes_pcs_umap_and_latent_dimensions(spread_run, tmp_path):
+    """Scatter axes: PCs, latent dimensions, and UMAP only where analyze wrote umap.npy for the epoch."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(spread_run, run_dir)
+    st = RunSession(str(run_dir), k=3)
+    try:
+        z, proj = st.latents, st.pca.projections
+        assert st.axis_names() == ["PC1", "PC2", "PC3", "z0", "z1", "z2"] and st.umap is None
+        assert "epoch" in st.umap_source
+        np.testing.assert_array_equal(st.coords((1, 3)), proj[:, [0, 2]])  # PC numbers, as before
+        np.testing.assert_array_equal(st.coords(("z2", "PC1")), np.stack([z[:, 2], proj[:, 0]], 1))
+        with pytest.raises(ValueError, match="cryoformer analyze"):
+            st.coords(("UMAP1", "UMAP2"))
+        for bad in ("z3", "PC0", "PC4", "x1", 7):
+            with pytest.raises(ValueError, match="unknown axis"):
+                st.axis_values(bad)
+        # A box on two latent dimensions selects on those coordinates, over every particle.
+        np.testing.assert_array_equal(st.select_polygon([[0, -9], [9, -9], [9, 9], [0, 9]], ("z0", "z1")),
+                                      np.nonzero(z[:, 0] > 0)[0])
+        zt = st.traversal_latents(1, 3)[2]
+        np.testing.assert_allclose(st.position(zt, ("PC1", "z1")), [st.pc_coords(zt)[0], zt[1]], atol=1e-5)
+    finally:
+        st.close()
+
+    # A UMAP of analyze for this epoch (no analysis.json: taken as this epoch's); a known layout.
+    epoch = load_run(str(run_dir)).epoch
+    folder = run_dir / f"analysis.{epoch}"
+    folder.mkdir()
+    umap = np.stack([np.arange(z.shape[0]), -2.0 * np.arange(z.shape[0])], 1).astype(np.float32)  # [N, 2]
+    np.save(folder / "umap.npy", umap)
+    st = RunSession(str(run_dir), k=3)
+    try:
+        assert st.axis_names() == ["PC1", "PC2", "PC3", "UMAP1", "UMAP2", "z0", "z1", "z2"]
+        np.testing.assert_array_equal(st.coords(("UMAP2", "z0")), np.stack([umap[:, 1], z[:, 0]], 1))
+        rows = st.select_polygon([[4.5, -100], [9.5, -100], [9.5, 100], [4.5, 100]], ("UMAP1", "UMAP2"))
+        np.testing.assert_array_equal(rows, [5, 6, 7, 8, 9])
+        # A particle has a UMAP position (its row); a latent between particles has none.
+        np.testing.assert_allclose(st.position(z[7], ("UMAP1", "z1"), row=7), [7.0, z[7, 1]], atol=1e-6)
+        assert st.position(zt, ("UMAP1", "PC1")) is None
+    finally:
+        st.close()
+    # A file of the wrong shape (another run's, a partial write) is not offered.
+    np.save(folder / "umap.npy", umap[:-1])
+    st = RunSession(str(run_dir), k=3)
+    try:
+        assert st.umap is None and "UMAP1" not in st.axis_names()
     finally:
         st.close()
 

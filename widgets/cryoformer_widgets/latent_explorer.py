@@ -7,6 +7,10 @@
 >>> ex.traversal_step = 5            # walk along ``traversal_pc`` (0 … traversal_steps − 1)
 >>> ex.select_polygon([[-1, -1], [1, -1], [0, 1]]); ex.save_selection("chosen.npy")
 
+The scatter's axes are any two of ``axis_names``: principal components (``PC1`` …), the UMAP of
+``cryoformer analyze`` (``UMAP1``/``UMAP2``, offered when it wrote ``umap.npy`` for this epoch) or
+latent dimensions (``z0`` …); ``ex.axis_x, ex.axis_y = "UMAP1", "UMAP2"``.
+
 The front end (``static/latent_explorer.js``) draws a canvas scatter of at most ``max_drawn``
 particles (a stratified subsample; the data are never subsampled) and sends clicks, lasso and
 box selections back; everything else happens here, in Python, so every feature can also be
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import threading
 from typing import Any, Optional, Sequence
 
@@ -27,7 +32,7 @@ import numpy as np
 import traitlets as t
 
 from .decode_worker import DecodeResult
-from .render import isosurface_png, palette, slices_png
+from cryoformer.analysis.render import isosurface_png, palette, slices_png
 from .session import DEFAULT_K, KMEANS, RunSession
 
 __all__ = ["LatentExplorer"]
@@ -36,7 +41,8 @@ _STATIC = pathlib.Path(__file__).parent / "static"
 
 
 class LatentExplorer(anywidget.AnyWidget):
-    """PCA scatter of a run's latents, cluster centres, selections and decoded volumes.
+    """Scatter of a run's latents (PCs, UMAP or latent dimensions), cluster centres, selections and
+    decoded volumes.
 
     Parameters
     ----------
@@ -64,10 +70,12 @@ class LatentExplorer(anywidget.AnyWidget):
 
     Notes
     -----
-    Synchronised traits a script may set: ``pc_x``, ``pc_y`` (1-based PCs drawn),
-    ``color_by`` (a name in ``label_sets``), ``selected_index`` (row of the run's particles, −1 =
-    none), ``traversal_pc`` / ``traversal_step`` (−1 = off), ``threshold`` (σ above the mean),
-    ``azimuth`` / ``elevation`` (degrees), ``output_dir``. Read-only results: ``slices_png`` and
+    Synchronised traits a script may set: ``axis_x``, ``axis_y`` (axes drawn, names in
+    ``axis_names``: ``"PC1"``, ``"UMAP2"``, ``"z0"``), ``color_by`` (a name in ``label_sets``),
+    ``selected_index`` (row of the run's particles, −1 = none), ``traversal_pc`` /
+    ``traversal_step`` (−1 = off), ``threshold`` (σ above the mean), ``azimuth`` / ``elevation``
+    (degrees), ``output_dir``. ``pc_x`` / ``pc_y`` (not synchronised) are the 1-based PC of each
+    axis, 0 when it is not a PC; setting one draws that PC. Read-only results: ``slices_png`` and
     ``iso_png`` (PNG bytes), ``volume_label``, ``n_selected``, ``busy``, ``message``, ``error``.
     """
 
@@ -75,7 +83,7 @@ class LatentExplorer(anywidget.AnyWidget):
     _css = _STATIC / "latent_explorer.css"
 
     # scatter (drawn subsample; binary buffers)
-    points = t.Bytes(b"").tag(sync=True)            # float32 [M, 2] PC coordinates
+    points = t.Bytes(b"").tag(sync=True)            # float32 [M, 2] coordinates on (axis_x, axis_y)
     point_rows = t.Bytes(b"").tag(sync=True)        # int32 [M] row of each drawn point
     point_colors = t.Bytes(b"").tag(sync=True)      # uint8 [M] index into `palette`
     point_selected = t.Bytes(b"").tag(sync=True)    # uint8 [M] 1 = selected
@@ -86,8 +94,11 @@ class LatentExplorer(anywidget.AnyWidget):
     n_drawn = t.Int(0).tag(sync=True)
     n_pcs = t.Int(1).tag(sync=True)
     pc_variance = t.List(t.Float()).tag(sync=True)  # explained variance ratio per PC
-    pc_x = t.Int(1).tag(sync=True)
-    pc_y = t.Int(2).tag(sync=True)
+    axis_names = t.List(t.Unicode()).tag(sync=True)  # "PC1" …, "UMAP1", "UMAP2" (if any), "z0" …
+    axis_x = t.Unicode("PC1").tag(sync=True)
+    axis_y = t.Unicode("PC2").tag(sync=True)
+    pc_x = t.Int(1)                                  # PC of axis_x (0: not a PC), for scripts
+    pc_y = t.Int(2)
     label_sets = t.List(t.Unicode()).tag(sync=True)
     color_by = t.Unicode(KMEANS).tag(sync=True)
     # what is shown
@@ -130,7 +141,8 @@ class LatentExplorer(anywidget.AnyWidget):
         with self.hold_sync():
             self.n_particles, self.n_drawn, self.n_pcs = st.n_particles, int(self._drawn.size), st.n_pcs
             self.pc_variance = [float(v) for v in st.pca.explained_variance_ratio]
-            self.pc_x, self.pc_y = 1, min(2, st.n_pcs)
+            self.axis_names = st.axis_names()
+            self.axis_x, self.axis_y = "PC1", f"PC{min(2, st.n_pcs)}"
             self.point_rows = self._drawn.astype(np.int32).tobytes()
             self.label_sets = list(st.labels)
             self.output_dir = os.path.abspath(output_dir or os.path.join(os.getcwd(), "cryoformer_explorer"))
@@ -139,7 +151,8 @@ class LatentExplorer(anywidget.AnyWidget):
             self._update_selection()
         self.on_msg(self._on_message)
         kmeans_note = f"K-means: {st.kmeans_source}"
-        self.message = f"{st.n_particles} particles, {self._drawn.size} drawn; {kmeans_note}"
+        umap_note = "UMAP axes offered" if st.umap is not None else "no UMAP (run `cryoformer analyze`)"
+        self.message = f"{st.n_particles} particles, {self._drawn.size} drawn; {kmeans_note}; {umap_note}"
         if isinstance(select, str) and select == "center" and st.center_rows.size:
             self.selected_index = int(st.center_rows[0])
         elif select is not None and not isinstance(select, str):
@@ -167,13 +180,13 @@ class LatentExplorer(anywidget.AnyWidget):
         self.label_sets = list(self.state.labels)
 
     def select_polygon(self, polygon: Sequence[Sequence[float]], mode: str = "replace") -> np.ndarray:
-        """Select all particles inside ``polygon`` (PC coordinates of the axes drawn)."""
-        rows = self.state.select_polygon(polygon, (self.pc_x, self.pc_y), mode)
+        """Select all particles inside ``polygon`` (coordinates on the axes drawn)."""
+        rows = self.state.select_polygon(polygon, (self.axis_x, self.axis_y), mode)
         self._update_selection()
         return rows
 
     def select_box(self, x0: float, y0: float, x1: float, y1: float, mode: str = "replace") -> np.ndarray:
-        """Select all particles in the rectangle ``[x0, x1] × [y0, y1]`` (PC coordinates)."""
+        """Select all particles in the rectangle ``[x0, x1] × [y0, y1]`` (coordinates on the axes drawn)."""
         return self.select_polygon([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], mode)
 
     def select_clusters(self, clusters: Sequence[int], mode: str = "replace") -> np.ndarray:
@@ -238,11 +251,18 @@ class LatentExplorer(anywidget.AnyWidget):
 
     @t.observe("pc_x", "pc_y")
     def _pcs_changed(self, change) -> None:
+        if change["new"] >= 1:  # 0: the axis is not a PC (set from axis_x / axis_y)
+            setattr(self, "axis_x" if change["name"] == "pc_x" else "axis_y", f"PC{change['new']}")
+
+    @t.observe("axis_x", "axis_y")
+    def _axes_changed(self, change) -> None:
+        match = re.fullmatch(r"PC(\d+)", change["new"])
+        setattr(self, "pc_x" if change["name"] == "axis_x" else "pc_y", int(match.group(1)) if match else 0)
         try:
             self._update_points()
             self._update_marker()
         except Exception as exc:
-            self._report(exc, "changing PCs")
+            self._report(exc, "changing axes")
 
     @t.observe("color_by")
     def _color_changed(self, change) -> None:
@@ -285,7 +305,7 @@ class LatentExplorer(anywidget.AnyWidget):
 
     # ------------------------------------------------------------------ state → traits
     def _update_points(self) -> None:
-        xy = self.state.coords((self.pc_x, self.pc_y))
+        xy = self.state.coords((self.axis_x, self.axis_y))  # [N, 2]
         self.points = np.ascontiguousarray(xy[self._drawn], dtype=np.float32).tobytes()
         rows = self.state.center_rows
         cl = self.state.labels[KMEANS][rows]
@@ -311,11 +331,12 @@ class LatentExplorer(anywidget.AnyWidget):
 
     def _update_marker(self) -> None:
         z = self.shown_latent
-        if z is None:
-            self.marker = []
-            return
-        coords = self.state.pc_coords(z)  # [p]
-        self.marker = [float(coords[self.pc_x - 1]), float(coords[self.pc_y - 1])]
+        tag = self._shown.tag if self._shown is not None else None
+        # A particle's own row places it on a UMAP axis; a traversal latent has no UMAP position.
+        where = tag[1] if isinstance(tag, tuple) and len(tag) > 1 else None
+        row = where[1] if isinstance(where, tuple) and where[0] == "row" else None
+        xy = None if z is None else self.state.position(z, (self.axis_x, self.axis_y), row)
+        self.marker = [] if xy is None else [float(xy[0]), float(xy[1])]
 
     def _on_busy(self, busy: bool, message: str) -> None:
         """Worker: decoding started / stopped (decoding errors arrive through ``_on_result``)."""

@@ -14,6 +14,11 @@ A script can drive it directly::
     vol = session.volume_at(z)                                          # [D, D, D], cached
     session.select_polygon([[-1, -1], [1, -1], [0, 1]], pcs=(1, 2))     # rows of all particles
     session.save_selection("chosen.npy")                                # cryoformer export --selection
+    session.coords(("UMAP1", "UMAP2"))                                  # [N, 2]; also ("z0", "z3")
+
+Scatter axes are named as in cryoDRGN's analysis notebooks: ``PC1`` … (principal components),
+``UMAP1``/``UMAP2`` (offered only when ``cryoformer analyze`` wrote ``umap.npy`` for this epoch:
+a UMAP is not recomputed here) and ``z0`` … ``z{zdim-1}`` (the latent dimensions themselves).
 
 Everything is computed on **all** particles; only the Jupyter scatter draws a subsample
 (:func:`stratified_subsample`), so a selection made on the drawing maps back to every particle.
@@ -23,8 +28,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,8 +45,8 @@ from cryoformer.trainer import TrainedRun, load_run
 
 from .decode_worker import DecodeResult, DecodeWorker
 
-__all__ = ["RunSession", "ExplorerState", "DEFAULT_K", "KMEANS", "stratified_subsample",
-           "points_in_polygon", "find_kmeans_labels", "pc_label"]
+__all__ = ["RunSession", "ExplorerState", "DEFAULT_K", "KMEANS", "UMAP_AXES", "stratified_subsample",
+           "points_in_polygon", "find_kmeans_labels", "find_umap", "pc_label"]
 
 KMEANS = "kmeans"  # name of the K-means label set
 # K-means clusters when the run has no labels of `cryoformer analyze`: its own default, so a
@@ -48,6 +54,9 @@ KMEANS = "kmeans"  # name of the K-means label set
 DEFAULT_K = AnalyzeConfig().k
 PC_SLIDER_PERCENTILES = (1.0, 99.0)  # PC slider ranges: wide, but not stretched by outliers
 TRAVERSAL_PERCENTILES = (5.0, 95.0)  # PC traversals: those of `cryoformer analyze`
+UMAP_AXES = ("UMAP1", "UMAP2")
+_AXIS_NAME = re.compile(r"(PC|UMAP|z)(\d+)")
+Axis = Union[int, str]  # a 1-based PC number, or an axis name ("PC2", "UMAP1", "z0")
 
 
 def stratified_subsample(labels: np.ndarray, max_points: int, seed: int = 0,
@@ -95,6 +104,19 @@ def points_in_polygon(xy: np.ndarray, polygon: Sequence[Sequence[float]]) -> np.
     return np.nonzero(Path(poly).contains_points(np.asarray(xy, dtype=np.float64)))[0].astype(np.int64)
 
 
+def _analysis_folders(run: TrainedRun) -> Iterator[str]:
+    """``RUN/analysis.E`` then ``RUN/analysis``, each unless its ``analysis.json`` names another
+    epoch than the run's (an analysis without an epoch is taken as this one's)."""
+    for folder in (analysis_dir(run.run_dir, run.epoch), analysis_dir(run.run_dir)):
+        info_path = os.path.join(folder, "analysis.json")
+        if os.path.isfile(info_path):
+            with open(info_path, encoding="utf-8") as fh:
+                epoch = json.load(fh).get("epoch")
+            if epoch is not None and int(epoch) != run.epoch:
+                continue
+        yield folder
+
+
 def find_kmeans_labels(run: TrainedRun) -> Optional[Tuple[np.ndarray, Optional[np.ndarray], str]]:
     """K-means labels written by ``cryoformer analyze`` for this run's epoch, if any.
 
@@ -106,22 +128,35 @@ def find_kmeans_labels(run: TrainedRun) -> Optional[Tuple[np.ndarray, Optional[n
     (labels [N] int64, center_rows [K] int64 or None, path) or None
     """
     n = run.n_particles
-    for folder in (analysis_dir(run.run_dir, run.epoch), analysis_dir(run.run_dir)):
+    for folder in _analysis_folders(run):
         path = os.path.join(folder, "kmeans_labels.npy")
         if not os.path.isfile(path):
             continue
-        info_path = os.path.join(folder, "analysis.json")
-        if os.path.isfile(info_path):
-            with open(info_path, encoding="utf-8") as fh:
-                epoch = json.load(fh).get("epoch")
-            if epoch is not None and int(epoch) != run.epoch:
-                continue
         labels = np.load(path, allow_pickle=False).reshape(-1)
         if labels.size != n or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
             continue
         centers_path = os.path.join(folder, "kmeans_center_indices.npy")
         centers = np.load(centers_path, allow_pickle=False).astype(np.int64) if os.path.isfile(centers_path) else None
         return labels.astype(np.int64), centers, path
+    return None
+
+
+def find_umap(run: TrainedRun) -> Optional[Tuple[np.ndarray, str]]:
+    """UMAP coordinates written by ``cryoformer analyze`` for this run's epoch, if any.
+
+    Looks where :func:`find_kmeans_labels` does for ``umap.npy`` of shape ``[N, 2]``, finite.
+
+    Returns
+    -------
+    (coordinates [N, 2] float32, path) or None
+    """
+    for folder in _analysis_folders(run):
+        path = os.path.join(folder, "umap.npy")
+        if not os.path.isfile(path):
+            continue
+        xy = np.load(path, allow_pickle=False)
+        if xy.shape == (run.n_particles, 2) and np.issubdtype(xy.dtype, np.floating) and np.all(np.isfinite(xy)):
+            return xy.astype(np.float32), path
     return None
 
 
@@ -172,6 +207,10 @@ class RunSession:
         ``latents[center_rows[c]]``.
     kmeans_source : str
         Where the K-means labels came from.
+    umap : np.ndarray or None
+        ``[N, 2]`` float32 UMAP coordinates of ``cryoformer analyze`` for this epoch, else None.
+    umap_source : str
+        Where they came from, or why there are none.
     selection : np.ndarray
         ``[M]`` sorted unique rows of the selected particles.
     decode_box : int
@@ -190,6 +229,10 @@ class RunSession:
         self.pca = pca(self.latents)
         labels, self.center_rows, self.kmeans_source = self._clusters(int(k))
         self.labels: Dict[str, np.ndarray] = {KMEANS: labels}
+        found = find_umap(self.run)
+        self.umap: Optional[np.ndarray] = None if found is None else found[0]
+        self.umap_source = (found[1] if found is not None else
+                            f"no umap.npy of `cryoformer analyze` for epoch {self.run.epoch}")
         self.selection = np.zeros(0, dtype=np.int64)
         D = int(decode_box or self.run.box_size)
         if D < 2 or D % 2:
@@ -258,12 +301,56 @@ class RunSession:
         self.labels[str(name)] = lab.astype(np.int64)
         return self.labels[str(name)]
 
-    def coords(self, pcs: Tuple[int, int]) -> np.ndarray:
-        """``[N, 2]`` float32 coordinates of every particle on PCs ``pcs`` (1-based)."""
-        a, b = (int(p) for p in pcs)
-        if not (1 <= a <= self.n_pcs and 1 <= b <= self.n_pcs):
-            raise ValueError(f"PCs must lie in 1…{self.n_pcs}, got {pcs}")
-        return self.pca.projections[:, [a - 1, b - 1]]
+    def axis_names(self) -> List[str]:
+        """Scatter axes offered: ``PC1`` … ``PCp``, ``UMAP1``/``UMAP2`` (only with :attr:`umap`),
+        then the latent dimensions ``z0`` … ``z{zdim-1}``."""
+        names = [f"PC{i}" for i in range(1, self.n_pcs + 1)]
+        names += list(UMAP_AXES) if self.umap is not None else []
+        return names + [f"z{i}" for i in range(self.latents.shape[1])]
+
+    def _axis(self, axis: Axis) -> Tuple[str, int]:
+        """(kind ``"PC"`` / ``"UMAP"`` / ``"z"``, 0-based column) of a PC number or axis name."""
+        if isinstance(axis, (int, np.integer)):
+            axis = f"PC{int(axis)}"
+        match = _AXIS_NAME.fullmatch(str(axis))
+        if match is None or str(axis) not in self.axis_names():
+            why = " (run `cryoformer analyze` for this epoch first)" if str(axis) in UMAP_AXES else ""
+            raise ValueError(f"unknown axis {axis!r}{why}; choose from {', '.join(self.axis_names())}")
+        kind, number = match.group(1), int(match.group(2))
+        return kind, number if kind == "z" else number - 1
+
+    def axis_values(self, axis: Axis) -> np.ndarray:
+        """``[N]`` float32 coordinate of every particle on ``axis`` (a PC number or an axis name)."""
+        kind, col = self._axis(axis)
+        table = {"PC": self.pca.projections, "UMAP": self.umap, "z": self.latents}[kind]
+        return np.asarray(table[:, col], dtype=np.float32)
+
+    def coords(self, axes: Tuple[Axis, Axis]) -> np.ndarray:
+        """``[N, 2]`` float32 coordinates of every particle on two axes: PC numbers (1-based, as
+        ``(1, 2)``) or names of :meth:`axis_names` (``("UMAP1", "UMAP2")``, ``("z0", "PC1")``)."""
+        a, b = axes
+        return np.stack([self.axis_values(a), self.axis_values(b)], axis=1)
+
+    def position(self, z: np.ndarray, axes: Tuple[Axis, Axis], row: Optional[int] = None) -> Optional[np.ndarray]:
+        """``[2]`` float64 position of latent ``z`` ``[zdim]`` on ``axes``, or None where it has none.
+
+        PCs and latent dimensions place any latent. A UMAP axis places only a particle (``row``,
+        a row of the run): the UMAP is read from ``cryoformer analyze``, not refitted, so a latent
+        between particles (a PC traversal) has no UMAP position.
+        """
+        z = np.asarray(z, dtype=np.float64).reshape(-1)  # [zdim]
+        out = []
+        for axis in axes:
+            kind, col = self._axis(axis)
+            if kind == "PC":
+                out.append(self.pc_coords(z)[col])
+            elif kind == "z":
+                out.append(z[col])
+            elif row is None:
+                return None
+            else:
+                out.append(float(self.umap[self._check_row(row), col]))
+        return np.asarray(out, dtype=np.float64)
 
     def pc_coords(self, z: np.ndarray) -> np.ndarray:
         """``[p]`` float64 PC coordinates of a latent ``z`` ``[zdim]`` (inverse of :meth:`from_pcs`)."""
@@ -356,9 +443,10 @@ class RunSession:
         """Set (``replace``), extend (``add``) or reduce (``remove``) the selection; returns it."""
         return self._apply(np.asarray(rows), mode)
 
-    def select_polygon(self, polygon: Sequence[Sequence[float]], pcs: Tuple[int, int] = (1, 2),
+    def select_polygon(self, polygon: Sequence[Sequence[float]], pcs: Tuple[Axis, Axis] = (1, 2),
                        mode: str = "replace") -> np.ndarray:
-        """Select every particle (not only the drawn ones) inside ``polygon`` on PCs ``pcs``."""
+        """Select every particle (not only the drawn ones) inside ``polygon`` on the axes ``pcs``
+        (PC numbers or axis names, as :meth:`coords`)."""
         return self._apply(points_in_polygon(self.coords(pcs), polygon), mode)
 
     def select_clusters(self, clusters: Sequence[int], label_set: str = KMEANS,

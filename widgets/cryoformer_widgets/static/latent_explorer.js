@@ -1,6 +1,7 @@
 // Front end of cryoformer_widgets.LatentExplorer (anywidget ES module, no build step).
 //
-// Draws the PCA scatter (a subsample chosen in Python) on a canvas and turns clicks, lasso and
+// Draws the latent scatter (a subsample chosen in Python; axes axis_x / axis_y, any of axis_names:
+// PCs, UMAP1/UMAP2, latent dimensions z0 …) on a canvas and turns clicks, lasso and
 // box drags into trait changes / messages; Python decodes, renders and selects. Binary traits
 // arrive as DataViews: points float32 [M, 2], point_rows int32 [M], point_colors uint8 [M],
 // point_selected uint8 [M]; slices_png / iso_png are PNG bytes.
@@ -46,8 +47,8 @@ function render({ model, el }) {
 
   // ---------------------------------------------------------------- left: scatter
   const left = h("div", { class: "cfx-panel" });
-  const selX = h("select", { class: "cfx-pcx", title: "PC on the horizontal axis" });
-  const selY = h("select", { class: "cfx-pcy", title: "PC on the vertical axis" });
+  const selX = h("select", { class: "cfx-pcx", title: "horizontal axis: a PC, UMAP (after cryoformer analyze) or a latent dimension" });
+  const selY = h("select", { class: "cfx-pcy", title: "vertical axis: a PC, UMAP (after cryoformer analyze) or a latent dimension" });
   const selColor = h("select", { class: "cfx-color", title: "colour particles by" });
   const modes = {};
   const modeBar = h("span", { class: "cfx-modes" });
@@ -189,16 +190,20 @@ function render({ model, el }) {
       }
       ctx.stroke(); ctx.setLineDash([]);
     }
-    const vars = model.get("pc_variance") || [];
-    const pcLabel = (k) => `PC${k}` + (vars[k - 1] !== undefined ? ` (${(100 * vars[k - 1]).toFixed(1)} %)` : "");
     ctx.fillStyle = "#222"; ctx.font = "12px sans-serif"; ctx.textAlign = "center"; ctx.textBaseline = "alphabetic";
-    ctx.fillText(pcLabel(model.get("pc_x")), PAD + (SIZE - PAD) / 2, SIZE - 10);
+    ctx.fillText(axisLabel(model.get("axis_x")), PAD + (SIZE - PAD) / 2, SIZE - 10);
     ctx.save(); ctx.translate(14, 8 + (SIZE - PAD) / 2); ctx.rotate(-Math.PI / 2);
-    ctx.fillText(pcLabel(model.get("pc_y")), 0, 0); ctx.restore();
+    ctx.fillText(axisLabel(model.get("axis_y")), 0, 0); ctx.restore();
     ctx.textAlign = "right"; ctx.font = "11px sans-serif"; ctx.fillStyle = "#666";
     ctx.fillText(`${n} of ${model.get("n_particles")} particles drawn`, SIZE - 10, 22);
   }
 
+  // "PC2 (12.3 %)" for a principal component; other axes (UMAP1, z0) by their name.
+  function axisLabel(name) {
+    const m = /^PC(\d+)$/.exec(name || "");
+    const v = m ? (model.get("pc_variance") || [])[Number(m[1]) - 1] : undefined;
+    return (name || "") + (v !== undefined ? ` (${(100 * v).toFixed(1)} %)` : "");
+  }
   function fillOptions(select, values, labels, current) {
     select.innerHTML = "";
     values.forEach((v, i) => select.appendChild(h("option", { value: String(v), text: labels[i] })));
@@ -208,8 +213,9 @@ function render({ model, el }) {
     const n = model.get("n_pcs");
     const pcs = Array.from({ length: n }, (_, i) => i + 1);
     const names = pcs.map((k) => `PC${k}`);
-    fillOptions(selX, pcs, names, model.get("pc_x"));
-    fillOptions(selY, pcs, names, model.get("pc_y"));
+    const axes = model.get("axis_names") || [];
+    fillOptions(selX, axes, axes, model.get("axis_x"));
+    fillOptions(selY, axes, axes, model.get("axis_y"));
     fillOptions(selTrav, pcs, names, model.get("traversal_pc"));
     const sets = model.get("label_sets") || [];
     fillOptions(selColor, sets, sets, model.get("color_by"));
@@ -285,7 +291,7 @@ function render({ model, el }) {
   canvas.addEventListener("mousemove", (ev) => {
     const p = css(ev);
     const d = toData(p[0], p[1]);
-    readout.textContent = `PC${model.get("pc_x")} = ${d[0].toFixed(3)}, PC${model.get("pc_y")} = ${d[1].toFixed(3)}`;
+    readout.textContent = `${model.get("axis_x")} = ${d[0].toFixed(3)}, ${model.get("axis_y")} = ${d[1].toFixed(3)}`;
     if (!drag) return;
     if (drag.mode === "box") drag.path = [drag.path[0], p]; else drag.path.push(p);
     draw();
@@ -306,8 +312,8 @@ function render({ model, el }) {
   canvas.addEventListener("mouseleave", finishDrag);
 
   const setTrait = (key, value) => { model.set(key, value); model.save_changes(); };
-  selX.addEventListener("change", () => setTrait("pc_x", Number(selX.value)));
-  selY.addEventListener("change", () => setTrait("pc_y", Number(selY.value)));
+  selX.addEventListener("change", () => setTrait("axis_x", selX.value));
+  selY.addEventListener("change", () => setTrait("axis_y", selY.value));
   selColor.addEventListener("change", () => setTrait("color_by", selColor.value));
   selTrav.addEventListener("change", () => {
     model.set("traversal_pc", Number(selTrav.value));
@@ -339,8 +345,8 @@ function render({ model, el }) {
     ["change:points change:point_rows change:centers", onPoints],
     ["change:point_colors change:palette change:legend", onColors],
     ["change:point_selected change:n_selected", onSel],
-    ["change:marker change:pc_x change:pc_y", draw],
-    ["change:n_pcs change:label_sets change:color_by change:pc_x change:pc_y change:traversal_pc", updateControls],
+    ["change:marker change:axis_x change:axis_y", draw],
+    ["change:n_pcs change:axis_names change:label_sets change:color_by change:axis_x change:axis_y change:traversal_pc", updateControls],
     ["change:slices_png", () => setImage(slices, "slices_png")],
     ["change:iso_png", () => setImage(iso, "iso_png")],
     ["change:volume_label change:volume_info", onVolume],

@@ -7,22 +7,34 @@ negative density gradient). It needs only numpy and scipy, renders a 128³ map i
 second, and changes with the threshold exactly as a marching-cubes mesh would.
 
 Thresholds are given in standard deviations above the volume's mean (``level = mean + t·σ``),
-so one slider setting means the same on every decoded volume, whatever its scale.
+so one slider setting means the same on every decoded volume, whatever its scale. A series of
+maps (a trajectory through latent space) is rendered at one absolute level and one view
+(:func:`series_level`, :func:`isosurface_rgb_at_level`), so its frames compare, and written as
+a GIF (Pillow) and, where an ffmpeg binary is found, an MP4 (:func:`write_movie`).
+
+The Jupyter explorer and the command line use this module alike; it imports no GUI toolkit.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Optional, Sequence, Tuple
+import os
+import logging
+import shutil
+import subprocess
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.colors import to_hex
 from PIL import Image
 from scipy import ndimage
 
+from cryoformer.io.atomic import atomic_path
+
 __all__ = ["png_bytes", "iso_level", "slice_panels", "slices_png", "isosurface_rgb", "isosurface_png",
-           "palette", "SURFACE_RGB"]
+           "isosurface_rgb_at_level", "series_level", "movie_frame", "write_gif", "write_mp4",
+           "ffmpeg_executable", "palette", "SURFACE_RGB"]
+
+log = logging.getLogger(__name__)
 
 SURFACE_RGB = (0.55, 0.72, 0.95)   # light blue, as ChimeraX's default map colour
 CONTOUR_RGB = (255, 150, 30)       # threshold outline drawn on the slices
@@ -147,9 +159,25 @@ def isosurface_rgb(volume: np.ndarray, threshold_sigma: float, azimuth_deg: floa
     """
     v = np.asarray(volume, dtype=np.float32)
     level = iso_level(v, threshold_sigma)  # of the map as decoded, before resampling
-    v = _volume_in_view(v, azimuth_deg, elevation_deg, render_grid)
+    return isosurface_rgb_at_level(v, level, azimuth_deg, elevation_deg, render_grid, color)
+
+
+def isosurface_rgb_at_level(volume: np.ndarray, level: float, azimuth_deg: float = 30.0,
+                            elevation_deg: float = 20.0, render_grid: int = 96,
+                            color: Sequence[float] = SURFACE_RGB) -> np.ndarray:
+    """:func:`isosurface_rgb` at an absolute density ``level`` (the map's units).
+
+    A series rendered at one level (:func:`series_level`) shows the density change between its
+    maps; a level per map (``mean + t·σ`` of each) would partly hide it.
+
+    Returns
+    -------
+    np.ndarray
+        ``[G, G, 3]`` uint8, ``G = render_grid``.
+    """
+    v = _volume_in_view(np.asarray(volume, dtype=np.float32), azimuth_deg, elevation_deg, render_grid)
     G = v.shape[0]
-    zz, yy, xx, depth = _first_crossing(v, level)
+    zz, yy, xx, depth = _first_crossing(v, float(level))
     shade = _headlight(v, zz, yy, xx) * (1.0 - 0.35 * depth / max(G - 1, 1))  # farther is darker
     img = np.full((G, G, 3), BACKGROUND, np.uint8)
     img[yy, xx] = np.clip(shade[:, None] * np.asarray(color)[None, :] * 255, 0, 255).astype(np.uint8)
@@ -217,5 +245,112 @@ def isosurface_png(volume: np.ndarray, threshold_sigma: float, azimuth_deg: floa
 
 def palette(n: int) -> list:
     """``n`` distinguishable colours as ``"#rrggbb"`` (matplotlib's tab10, then tab20, cycled)."""
+    # matplotlib here, not at the top: it costs every command ~0.5 s to import while the CLI
+    # builds its parser, and only the explorer's colours need it.
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
     base = colormaps["tab10"].colors if n <= 10 else colormaps["tab20"].colors
     return [to_hex(base[i % len(base)]) for i in range(n)]
+
+
+def series_level(volumes: Iterable[np.ndarray], threshold_sigma: float) -> float:
+    """One level for a whole series: ``mean + threshold_sigma·σ`` of all its voxels pooled.
+
+    Parameters
+    ----------
+    volumes : iterable of np.ndarray
+        ``[D, D, D]`` maps (read one at a time; none is kept).
+    threshold_sigma : float
+        Standard deviations above the pooled mean.
+
+    Returns
+    -------
+    float
+        Density level in the maps' units.
+    """
+    n, total, total_sq = 0, 0.0, 0.0
+    for vol in volumes:
+        v = np.asarray(vol, dtype=np.float64)
+        n += v.size
+        total += float(v.sum())
+        total_sq += float(np.square(v).sum())
+    if n == 0:
+        raise ValueError("series_level needs at least one volume")
+    mean = total / n
+    return float(mean + threshold_sigma * np.sqrt(max(total_sq / n - mean * mean, 0.0)))
+
+
+def movie_frame(volume: np.ndarray, level: float, index: int, count: int, azimuth_deg: float = 30.0,
+                elevation_deg: float = 20.0, size_px: int = 256) -> np.ndarray:
+    """One movie frame: the isosurface at ``level`` and a bar at the bottom showing the frame's
+    place in the series (``index`` of ``count``, 0-based).
+
+    Returns
+    -------
+    np.ndarray
+        ``[size_px, size_px, 3]`` uint8.
+    """
+    img = _resize(isosurface_rgb_at_level(volume, level, azimuth_deg, elevation_deg), size_px, smooth=True)
+    img = np.array(img)  # writable copy
+    bar_px = max(2, size_px // 64)
+    filled = int(round(size_px * (index + 1) / max(count, 1)))
+    img[-bar_px:] = BACKGROUND // 2
+    img[-bar_px:, :filled] = CONTOUR_RGB
+    return img
+
+
+def write_gif(path: str, frames: Sequence[np.ndarray], fps: float = 5.0) -> None:
+    """Write ``frames`` (each ``[H, W, 3]`` uint8) as a looping GIF, atomically.
+
+    Parameters
+    ----------
+    path : str
+        Output ``.gif``.
+    fps : float
+        Frames per second (GIF stores the delay in milliseconds).
+    """
+    if not frames:
+        raise ValueError("a movie needs at least one frame")
+    images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+    with atomic_path(path, suffix=".gif") as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=int(round(1000.0 / fps)), loop=0, optimize=False)
+
+
+def ffmpeg_executable() -> Optional[str]:
+    """The ffmpeg binary: imageio-ffmpeg's bundled one when installed, else ``ffmpeg`` on PATH."""
+    try:
+        import imageio_ffmpeg  # optional dependency: only the MP4 movies need it
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        return shutil.which("ffmpeg")
+
+
+def write_mp4(path: str, frames: Sequence[np.ndarray], fps: float = 5.0) -> bool:
+    """Write ``frames`` (``[H, W, 3]`` uint8, even ``H`` and ``W``) as H.264 MP4 through ffmpeg.
+
+    Returns
+    -------
+    bool
+        False (and a log line) when no ffmpeg is found or it fails: the MP4 is an optional
+        extra beside the GIF, never a reason for the command to fail.
+    """
+    exe = ffmpeg_executable()
+    if exe is None or not frames:
+        log.info("no ffmpeg found (pip install imageio-ffmpeg for MP4): %s not written", os.path.basename(path))
+        return False
+    h, w = frames[0].shape[:2]
+    raw = b"".join(np.ascontiguousarray(f, dtype=np.uint8).tobytes() for f in frames)
+    cmd = [exe, "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+           "-r", f"{fps:g}", "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p"]
+    try:
+        with atomic_path(path, suffix=".mp4") as tmp:
+            subprocess.run(cmd + [tmp], input=raw, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        log.warning("ffmpeg could not write %s (%s): MP4 skipped, the GIF has the same frames",
+                    os.path.basename(path), detail.decode(errors="replace").strip() or exc)
+        return False
+    return True
