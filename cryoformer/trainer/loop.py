@@ -91,13 +91,15 @@ class Trainer:
     """
 
     def __init__(self, run: Run, info: dist_mod.DistInfo, progress: bool,
-                 command_line: Optional[str] = None) -> None:
+                 command_line: Optional[str] = None, started: Optional[float] = None) -> None:
         self.run, self.info = run, info
         # bars on a terminal, plain lines in a batch job's log file, nothing off rank 0
         self.style = progress_style(progress) if info.is_main else OFF
         self.config, self.state, self.model = run.config, run.state, run.model
         self.run_dir, self.device = run.config.data.outdir, info.device
-        self._t0 = time.monotonic()
+        # the run's clock (time.monotonic) starts when train() was called: reading and checking
+        # the data counts against a --max-minutes budget too
+        self._t0 = time.monotonic() if started is None else started
         self.loss_module: nn.Module = LossModule(self.model, self.config)
         if info.distributed:
             self.loss_module = nn.parallel.DistributedDataParallel(
@@ -142,7 +144,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ main entry
     def run_epochs(self) -> TrainResult:
-        self._t0 = time.monotonic()
         stages = self.stages()
         first, start_batch = self._start(stages)
         if self.info.is_main and self.state.phase == "start" and self.run.data.gt_poses is not None:
@@ -486,13 +487,14 @@ def train(config: TrainConfig, model_config: Optional[ModelConfig] = None, *, re
     TrainingDiverged
         Non-finite loss; the files on disk are those of the last good checkpoint.
     """
+    started = time.monotonic()
     info = dist_mod.setup(config.runtime.device)
     if info.device.type == "cpu":
         keep_freed_memory()  # reuse freed activations instead of page-faulting them in again
     trainer = None
     try:
         trainer = Trainer(build_run(config, model_config, info, resume, command_line, force), info, progress,
-                          command_line)
+                          command_line, started=started)
         return trainer.run_epochs()
     except BaseException as exc:
         # the traceback's frames hold the trainer too: clear them so it can be freed below
