@@ -80,6 +80,18 @@ def test_analyze_writes_everything(run, capsys):
     assert info["umap"]["file"] == "umap.npy" and info["umap"]["fit_particles"] == 24
     assert "fitted on 24 of 24 particles" in (out / "summary.html").read_text()
     assert "UMAP: umap.npy, fitted on 24 of 24 particles" in capsys.readouterr().out
+    # the notebook to go on with: the template, set to this run, epoch and k, with no outputs
+    nb = json.loads((out / "your_data.ipynb").read_text())
+    params = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    assert len(params) == 1 and info["files"]["notebook"] == "your_data.ipynb"
+    values = {}
+    exec("".join(params[0]["source"]), values)  # the cell is valid Python
+    assert values["RUN"] == os.path.abspath(run / "run") and values["EPOCH"] == info["epoch"]
+    assert values["K"] == 3 and values["METADATA"] is None
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert len(code) >= 6 and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+    nbformat = pytest.importorskip("nbformat")
+    nbformat.validate(nbformat.reads(json.dumps(nb), as_version=4))
 
 
 def test_analyze_epoch_positional_and_skip_umap(run, capsys):

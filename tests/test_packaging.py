@@ -76,6 +76,8 @@ def test_wheels_declare_gui_and_test_tools_only_as_extras(wheels):
     extras = {_name(r): re.search(r'extra == "(\w+)"', r).group(1) for r in _requirements(widgets) if "extra ==" in r}
     assert extras["napari"] == "napari" and extras["playwright"] == "test"
     assert extras["anywidget"] == "jupyter" and extras["ipywidgets"] == "jupyter"
+    with zipfile.ZipFile(core) as zf:  # the notebook `analyze` copies into its folder
+        assert "cryoformer/notebooks/your_data.ipynb" in zf.namelist()
     with zipfile.ZipFile(widgets) as zf:  # the plugin manifest and the front end travel with it
         names = zf.namelist()
     assert "cryoformer_widgets/napari.yaml" in names

@@ -23,6 +23,8 @@ its ``model``, ``latents``, ``box_size``, ``pixel_size_angstrom`` and ``epoch``)
                                         percentiles
 ``flex_score.mrc``                      flexible-region score in ``[0, 1]``
 ``summary.png``, ``summary.html``       the one-page summary
+``your_data.ipynb``                     a notebook to go on with (latents, UMAP/PCA, clusters,
+                                        maps, a trajectory, export), set to this run and epoch
 ``analysis.json``                       what was done, with units and channel names
 ======================================  ==========================================================
 
@@ -44,6 +46,7 @@ from cryoformer.analysis.attention_maps import attention_channel_names, attentio
 from cryoformer.analysis.latent_space import (UMAP_FIT_MAX, UMAP_MIN_DIST, UMAP_N_NEIGHBORS, KMeansResult,
                                              PcaResult, kmeans, pc_traversal, pca, umap_available,
                                              umap_embedding)
+from cryoformer.analysis.notebook import TEMPLATE_NAME, write_prefilled_notebook
 from cryoformer.analysis.summary import plot_explained_variance, plot_summary, write_summary_html
 from cryoformer.analysis.traversal import write_series_movie
 from cryoformer.analysis.volumes import decoded_voxel_size, iter_decoded, staged_directory, write_volumes
@@ -165,6 +168,9 @@ def analyze_run(run, out_dir: PathLike, config: AnalyzeConfig = AnalyzeConfig())
         files.update({"cluster volumes": "vol_kmeans_XX.mrc", "attention maps": "attn_kmeans_XX.mrc",
                       "flexible-region score": "flex_score.mrc", "latents": "z.npy",
                       "PC coordinates": "pca.npy", "cluster labels": "kmeans_labels.npy"})
+        if getattr(run, "run_dir", None):  # a notebook to go on with, set to this run and epoch
+            write_prefilled_notebook(out(TEMPLATE_NAME), run.run_dir, getattr(run, "epoch", None), config.k)
+            files["notebook"] = TEMPLATE_NAME
         _write_summary(out, getattr(run, "epoch", None), z, D, apix, config, pcs, km, cluster_vols,
                        embedding, umap_info, files)
         record = _analysis_record(run, z, config, D, apix, pcs, km, attention_channel_names(model), files)
