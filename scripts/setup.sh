@@ -5,6 +5,9 @@
 #   bash scripts/setup.sh [VENV_DIR]
 #
 # Environment:
+#   CRYOFORMER_PROFILE "full" (default: everything the tests need, GUI test tooling included) or
+#                     "core" (what `make demo` needs: the core alone, no widgets, no GUI system
+#                     packages, no extras unless CRYOFORMER_EXTRAS names some).
 #   CRYOFORMER_TORCH  "cpu" (default without an NVIDIA driver) installs torch==2.13.0, whose CPU
 #                     wheel this project's machines carry; "cuda" installs PyPI's default (CUDA)
 #                     torch; "skip" keeps whatever torch the venv already has.
@@ -13,7 +16,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${CRYOFORMER_EXTRAS:-dev,sim,umap}"
+PROFILE="${CRYOFORMER_PROFILE:-full}"
+case "$PROFILE" in
+    full) EXTRAS="${CRYOFORMER_EXTRAS-dev,sim,umap}" ;;
+    core) EXTRAS="${CRYOFORMER_EXTRAS-}"; CRYOFORMER_SKIP_GUI_PACKAGES=1 ;;
+    *) echo "setup: CRYOFORMER_PROFILE must be full or core" >&2; exit 1 ;;
+esac
 
 # System packages. Only what pip cannot provide; installed when we are root and apt exists.
 APT_PACKAGES=()
@@ -56,7 +64,16 @@ case "$mode" in
     *) echo "setup: CRYOFORMER_TORCH must be cpu, cuda or skip" >&2; exit 1 ;;
 esac
 
-echo "setup: cryoformer[$EXTRAS] and cryoformer-widgets (editable)"
 # The torch already installed satisfies the core's requirement, so pip adds no other torch.
-"${PIP[@]}" install -q -e ".[$EXTRAS]" -e "./widgets[jupyter,napari,test]"
-"$VENV/bin/python" -c "import cryoformer, cryoformer_widgets, torch; print('setup: ok, cryoformer', cryoformer.__version__, '| torch', torch.__version__, '| CUDA', torch.cuda.is_available())"
+core="."
+[ -n "$EXTRAS" ] && core=".[$EXTRAS]"
+if [ "$PROFILE" = core ]; then
+    echo "setup: cryoformer${EXTRAS:+[$EXTRAS]} (editable; the core only)"
+    "${PIP[@]}" install -q -e "$core"
+    check="import cryoformer as c, torch"
+else
+    echo "setup: cryoformer${EXTRAS:+[$EXTRAS]} and cryoformer-widgets (editable)"
+    "${PIP[@]}" install -q -e "$core" -e "./widgets[jupyter,napari,test]"
+    check="import cryoformer as c, cryoformer_widgets, torch"
+fi
+"$VENV/bin/python" -c "$check; print('setup: ok, cryoformer', c.__version__, '| torch', torch.__version__, '| CUDA', torch.cuda.is_available())"
