@@ -144,8 +144,7 @@ def load_particles(data_dir: str, poses_path: str, n: int):
 
 def search_particles(data) -> Particles:
     """What the search reads of trainer data: its images at the original box, its CTF rows."""
-    full = dataclasses.replace(data, box_size=data.original_box)
-    return Particles(full.images, len(data), data.original_box, None if data.ctf is None else data.ctf.array)
+    return data.search_particles()
 
 
 def true_maps(data_dir: str):

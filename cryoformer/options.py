@@ -58,7 +58,8 @@ class OptionSpec:
     help : str
         Help text; ``{default}`` is replaced by the field's default (format specs allowed).
     unit : str or None
-        Unit of the value (``"px"``, ``"deg"``, ``"min"``), for documentation.
+        Unit of the value (``"px"``, ``"deg"``, ``"min"``); the value's name in ``--help``
+        (``--box PX``) unless ``metavar`` is given.
     choices : tuple or None
         Allowed values (argparse ``choices``).
     resume : str
@@ -169,6 +170,8 @@ def _argument(section, leaf: Leaf) -> None:
         for key in ("choices", "metavar", "nargs"):
             if getattr(spec, key) is not None:
                 kwargs[key] = getattr(spec, key)
+        if spec.metavar is None and spec.unit is not None and spec.choices is None:
+            kwargs["metavar"] = spec.unit.upper()  # the unit names the value: --box PX, --max-minutes MIN
         if spec.required:
             kwargs["required"] = True
     section.add_argument(*spec.flags, **kwargs)

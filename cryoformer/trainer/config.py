@@ -26,13 +26,13 @@ from typing import Any, Optional
 from cryoformer import options
 from cryoformer.errors import InputError
 from cryoformer.model import PRESETS, ModelConfig, model_config_from_preset
+from cryoformer.model.get_query import GET_QUERY_MODES
 from cryoformer.options import FROM_RUN, MUST_MATCH, option, option_group
 from cryoformer.refinement import REFERENCE_KINDS
 
 DEVICES = ("auto", "cpu", "cuda")
 
 # ModelConfig's GetQuery modes, the default first (as the help lists them).
-GET_QUERY_CHOICES = ("trilinear", "block")
 
 
 def _abs(path: Optional[str]) -> Optional[str]:
@@ -402,9 +402,9 @@ class ModelOptions:
     feature_grid: Optional[int] = option(
         "--feature-grid", default=None, unit="px", metavar="G",
         help="evaluate the spatial features F_S on a G³ grid (px of the training box) and "
-             "upsample; smaller is faster (default: the trainer's tuned value)")
+             "upsample; smaller is faster (default: the training box, every voxel)")
     get_query: Optional[str] = option(
-        "--get-query", default=None, choices=GET_QUERY_CHOICES,
+        "--get-query", default=None, choices=GET_QUERY_MODES,
         help="how a point reads the structure queries: trilinear blend of the neighbouring "
              "blocks' queries (default; smoother maps) or the query of its block (the paper)")
     variational: bool = option(
@@ -423,7 +423,7 @@ class ModelOptions:
         return default_model_config(box_size, preset=self.preset, refine_poses=refine_poses, **fields)
 
 
-def default_model_config(box_size: int, preset: Optional[str] = None, refine_poses: bool = False,
+def default_model_config(box_size: int, *, preset: Optional[str] = None, refine_poses: bool = False,
                          **fields: Any) -> ModelConfig:
     """The :class:`ModelConfig` the trainer builds for a training box of ``box_size`` px.
 

@@ -34,6 +34,7 @@ from cryoformer.io.safe_pickle import load_pickle
 from cryoformer.metadata import CtfParameters, Poses
 from cryoformer.physics.contrast import ContrastEstimate, estimate_contrast_from_source
 from cryoformer.physics.fourier import fourier_crop
+from cryoformer.refinement import Particles
 
 from .config import TrainConfig
 
@@ -132,6 +133,12 @@ class ParticleData:
     def with_poses(self, poses: Poses) -> "ParticleData":
         """The same particles served at ``poses`` (box ``original_box``)."""
         return dataclasses.replace(self, poses=poses)
+
+    def search_particles(self) -> Particles:
+        """What a pose search reads of these particles: the images at the original box (the
+        search scores finer detail than training sees) and the CTF rows."""
+        full = dataclasses.replace(self, box_size=self.original_box)
+        return Particles(full.images, len(self), self.original_box, None if self.ctf is None else self.ctf.array)
 
     def images(self, positions: np.ndarray, normalise: bool = True) -> torch.Tensor:
         """Training images of subset rows ``positions``: ``[b, D, D]`` float32."""

@@ -8,7 +8,6 @@ loop (:mod:`.loop`) applies the results to its :class:`~.state.RunState` and the
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Optional
@@ -19,7 +18,7 @@ import torch
 from cryoformer.metadata import Poses
 from cryoformer.model import CryoFormer
 from cryoformer.model.support import support_from_volumes
-from cryoformer.refinement import Particles, PoseSearchConfig, search_poses
+from cryoformer.refinement import PoseSearchConfig, search_poses
 
 from . import distributed as dist_mod
 from .config import TrainConfig
@@ -123,8 +122,7 @@ def search_training_poses(model: CryoFormer, data: ParticleData, poses: Poses, h
     if info.is_main:
         t0 = time.monotonic()
         z = encode_particles(model, data, device)["z"]
-        full = dataclasses.replace(data, box_size=d0)  # the search reads the original box
-        particles = Particles(full.images, len(data), d0, None if data.ctf is None else data.ctf.array)
+        particles = data.search_particles()
         search = PoseSearchConfig.from_degrees(opts.pose_search_radius_deg, opts.pose_search_prior_deg,
                                                reference=opts.pose_search_reference,
                                                n_references=opts.pose_search_groups)

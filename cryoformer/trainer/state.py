@@ -3,9 +3,11 @@ held-out history and the support mask.
 
 Everything else a run holds is either fixed once built (the config, the data with its *input*
 poses, the held-out split) or owned by torch (model and optimiser weights, RNG streams). The
-loop (:mod:`.loop`) changes a :class:`RunState` only by assigning what the epoch hooks
-(:mod:`.epoch_hooks`) return; a checkpoint stores it under the keys listed in
-:mod:`.checkpoint`, which are those of every checkpoint written so far.
+loop (:mod:`.loop`) is the only writer: it advances the schedule fields (phase, epoch, step,
+position in the epoch) as it trains, appends to the held-out history, and assigns what the
+epoch hooks (:mod:`.epoch_hooks`) return (poses, support mask); the hooks themselves never
+touch it. A checkpoint stores it under the keys listed in :mod:`.checkpoint`, which are those
+of every checkpoint written so far.
 """
 
 from __future__ import annotations
