@@ -10,6 +10,7 @@ overview figure. Every step is the same library call the individual commands mak
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -370,6 +371,9 @@ def _print_outputs(wall_s: float, figure: str, adir: str, fsc_plot: str, outdir:
     print(f"  metrics          {os.path.join(outdir, 'metrics.json')}")
     print(f"  dataset          {data.root}/  (particles.star, gt/)")
     print(f"  explore it       LatentExplorer('{run_dir}') in Jupyter, or napari → Plugins → cryoformer")
+    if importlib.util.find_spec("cryoformer_widgets") is None:  # `make demo` sets up the core only
+        print("                   (the widgets are not installed here: `make setup`, or "
+              "pip install './widgets[jupyter]' / './widgets[napari]')")
 
 
 def _final_verdict(ends: dict) -> int:
