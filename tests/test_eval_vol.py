@@ -16,6 +16,8 @@ from cryoformer.errors import InputError
 from cryoformer.io import read_volume
 from cryoformer.metrics.heterogeneity import lowpass_gaussian
 
+from test_trainer_helpers import tiny_cli_run
+
 
 def test_flip_reverses_z_about_the_centre_voxel(rng):
     D = 8
@@ -104,10 +106,7 @@ def test_z_pkl_executing_code_is_refused(tmp_path):
 def run(tmp_path_factory):
     """A 1-epoch run: 24 particles, box 16, 6 Å, zdim 2."""
     root = tmp_path_factory.mktemp("evalvol")
-    assert main(["simulate", "-o", str(root / "sim"), "-n", "24", "-D", "16", "--Apix", "6",
-                 "--n-states", "3", "--snr", "1", "--seed", "0"]) == 0
-    assert main(["train", str(root / "sim" / "particles.star"), "-o", str(root / "run"), "--epochs", "1",
-                 "-b", "12", "--zdim", "2", "--seed", "0", "--device", "cpu"]) == 0
+    tiny_cli_run(root)
     return root / "run"
 
 

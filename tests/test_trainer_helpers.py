@@ -7,6 +7,7 @@ import os
 import numpy as np
 import torch
 
+from cryoformer.cli import main
 from cryoformer.model.hash_grid import HashGridConfig
 from cryoformer.trainer import TrainConfig, default_model_config
 
@@ -70,3 +71,13 @@ def leftovers(directory):
 def rel_error(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def tiny_cli_run(root):
+    """Through the CLI: 24 simulated particles (box 16, 6 Å/px, 3 states) and a 1-epoch run
+    (zdim 2) on them; returns the run directory ``root/run``."""
+    assert main(["simulate", "-o", str(root / "sim"), "-n", "24", "-D", "16", "--Apix", "6",
+                 "--n-states", "3", "--snr", "1", "--seed", "0"]) == 0
+    assert main(["train", str(root / "sim" / "particles.star"), "-o", str(root / "run"), "--epochs", "1",
+                 "-b", "12", "--zdim", "2", "--seed", "0", "--device", "cpu"]) == 0
+    return root / "run"

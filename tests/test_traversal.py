@@ -15,6 +15,8 @@ from cryoformer.cli import EXIT_INPUT_ERROR, main
 from cryoformer.errors import InputError
 from cryoformer.io import read_volume
 
+from test_trainer_helpers import tiny_cli_run
+
 
 def _arc_with_gap(rng, n_per_arm=150):
     """Latents on a half ring of radius 1 (angles 0…π, 2-D): two clusters at its ends joined
@@ -101,10 +103,7 @@ def test_chimerax_script_opens_every_map_as_one_series():
 def run(tmp_path_factory):
     """A 1-epoch run (24 particles, box 16, 6 Å, zdim 2) and its analysis (k = 2, 3 maps per PC)."""
     root = tmp_path_factory.mktemp("traverse")
-    assert main(["simulate", "-o", str(root / "sim"), "-n", "24", "-D", "16", "--Apix", "6",
-                 "--n-states", "3", "--snr", "1", "--seed", "0"]) == 0
-    assert main(["train", str(root / "sim" / "particles.star"), "-o", str(root / "run"), "--epochs", "1",
-                 "-b", "12", "--zdim", "2", "--seed", "0", "--device", "cpu"]) == 0
+    tiny_cli_run(root)
     assert main(["analyze", str(root / "run"), "--k", "2", "--n-traversal", "3", "--skip-umap"]) == 0
     return root / "run"
 
