@@ -1,6 +1,6 @@
 # Two commands for a newcomer (see README.md):
-#   make demo   set everything up, then run the demo on the embedded hinged molecule
-#   make test   set everything up, then run the whole test suite
+#   make demo   set up the core (what the demo needs), then run the demo on the embedded hinged molecule
+#   make test   set everything up (widgets and GUI test tooling too), then run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.cryoformer-setup
