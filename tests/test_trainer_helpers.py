@@ -17,8 +17,6 @@ BOX = 16
 
 def make_dataset(outdir, n=N_PARTICLES, box=BOX, seed=5, shift_range=1.0):
     """A small noisy hinged-molecule dataset (2 states) written by the real simulator."""
-    from cryoformer.cli import main
-
     rc = main(["simulate", "-o", str(outdir), "-n", str(n), "-D", str(box), "--Apix", "8",
                "--n-states", "2", "--snr", "1", "--shift-range", str(shift_range),
                "--seed", str(seed)])

@@ -197,7 +197,8 @@ class PoseRefinementOptions:
              "loss + λ·pose loss; refined poses go to RUN/poses/epoch_XXX.pkl")
     pose_pretrain_epochs: int = option(
         "--pose-pretrain-epochs", default=50, resume=MUST_MATCH,
-        help="passes of pose-only pre-training (default {default})")
+        help="passes of pose-only pre-training, the learning rate decaying from --lr to 0 over "
+             "them (default {default})")
     pose_weight: float = option("--pose-weight", default=1.0, resume=MUST_MATCH,
                                 help="λ, weight of the pose loss (default {default:g})")
 
