@@ -11,10 +11,12 @@ import sys
 import numpy as np
 import pytest
 
+import cryoformer.analysis.analyze as analyze_module
 from cryoformer.cli import EXIT_INPUT_ERROR, main
 from cryoformer.io import open_particles, read_star, read_volume, read_volume_stack, write_poses_pkl
 from cryoformer.io.cryodrgn import read_poses_pkl
 from cryoformer.io.safe_pickle import load_pickle
+from cryoformer.trainer import load_run
 
 COMMANDS = ["analyze", "eval-vol", "evaluate", "export"]
 
@@ -98,7 +100,7 @@ def test_analyze_epoch_positional_and_skip_umap(run, capsys):
     """`analyze RUN E` is `analyze RUN --epoch E` (same folder, same epoch); --skip-umap writes no
     umap.npy and says so in the record; the epoch given twice, differently, is refused."""
     rundir = str(run / "run")
-    epoch = json.loads((run / "run" / "analysis" / "analysis.json").read_text())["epoch"]
+    epoch = load_run(rundir).epoch  # the epoch analyze uses by default
     assert main(["analyze", rundir, str(epoch), "--k", "2", "--n-traversal", "2", "--skip-umap"]) == 0
     out = run / "run" / f"analysis.{epoch}"
     info = json.loads((out / "analysis.json").read_text())
@@ -132,6 +134,23 @@ def test_analyze_without_umap_learn_notes_it_once(run, caplog, tmp_path, monkeyp
     assert main(["analyze", str(run / "run"), "--k", "2", "--n-traversal", "2", "--skip-umap",
                  "-o", str(tmp_path / "b")]) == 0
     assert not [r for r in caplog.records if "UMAP" in r.getMessage()]
+
+
+def test_analyze_with_a_broken_umap_learn_notes_it_once(run, caplog, tmp_path, monkeypatch):
+    """umap-learn installed but failing to import (numba built for another NumPy): one note, the
+    rest of the analysis written."""
+    def broken(*args, **kwargs):
+        raise ImportError("Numba needs NumPy 2.2 or less")
+
+    monkeypatch.setattr(analyze_module, "umap_embedding", broken)
+    caplog.set_level(logging.INFO)
+    assert main(["analyze", str(run / "run"), "--k", "2", "--n-traversal", "2", "-o", str(tmp_path / "a")]) == 0
+    notes = [r for r in caplog.records if "UMAP" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.WARNING, notes
+    assert "cannot be imported (Numba needs NumPy 2.2 or less)" in notes[0].getMessage()
+    info = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert "cannot be imported" in info["umap"]["skipped"]
+    assert not (tmp_path / "a" / "umap.npy").exists() and (tmp_path / "a" / "summary.png").is_file()
 
 
 def test_eval_vol_scales_voxel_size(run, capsys, tmp_path):

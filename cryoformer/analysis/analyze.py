@@ -181,8 +181,8 @@ def analyze_run(run, out_dir: PathLike, config: AnalyzeConfig = AnalyzeConfig())
 
 
 def _umap(z: np.ndarray, config: AnalyzeConfig) -> Tuple[Optional[np.ndarray], Dict[str, object]]:
-    """(``[N, 2]`` UMAP coordinates or None, the record's ``umap`` entry); without umap-learn
-    the UMAP is skipped with one logged note, not an error."""
+    """(``[N, 2]`` UMAP coordinates or None, the record's ``umap`` entry); without umap-learn, or
+    with one that cannot be imported, the UMAP is skipped with one logged note, not an error."""
     if config.skip_umap:
         return None, {"skipped": "--skip-umap"}
     if not umap_available():
@@ -191,7 +191,12 @@ def _umap(z: np.ndarray, config: AnalyzeConfig) -> Tuple[Optional[np.ndarray], D
         return None, {"skipped": why}
     if len(z) < 3:
         return None, {"skipped": f"{len(z)} particles: UMAP needs at least 3"}
-    embedding = umap_embedding(z, seed=config.seed, fit_max=config.umap_fit_max, progress=config.progress)
+    try:
+        embedding = umap_embedding(z, seed=config.seed, fit_max=config.umap_fit_max, progress=config.progress)
+    except ImportError as err:  # installed but unusable (e.g. numba built for another NumPy)
+        why = f"umap-learn is installed but cannot be imported ({err})"
+        logger.warning("UMAP skipped: %s; --skip-umap silences this note", why)
+        return None, {"skipped": why}
     return embedding, {"file": "umap.npy", "fit_particles": int(min(len(z), config.umap_fit_max)),
                        "n_neighbors": UMAP_N_NEIGHBORS, "min_dist": UMAP_MIN_DIST, "metric": "euclidean",
                        "seed": config.seed,
