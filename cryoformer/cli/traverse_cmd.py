@@ -9,7 +9,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from cryoformer.analysis.analyze import analysis_dir
+from cryoformer.analysis.analyze import AnalyzeConfig, analysis_dir
 from cryoformer.analysis.latent_space import kmeans
 from cryoformer.analysis.traversal import (DEFAULT_GRAPH_POINTS, DEFAULT_NEIGHBOURS, LatentPath, SeriesConfig,
                                            graph_path, pc_path, straight_path, write_series)
@@ -53,8 +53,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                       help="along the data: shortest path from particle I to particle J through the "
                            "k-nearest-neighbour graph of the latents (as cryoDRGN's graph_traversal)")
     p.add_argument("-n", type=int, default=10, help="maps along the trajectory (default 10)")
-    p.add_argument("--k", type=int, default=10, help="K-means clusters for --centres when computed (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of K-means and of the graph's subsample (default 0)")
+    # computed centres are analyze's: its k and seed are the defaults
+    p.add_argument("--k", type=int, default=AnalyzeConfig().k,
+                   help="K-means clusters for --centres when computed (default %(default)s)")
+    p.add_argument("--seed", type=int, default=AnalyzeConfig().seed,
+                   help="seed of K-means and of the graph's subsample (default %(default)s)")
     p.add_argument("--neighbours", "--neighbors", type=int, default=DEFAULT_NEIGHBOURS,
                    help=f"neighbours per particle in the --graph graph (default {DEFAULT_NEIGHBOURS})")
     p.add_argument("--max-graph-points", type=int, default=DEFAULT_GRAPH_POINTS,
