@@ -19,7 +19,8 @@ from test_trainer_helpers import N_PARTICLES, make_dataset, max_param_diff, tiny
 def test_refine_poses_phases_and_outputs(tmp_path):
     data_dir = make_dataset(tmp_path / "data")
     cfg = train_config(data_dir, tmp_path / "run", epochs=2, refine_poses=True, pose_pretrain_epochs=3,
-                       pose_weight=0.5, gt_poses=os.path.join(data_dir, "gt", "poses.pkl"))
+                       pose_weight=0.5, pose_warmup_epochs=1, pose_lr_scale=0.25,
+                       gt_poses=os.path.join(data_dir, "gt", "poses.pkl"))
     model_cfg = tiny_model_config(use_orientation_encoder=True)
     result = train(cfg, model_cfg, progress=False)
     assert result.stopped == "finished" and result.step == (3 + 2) * 6
@@ -41,8 +42,11 @@ def test_refine_poses_phases_and_outputs(tmp_path):
     assert list(pre.epoch) == [1, 2, 3] and (pre.mse == 0).all()
     assert pre.pose_loss.iloc[-1] < pre.pose_loss.iloc[0]  # the encoder learns the input poses
     joint = log[(log.kind == "epoch") & (log.phase == "train")]
-    assert (joint.mse > 0).all() and (joint.pose_loss > 0).all()
+    assert (joint.mse > 0).all()
+    # epoch 1 is the warm-up: rendered at the input poses, no pose loss; epoch 2 is joint
+    assert list(joint.pose_loss > 0) == [False, True]
     assert log[log.kind == "pose"].rotation_median_rad.notna().all()
+    warm, joint_run = load_run(run, epoch=1).model.state_dict(), load_run(run, epoch=2).model.state_dict()
 
     # pre-training moved the orientation encoder only
     pretrained_run = load_run(run, epoch=0)
@@ -53,6 +57,10 @@ def test_refine_poses_phases_and_outputs(tmp_path):
     assert max_param_diff({k: init[k] for k in enc}, {k: pretrained[k] for k in enc}) > 1e-4
     rest = [k for k in init if k not in enc]
     assert max_param_diff({k: init[k] for k in rest}, {k: pretrained[k] for k in rest}) == 0
+    # the warm-up trained the map only; the joint epoch moved the encoder too
+    assert max_param_diff({k: pretrained[k] for k in enc}, {k: warm[k] for k in enc}) == 0
+    assert max_param_diff({k: pretrained[k] for k in rest}, {k: warm[k] for k in rest}) > 1e-4
+    assert max_param_diff({k: warm[k] for k in enc}, {k: joint_run[k] for k in enc}) > 1e-6
 
 
 @pytest.mark.parametrize("reference, groups", [("backprojection", None), ("backprojection", 3), ("model", None)])
@@ -112,3 +120,27 @@ def test_pose_pretraining_fits_the_input_poses(tmp_path):
     assert median_deg < 3.0, median_deg
     lrs = pd.read_csv(tmp_path / "run" / "log.csv").query("kind == 'step'").lr.to_numpy()
     assert lrs[0] > 0.9 * 2e-3 and lrs[-1] < 0.01 * 2e-3 and np.all(np.diff(lrs) <= 1e-12)  # the decay
+
+
+def test_optimizer_state_of_a_one_group_checkpoint_is_regrouped():
+    """Checkpoints written before the orientation encoder had its own optimiser group (one group,
+    parameters in ``model.parameters()`` order) resume with each parameter's Adam moments."""
+    from cryoformer.trainer.build import ENCODER_GROUP, load_optimizer_state, parameter_groups
+
+    torch.manual_seed(0)
+    model = CryoFormer(tiny_model_config(use_orientation_encoder=True))
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    old.step()
+    saved = old.state_dict()
+    new = torch.optim.AdamW(parameter_groups(model), lr=1e-3)
+    assert [g.get("name") for g in new.param_groups] == [None, ENCODER_GROUP]
+    load_optimizer_state(new, model, saved)
+    for p in model.parameters():
+        np.testing.assert_array_equal(new.state[p]["exp_avg"].numpy(), old.state[p]["exp_avg"].numpy())
+    enc = {id(p) for p in model.orientation_encoder.parameters()}
+    assert {id(p) for p in new.param_groups[1]["params"]} == enc
+    # a model without the encoder keeps one group, loaded as it is
+    plain = CryoFormer(tiny_model_config())
+    assert len(parameter_groups(plain)) == 1

@@ -81,6 +81,27 @@ class FourierSliceProjector:
     def __len__(self) -> int:
         return self.spectra.shape[0]
 
+    def shell_power(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``|V̂(k)|²`` per spherical shell of the padded spectra, over all volumes.
+
+        Returns
+        -------
+        freqs : torch.Tensor
+            ``[Dp//2 + 1]`` shell radii in cycles per pixel of the volumes' box (``i / Dp``).
+        power : torch.Tensor
+            ``[Dp//2 + 1]`` mean squared modulus on each shell (shells rounded to the nearest
+            padded sample), as the slices see it.
+        """
+        Dp = self.padded_size
+        g = torch.arange(Dp, device=self.spectra.device, dtype=self.spectra.dtype) - Dp // 2
+        radius = torch.sqrt(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2)  # [Dp]³
+        shell = radius.round().long().clamp(max=Dp // 2).reshape(-1)  # [Dp³]
+        modulus2 = self.spectra.square().sum(dim=1).sum(dim=0).reshape(-1)  # [Dp³] |V̂|² summed over volumes
+        total = torch.zeros(Dp // 2 + 1, dtype=modulus2.dtype, device=modulus2.device).index_add_(0, shell, modulus2)
+        count = torch.bincount(shell, minlength=Dp // 2 + 1).to(total.dtype)
+        freqs = torch.arange(Dp // 2 + 1, dtype=total.dtype, device=total.device) / Dp
+        return freqs, total / (count * len(self))
+
     def slices(self, index: int, rotations: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """Central slices of volume ``index`` at many rotations.
 

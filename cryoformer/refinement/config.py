@@ -10,6 +10,9 @@ from typing import Optional
 
 __all__ = ["REFERENCE_KINDS", "PoseSearchConfig"]
 
+# Measured with back-projected references (docs/benchmarks.md, "Pose search cost").
+INFORMATION_FRACTION = 0.999
+
 # What the particles can be matched against (:mod:`.references`).
 REFERENCE_KINDS = ("backprojection", "model")
 
@@ -61,6 +64,11 @@ class PoseSearchConfig:
         with the 10 true states as groups, 0.0979 with one).
     keep_coarse : int
         Best coarse poses refined at the next level (the posterior can have several basins).
+    information_fraction : float
+        The band is further cut where the references hold this fraction of what a slice says
+        about the pose (:func:`~.grids.information_band`); 1 scores the whole band. A map
+        back-projected from poses a few degrees off has almost nothing beyond its resolution,
+        and those coefficients cost as much to interpolate as any other.
     """
 
     radius_rad: float = 0.36
@@ -74,6 +82,7 @@ class PoseSearchConfig:
     reference: str = "backprojection"
     n_references: Optional[int] = None
     keep_coarse: int = 4
+    information_fraction: float = INFORMATION_FRACTION
 
     def __post_init__(self) -> None:
         if not 0 < self.radius_rad <= math.pi:
@@ -89,6 +98,8 @@ class PoseSearchConfig:
             raise ValueError("shift_radius_px must be >= 0, n_references and keep_coarse >= 1")
         if self.reference not in REFERENCE_KINDS:
             raise ValueError(f"reference must be one of {REFERENCE_KINDS}, got {self.reference!r}")
+        if not 0 < self.information_fraction <= 1:
+            raise ValueError(f"information_fraction must be in (0, 1], got {self.information_fraction}")
         if self.prior_sigma_rad is not None and self.prior_sigma_rad < 0:
             raise ValueError("prior_sigma_rad must be >= 0 (0: no prior) or None (fitted)")
 

@@ -14,7 +14,8 @@ from cryoformer.physics.rotations import axis_angle_to_matrix
 
 from .config import PoseSearchConfig
 
-__all__ = ["SearchLevel", "rotation_ball", "shift_grid", "angle_to", "fit_prior_sigma", "search_levels"]
+__all__ = ["SearchLevel", "rotation_ball", "shift_grid", "angle_to", "fit_prior_sigma", "information_band",
+           "search_levels"]
 
 
 class SearchLevel(NamedTuple):
@@ -82,6 +83,37 @@ def fit_prior_sigma(log_lik: np.ndarray, angles: np.ndarray, max_sigma_rad: floa
         if val > best_val:
             best, best_val = float(s), val
     return best
+
+
+def information_band(freqs: torch.Tensor, shell_power: torch.Tensor, fraction: float, kmax: float) -> float:
+    """The frequency (cycles/px) below which the references hold ``fraction`` of what a slice
+    tells about the pose, capped at ``kmax``.
+
+    A rotation by a small angle moves the slice sample at frequency ``k`` by an amount
+    proportional to ``|k|``, so a coefficient's Fisher information about the angle (white noise)
+    is proportional to ``|V̂(k)|²·|k|²``, and an image ring of radius ``k`` holds ``∝ k`` of them:
+    the shell at ``k`` contributes ``P(k)·k³`` for the shell's mean power ``P``. Shells the
+    references leave empty (a Wiener-filtered reconstruction has nothing beyond its resolution)
+    add nothing to the score but cost as much as any other to interpolate.
+
+    Parameters
+    ----------
+    freqs, shell_power : torch.Tensor
+        ``[L]`` shell radii (cycles/px, ascending) and mean power (:meth:`FourierSliceProjector.shell_power`).
+    fraction : float
+        In ``(0, 1]``; 1 keeps the band up to ``kmax``.
+    kmax : float
+        The band the search would score otherwise.
+    """
+    if fraction >= 1.0:
+        return kmax
+    info = (shell_power.double() * freqs.double() ** 3) * (freqs <= kmax + 1e-9)  # [L]
+    if not float(info.sum()) > 0:
+        return kmax
+    cumulative = torch.cumsum(info, 0) / info.sum()
+    first = int(torch.nonzero(cumulative >= fraction)[0])
+    step = float(freqs[1] - freqs[0]) if len(freqs) > 1 else 0.0
+    return min(kmax, float(freqs[first]) + step / 2)  # half a shell: shells were rounded
 
 
 def search_levels(config: PoseSearchConfig, D: int, kmax: float, freqs: torch.Tensor) -> list[SearchLevel]:

@@ -1,10 +1,9 @@
 """Local pose refinement by projection matching (MAP search), with the references a run has.
 
-The orientation encoder of paper §3.2 learns poses only after long pre-training (the paper:
-200 epochs of 50k images on a GPU); on a CPU budget it does not get close to the input poses
-(measured: 124° median error after 50 pre-training epochs of 1000 images, see
-``bench/bench_pose_refinement.py``). This module refines poses the way a local search in
-RELION does:
+The orientation encoder of paper §3.2 learns the input poses in pose-only pre-training, but
+its joint phase, on CPU budgets, brought them back to about the input error and not below it
+(``bench/bench_pose_refinement.py --method encoder``, docs/benchmarks.md). This module refines
+poses the way a local search in RELION does:
 
 1. **References** at the particles' *original* box (:mod:`.references`): by default
    gold-standard half maps back-projected from the particles at their current poses, one
@@ -31,11 +30,13 @@ RELION does:
    posterior never gets worse.
 
 Cost per particle and level: ``≈ (4π/3)(radius/step)³`` slices of the level's frequencies plus
-one ``[C, M] × [M, S]`` product. Measured at D = 64 on 2 CPU cores with a 20° radius: 20–35 ms
-per particle when the band stops at a box-32 model's 0.25 cycles/px (the coarse level
-dominates), about 100 ms at the full band (back-projected references; the fine levels score
-every coefficient), 70 % of it in ``grid_sample``. The search runs on a CUDA device when it is
-given one, else on the CPU.
+one ``[C, M] × [M, S]`` product, 65 % of it in ``grid_sample``. The band stops where the
+references hold 99.9 % of what a slice says about the pose (``information_fraction``): a
+reconstruction from poses a few degrees off is Wiener-filtered to almost nothing beyond its
+resolution. Measured at D = 64 on 2 CPU cores, 20° radius (``bench/bench_pose_search.py``):
+125 ms per particle at the full band, 38 ms with references back-projected from the input
+poses (band cut at 0.18 cycles/px), 113 ms with references as sharp as the true poses give
+(cut at 0.44). The search runs on a CUDA device when it is given one, else on the CPU.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from cryoformer.physics.fourier import frequency_grid_2d
 from cryoformer.physics.slice_projector import FourierSliceProjector
 
 from .config import PoseSearchConfig
-from .grids import SearchLevel, angle_to, fit_prior_sigma, search_levels
+from .grids import SearchLevel, angle_to, fit_prior_sigma, information_band, search_levels
 from .particles import Particles
 from .references import Decoder, make_references
 
@@ -199,7 +200,8 @@ class _LocalSearch:
         self.particles, self.labels, self.device = particles, labels, device
         self.prior_rot = torch.from_numpy(np.asarray(prior_rotations, dtype=np.float32)).to(device)  # [N, 3, 3]
         self.projector = FourierSliceProjector(volumes.to(device))
-        self.kmax = config.band_limit(D, model_box_size)
+        self.kmax = information_band(*self.projector.shell_power(), config.information_fraction,
+                                     config.band_limit(D, model_box_size))
         k = frequency_grid_2d(D, 1.0)  # [D, D, 2] cycles/px
         self.band = k.norm(dim=-1) <= self.kmax  # [D, D], CPU: the particles are read there
         self.freqs = k[self.band]  # [M, 2]

@@ -37,6 +37,8 @@ from .validation import MIN_HELDOUT, ValidationHistory, split_heldout
 
 logger = logging.getLogger("cryoformer.trainer.loop")  # one logger for the whole training log
 
+ENCODER_GROUP = "orientation_encoder"  # the optimiser group with the joint phase's own rate
+
 
 @dataclass
 class Run:
@@ -120,7 +122,7 @@ def build_run(config: TrainConfig, model_config: Optional[ModelConfig], info: Di
     seed = config.optimisation.seed
     torch.manual_seed(seed)  # identical initial weights on every rank and every run
     model = CryoFormer(model_config).to(info.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimisation.lr,
+    optimizer = torch.optim.AdamW(parameter_groups(model), lr=config.optimisation.lr,
                                   weight_decay=config.optimisation.weight_decay)
     held = config.heldout
     train_rows, heldout_rows = split_heldout(len(data), held.heldout_fraction, held.heldout_max, seed)
@@ -223,13 +225,49 @@ def _loaded_model_config(checkpoint: dict[str, Any], given: Optional[ModelConfig
     return saved
 
 
+def _is_encoder_parameter(model: CryoFormer) -> list[bool]:
+    """For each of ``model.parameters()``, in order: does the orientation encoder own it?"""
+    enc = model.orientation_encoder
+    owned = set() if enc is None else {id(p) for p in enc.parameters()}
+    return [id(p) in owned for p in model.parameters()]
+
+
+def parameter_groups(model: CryoFormer) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: everything, then (with an orientation encoder) the
+    encoder alone, named :data:`ENCODER_GROUP` so the joint phase can give it its own rate."""
+    params = list(model.parameters())
+    mine = _is_encoder_parameter(model)
+    groups = [{"params": [p for p, e in zip(params, mine) if not e]}]
+    if any(mine):
+        groups.append({"params": [p for p, e in zip(params, mine) if e], "name": ENCODER_GROUP})
+    return groups
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: CryoFormer, saved: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)``, also for a checkpoint written before the encoder
+    had a group of its own: its one group listed the parameters in ``model.parameters()``
+    order, which is regrouped here (rest first, then the encoder) with their Adam moments."""
+    groups = saved["param_groups"]
+    if len(groups) == 1 and len(optimizer.param_groups) == 2:
+        mine = _is_encoder_parameter(model)
+        order = [i for i, e in enumerate(mine) if not e] + [i for i, e in enumerate(mine) if e]
+        old_ids = groups[0]["params"]  # saved ids, in model.parameters() order
+        state = {new: saved["state"][old_ids[old]] for new, old in enumerate(order)
+                 if old_ids[old] in saved["state"]}
+        n_rest = len(order) - sum(mine)
+        saved = {"state": state, "param_groups": [
+            {**groups[0], "params": list(range(n_rest))},
+            {**groups[0], "params": list(range(n_rest, len(order))), "name": ENCODER_GROUP}]}
+    optimizer.load_state_dict(saved)
+
+
 def _load_weights(checkpoint: dict[str, Any], model: CryoFormer, optimizer: torch.optim.Optimizer,
                   config: TrainConfig) -> Optional[torch.Tensor]:
     """``--load``: weights and Adam moments from ``checkpoint``; the learning rate and weight
     decay stay this run's. Returns the support mask the weights were trained under (None when
     this run trains without one): the head was never trained outside it."""
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_optimizer_state(optimizer, model, checkpoint["optimizer"])
     for group in optimizer.param_groups:  # load_state_dict brought the old run's values
         group["lr"], group["weight_decay"] = config.optimisation.lr, config.optimisation.weight_decay
     support = checkpoint.get("support") if config.support.support_mask else None
@@ -306,7 +344,7 @@ def _restore(checkpoint: dict[str, Any], model: CryoFormer, optimizer: torch.opt
     state = RunState.from_checkpoint(checkpoint, data.poses, data.original_box, n_heldout)
     if state.support is not None:
         model.set_support(state.support)
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_optimizer_state(optimizer, model, checkpoint["optimizer"])
     restore_rng_state(checkpoint["rng"])
     return state
 

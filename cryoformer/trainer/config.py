@@ -184,6 +184,11 @@ class RuntimeOptions:
             raise _bad("log_every_steps", "must be >= 1")
 
 
+# Measured on the hinged molecule, 2000 particles (docs/benchmarks.md, "Pose refinement").
+WARMUP_EPOCHS = 3
+POSE_LR_SCALE = 0.1
+
+
 @dataclass(frozen=True)
 class PoseRefinementOptions:
     """Training the orientation encoder (paper §3.2): ``pose_pretrain_epochs`` passes of
@@ -201,12 +206,25 @@ class PoseRefinementOptions:
              "them (default {default})")
     pose_weight: float = option("--pose-weight", default=1.0, resume=MUST_MATCH,
                                 help="λ, weight of the pose loss (default {default:g})")
+    pose_warmup_epochs: int = option(
+        "--pose-warmup-epochs", default=WARMUP_EPOCHS, resume=MUST_MATCH,
+        help="training epochs that render at the input poses, the encoder resting, before the "
+             "image loss reaches it: a map still being formed would pull the poses anywhere "
+             "(default {default})")
+    pose_lr_scale: float = option(
+        "--pose-lr-scale", default=POSE_LR_SCALE, resume=MUST_MATCH,
+        help="the orientation encoder's learning rate in the joint phase, as a fraction of --lr "
+             "(default {default:g})")
 
     def __post_init__(self) -> None:
         if self.pose_weight < 0:
             raise _bad("--weight-decay/--kl-weight/--pose-weight", "weights must be >= 0")
         if self.pose_pretrain_epochs < 0:
             raise _bad("--pose-pretrain-epochs", f"must be >= 0, got {self.pose_pretrain_epochs}")
+        if self.pose_warmup_epochs < 0:
+            raise _bad("--pose-warmup-epochs", f"must be >= 0, got {self.pose_warmup_epochs}")
+        if not 0 <= self.pose_lr_scale <= 1:
+            raise _bad("--pose-lr-scale", f"must be in [0, 1], got {self.pose_lr_scale:g}")
 
 
 @dataclass(frozen=True)

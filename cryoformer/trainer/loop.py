@@ -39,7 +39,7 @@ from . import distributed as dist_mod
 from . import epoch_hooks
 from . import outputs
 from .allocator import keep_freed_memory
-from .build import Run, build_run
+from .build import ENCODER_GROUP, Run, build_run
 from .checkpoint import CHECKPOINT_FORMAT, capture_rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import make_loader
@@ -281,12 +281,14 @@ class Trainer:
         it reaches 0.0° (docs/benchmarks.md). The rate depends on the position in the schedule
         only, so a resumed run steps exactly as an uninterrupted one."""
         lr = self.config.optimisation.lr
+        encoder_lr = lr * self.config.refinement.pose_lr_scale
         if phase == "pretrain":
             total = max(self.config.refinement.pose_pretrain_epochs * n_batches, 1)
             done = (self.state.epoch - 1) * n_batches + self.state.batch_in_epoch
             lr *= 0.5 * (1.0 + math.cos(math.pi * min(done / total, 1.0)))
+            encoder_lr = lr
         for group in self.run.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = encoder_lr if group.get("name") == ENCODER_GROUP else lr
 
     def _heldout_reserve_s(self, budget_s: float) -> float:
         """Seconds of the budget kept for scoring the held-out images after a time stop.
@@ -312,8 +314,11 @@ class Trainer:
         torch.manual_seed(step_seed(cfg.optimisation.seed, info.rank, state.step))
         amp = (torch.autocast("cuda", dtype=torch.bfloat16)
                if cfg.runtime.amp and self.device.type == "cuda" else contextlib.nullcontext())
+        refine = cfg.refinement
+        step_phase = ("warmup" if phase == "train" and refine.refine_poses
+                      and state.epoch <= refine.pose_warmup_epochs else phase)
         with amp:
-            terms = self.loss_module(batch, phase)
+            terms = self.loss_module(batch, step_phase)
         optimizer = self.run.optimizer
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()

@@ -21,7 +21,8 @@ class LossModule(nn.Module):
     """Model + loss, so DistributedDataParallel wraps (and syncs) the whole step.
 
     ``forward(batch, phase)`` returns ``dict(loss, mse, pose_loss, kl)`` (0-d tensors; terms
-    that do not apply are 0).
+    that do not apply are 0). ``phase`` is ``"pretrain"`` (pose loss alone), ``"warmup"`` (the
+    image loss at the input poses, the orientation encoder out of the graph) or ``"train"``.
     """
 
     def __init__(self, model: CryoFormer, config: TrainConfig) -> None:
@@ -36,14 +37,13 @@ class LossModule(nn.Module):
             r, t = m.orientation_encoder(images)
             lp = pose_loss(r.float(), t.float(), rot0, t0)
             return {"loss": lp, "mse": zero, "pose_loss": lp, "kl": zero}
-        refine = cfg.refinement
-        out = m(images, rot0, t0, batch.get("ctf"),
-                pose_source="auto" if refine.refine_poses else "given")
+        joint = cfg.refinement.refine_poses and phase != "warmup"
+        out = m(images, rot0, t0, batch.get("ctf"), pose_source="auto" if joint else "given")
         mse = ((out["pred_images"].float() - images) ** 2).mean()
         loss, lp, kl = mse, zero, zero
-        if refine.refine_poses:
+        if joint:
             lp = pose_loss(out["pred_rotations"].float(), out["pred_shifts_px"].float(), rot0, t0)
-            loss = loss + refine.pose_weight * lp
+            loss = loss + cfg.refinement.pose_weight * lp
         if out["logvar"] is not None:
             kl = kl_divergence(out["mu"].float(), out["logvar"].float())
             loss = loss + cfg.optimisation.kl_weight * kl / images.shape[-1] ** 2  # per pixel, like the MSE
