@@ -119,16 +119,22 @@ def test_analyze_epoch_positional_and_skip_umap(run, capsys):
     assert not (run / "never").exists()
 
 
+def _one_umap_note(caplog, out, phrase: str) -> str:
+    """The analysis in ``out`` was written without a UMAP, with one warning containing ``phrase``."""
+    notes = [r for r in caplog.records if "UMAP" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.WARNING, notes
+    assert phrase in notes[0].getMessage()
+    info = json.loads((out / "analysis.json").read_text())
+    assert phrase in info["umap"]["skipped"]
+    assert not (out / "umap.npy").exists() and (out / "summary.png").is_file()
+    return notes[0].getMessage()
+
+
 def test_analyze_without_umap_learn_notes_it_once(run, caplog, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", None)  # as if umap-learn were not installed
     caplog.set_level(logging.INFO)
     assert main(["analyze", str(run / "run"), "--k", "2", "--n-traversal", "2", "-o", str(tmp_path / "a")]) == 0
-    notes = [r for r in caplog.records if "UMAP" in r.getMessage()]
-    assert len(notes) == 1 and notes[0].levelno == logging.WARNING, notes
-    assert "umap-learn is not installed" in notes[0].getMessage()
-    info = json.loads((tmp_path / "a" / "analysis.json").read_text())
-    assert "umap-learn is not installed" in info["umap"]["skipped"]
-    assert not (tmp_path / "a" / "umap.npy").exists() and (tmp_path / "a" / "summary.png").is_file()
+    _one_umap_note(caplog, tmp_path / "a", "umap-learn is not installed")
     # --skip-umap: asked for, so no note.
     caplog.clear()
     assert main(["analyze", str(run / "run"), "--k", "2", "--n-traversal", "2", "--skip-umap",
@@ -137,20 +143,17 @@ def test_analyze_without_umap_learn_notes_it_once(run, caplog, tmp_path, monkeyp
 
 
 def test_analyze_with_a_broken_umap_learn_notes_it_once(run, caplog, tmp_path, monkeypatch):
-    """umap-learn installed but failing to import (numba built for another NumPy): one note, the
-    rest of the analysis written."""
-    def broken(*args, **kwargs):
-        raise ImportError("Numba needs NumPy 2.2 or less")
+    """umap-learn installed but failing to import (numba built for another NumPy): one note that
+    quotes the import's own error, the rest of the analysis written."""
+    def broken(*args, **kwargs):  # as umap_embedding wraps a failed import
+        raise ImportError("UMAP needs umap-learn: pip install 'cryoformer[umap]'") from \
+            ImportError("Numba needs NumPy 2.2 or less")
 
     monkeypatch.setattr(analyze_module, "umap_embedding", broken)
     caplog.set_level(logging.INFO)
     assert main(["analyze", str(run / "run"), "--k", "2", "--n-traversal", "2", "-o", str(tmp_path / "a")]) == 0
-    notes = [r for r in caplog.records if "UMAP" in r.getMessage()]
-    assert len(notes) == 1 and notes[0].levelno == logging.WARNING, notes
-    assert "cannot be imported (Numba needs NumPy 2.2 or less)" in notes[0].getMessage()
-    info = json.loads((tmp_path / "a" / "analysis.json").read_text())
-    assert "cannot be imported" in info["umap"]["skipped"]
-    assert not (tmp_path / "a" / "umap.npy").exists() and (tmp_path / "a" / "summary.png").is_file()
+    note = _one_umap_note(caplog, tmp_path / "a", "cannot be imported (ImportError: Numba needs NumPy 2.2 or less)")
+    assert "pip install" not in note.split("(", 1)[1]  # the cause, not the install hint
 
 
 def test_eval_vol_scales_voxel_size(run, capsys, tmp_path):

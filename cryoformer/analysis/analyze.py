@@ -194,7 +194,8 @@ def _umap(z: np.ndarray, config: AnalyzeConfig) -> Tuple[Optional[np.ndarray], D
     try:
         embedding = umap_embedding(z, seed=config.seed, fit_max=config.umap_fit_max, progress=config.progress)
     except ImportError as err:  # installed but unusable (e.g. numba built for another NumPy)
-        why = f"umap-learn is installed but cannot be imported ({err})"
+        cause = err.__cause__ or err  # the import's own error, not the install hint wrapped round it
+        why = f"umap-learn is installed but cannot be imported ({type(cause).__name__}: {cause})"
         logger.warning("UMAP skipped: %s; --skip-umap silences this note", why)
         return None, {"skipped": why}
     return embedding, {"file": "umap.npy", "fit_particles": int(min(len(z), config.umap_fit_max)),
