@@ -248,8 +248,10 @@ def summarise_run(run: str, data: str, noisy: str, seed: int) -> tuple[dict, pd.
 def print_report(args, result: dict, searched: pd.DataFrame, chosen_epoch: int) -> None:
     """The markdown table and the goal's verdicts."""
     first, radius, wall = result["input"], result["radius_deg"], result["train_wall_s"]
-    print(f"\n{machine.describe()['cpu']}, {args.dataset}, σ = {args.sigma_rad:.3g} rad, radius {radius:g}°, "
-          f"references: {args.reference}, training {wall / 60:.1f} min at box {args.box}\n")
+    how = (f"radius {radius:g}°, references: {args.reference}" if args.method == "search"
+           else "the orientation encoder (--refine-poses)")
+    print(f"\n{machine.describe()['cpu']}, {args.dataset}, σ = {args.sigma_rad:.3g} rad, {how}, "
+          f"training {wall / 60:.1f} min at box {args.box}\n")
     print("| poses | median rotation error | median shift error |\n|---|---|---|")
     print(f"| input (perturbed) | {first['rotation_median_rad']:.4f} rad "
           f"({np.degrees(first['rotation_median_rad']):.2f}°) | {first['shift_median_px']:.2f} px |")
