@@ -213,7 +213,7 @@ def test_evaluate_metrics_and_pose_errors(run, capsys, tmp_path):
     mv = m["fsc_moving_region"]
     assert 0 <= mv["recovered"]["mean_au_fsc"] <= 0.5 and 0 <= mv["consensus_baseline"]["mean_au_fsc"] <= 0.5
     auc = m["flexible_region"]["auc"]
-    assert set(auc) == {"flex_queries", "flex_weights", "distance_from_centre", "voxel_variance"}
+    assert set(auc) == {"flex_density", "flex_queries", "flex_weights", "distance_from_centre", "voxel_variance"}
     assert all(a is None or 0 <= a <= 1 for a in auc.values())
     assert m["flexible_region"]["reference_auc_ground_truth_variance"] > 0.8  # the metric can see motion
     assert (tmp_path / "m" / "fsc_per_state.png").is_file()

@@ -11,6 +11,8 @@ from cryoformer.simulation.density import atoms_to_volume, read_atomic_models
 from cryoformer.simulation.hinged import (
     HingedMoleculeConfig,
     arm_atom_mask,
+    domain_atom_labels,
+    domain_motion_maps,
     hinged_molecule_atoms,
     hinged_molecule_structure,
     hinged_molecule_volume,
@@ -130,3 +132,71 @@ def test_structure_writes_and_reads_back(tmp_path):
         ref, ref_els = hinged_molecule_atoms(t, cfg)
         assert els == ref_els
         np.testing.assert_allclose(pos, ref, atol=1e-3)
+
+
+# ---------------------------------------------------------------- the optional second hinge
+def test_two_hinges_move_independently_and_the_body_stays():
+    cfg = HingedMoleculeConfig(n_hinges=2, n_atoms=3000, box_fill=None)
+    domain = domain_atom_labels(cfg)
+    assert set(np.unique(domain)) == {0, 1, 2} and np.array_equal(arm_atom_mask(cfg), domain > 0)
+    p00, _ = hinged_molecule_atoms((0.0, 0.0), cfg)
+    p10, _ = hinged_molecule_atoms((1.0, 0.0), cfg)
+    p01, _ = hinged_molecule_atoms((0.0, 1.0), cfg)
+    moved_first = np.linalg.norm(p10 - p00, axis=1) > 1e-9
+    moved_second = np.linalg.norm(p01 - p00, axis=1) > 1e-9
+    assert np.array_equal(moved_first, domain == 1) and np.array_equal(moved_second, domain == 2)
+    # Each arm turns rigidly through the whole hinge range about its own axis.
+    for moved, a, b in ((domain == 1, p00, p10), (domain == 2, p00, p01)):
+        a0, a1 = a[moved] - a[moved].mean(0), b[moved] - b[moved].mean(0)
+        U, _, Vt = np.linalg.svd(a0.T @ a1)
+        assert _rotation_angle(Vt.T @ U.T) == pytest.approx(45.0, abs=1e-6)
+    # A single number moves both arms; one hinge keeps the original molecule exactly.
+    np.testing.assert_array_equal(hinged_molecule_atoms(1.0, cfg)[0], hinged_molecule_atoms((1.0, 1.0), cfg)[0])
+    one = dataclasses.replace(cfg, n_hinges=1)
+    assert arm_atom_mask(one).mean() < 0.75 * arm_atom_mask(cfg).mean()  # same atoms, one arm fewer
+    with pytest.raises(ValueError):
+        hinged_molecule_atoms((0.0, 0.5, 1.0), cfg)
+    with pytest.raises(ValueError):
+        HingedMoleculeConfig(n_hinges=3)
+    st = hinged_molecule_structure([(0.0, 1.0)], cfg)  # chain C holds the second arm
+    assert [ch.name for ch in st[0]] == ["A", "B", "C"]
+    assert sum(len(ch) for ch in st[0]) * 5 == len(p00) and len(st[0]["C"]) * 5 == np.sum(domain == 2)
+
+
+def test_two_hinge_states_are_a_grid_and_arms_uncorrelated():
+    t = hinged_state_times(9, 2)
+    assert t.shape == (9, 2)
+    assert {tuple(row) for row in t} == {(a, b) for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0)}
+    assert abs(np.corrcoef(t.T)[0, 1]) < 1e-12
+    with pytest.raises(ValueError):
+        hinged_state_times(10, 2)
+
+
+def test_two_hinge_truth_has_two_separate_motion_regions():
+    cfg = HingedMoleculeConfig(n_hinges=2).fitted(D, APIX)
+    per_domain = domain_motion_maps(D, APIX, cfg)
+    assert per_domain.shape == (2, D, D, D) and per_domain.dtype == np.float32
+    moving = per_domain > APIX  # more than one voxel
+    assert moving[0].sum() > 30 and moving[1].sum() > 30
+    assert not np.any(moving[0] & moving[1])  # no voxel is moved by both arms
+    centres = [np.argwhere(m).mean(0) for m in moving]
+    assert np.linalg.norm(centres[0] - centres[1]) * APIX > 60.0  # Å: opposite sides of the body
+    total = motion_map(D, APIX, cfg)  # both arms through their whole range
+    for m in moving:
+        assert np.median(total[m]) > APIX
+    # The atoms render inside the projection sphere in every corner of the motion grid.
+    assert swept_radius(cfg) == pytest.approx(0.3 * D * APIX, rel=0.08)
+
+
+def test_simulate_two_hinges_writes_each_arm_motion(tmp_path):
+    from cryoformer.cli import main
+    from cryoformer.io.mrc import read_volume
+
+    out = tmp_path / "sim"
+    assert main(["simulate", "--hinges", "2", "--n-states", "4", "-D", "32", "--Apix", "7", "-n", "8",
+                 "-o", str(out)]) == 0
+    maps = [read_volume(out / "gt" / f"motion_domain_{h}.mrc")[0] for h in range(2)]
+    assert all(m.max() > 7.0 for m in maps) and not np.any((maps[0] > 7.0) & (maps[1] > 7.0))
+    assert (out / "gt" / "motion.mrc").is_file() and len(list((out / "gt").glob("state_*.mrc"))) == 4
+    assert main(["simulate", "--hinges", "2", "--n-states", "5", "-D", "32", "--Apix", "7", "-n", "8",
+                 "-o", str(tmp_path / "bad")]) != 0

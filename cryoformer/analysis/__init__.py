@@ -11,6 +11,9 @@ Volumes (:mod:`.volumes`)
 Attention maps (:mod:`.attention_maps`)
     ``attention_stack(model, z, D) -> [C + K, D, D, D]``, ``attention_channel_names(model)``,
     ``flex_score(model, z, D, method) -> [D, D, D]`` in [0, 1].
+Flexible regions (:mod:`.flexible_regions`)
+    ``density_flex_score(model, z, D) -> [D, D, D]`` (``flex_score``'s default method),
+    ``flexible_regions(model, z, D)`` → integer region labels, 0 = not flexible.
 Evaluation (:mod:`.evaluation`, :mod:`.evaluate`)
     ``evaluate_run(run, gt_maps, gt_labels, gt_motion, gt_poses, config) -> dict``,
     ``format_table(result)``; metric pieces ``heterogeneous_fsc``, ``flex_roc_auc``,
@@ -26,6 +29,7 @@ from cryoformer.analysis.analyze import AnalyzeConfig, analysis_dir, analyze_run
 from cryoformer.analysis.attention_maps import (FLEX_METHODS, attention_channel_names, attention_stack,
                                                 flex_score)
 from cryoformer.analysis.evaluate import EvaluateConfig, evaluate_run, format_table
+from cryoformer.analysis.flexible_regions import FlexRegionConfig, density_flex_score, flexible_regions
 from cryoformer.analysis.evaluation import (distance_from_centre, flex_roc_auc, fourier_crop_volume,
                                            heterogeneous_fsc, resample_real, support_mask,
                                            voxel_variance)
@@ -40,6 +44,7 @@ from cryoformer.analysis.volumes import (decode_volumes, decoded_voxel_size, ite
 __all__ = [
     "AnalyzeConfig", "analysis_dir", "analyze_run",
     "FLEX_METHODS", "attention_channel_names", "attention_stack", "flex_score",
+    "FlexRegionConfig", "density_flex_score", "flexible_regions",
     "EvaluateConfig", "evaluate_run", "format_table",
     "distance_from_centre", "flex_roc_auc", "fourier_crop_volume", "heterogeneous_fsc",
     "resample_real", "support_mask", "voxel_variance",

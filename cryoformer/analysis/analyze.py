@@ -22,6 +22,7 @@ its ``model``, ``latents``, ``box_size``, ``pixel_size_angstrom`` and ``epoch``)
 ``pcN/vol_XXX.mrc``, ``pcN/z.npy``      volumes along PC1 and PC2 between the 5th and 95th
                                         percentiles
 ``flex_score.mrc``                      flexible-region score in ``[0, 1]``
+``flex_regions.mrc``                    flexible regions (0 = not flexible, 1 … R), method "density"
 ``summary.png``, ``summary.html``       the one-page summary
 ``your_data.ipynb``                     a notebook to go on with (latents, UMAP/PCA, clusters,
                                         maps, a trajectory, export), set to this run and epoch
@@ -42,7 +43,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from cryoformer.analysis.attention_maps import attention_channel_names, attention_stack, flex_score
+from cryoformer.analysis.attention_maps import FLEX_METHODS, attention_channel_names, attention_stack, flex_score
+from cryoformer.analysis.flexible_regions import FlexRegionConfig, flexible_regions
 from cryoformer.analysis.latent_space import (UMAP_FIT_MAX, UMAP_MIN_DIST, UMAP_N_NEIGHBORS, KMeansResult,
                                              PcaResult, kmeans, pc_traversal, pca, umap_available,
                                              umap_embedding)
@@ -98,9 +100,10 @@ class AnalyzeConfig:
     traversal_percentiles: Tuple[float, float] = (5.0, 95.0)
     box_size: Optional[int] = option("-D", "--box", default=None, unit="voxels", metavar="D",
                                      help="decoding box in voxels, even (default: the training box)")
-    flex_method: str = option("--flex-method", default="queries", choices=("queries", "weights"),
-                              help="flexible-region score: variance of the conditioned queries across "
-                                   "latents (default) or of the per-voxel attention weights")
+    flex_method: str = option("--flex-method", default="density", choices=FLEX_METHODS,
+                              help="flexible-region score: the decoder's density response to the latent "
+                                   "(default; also writes flex_regions.mrc), or the attention maps: the "
+                                   "variance of the conditioned queries or of the per-voxel attention weights")
     batch_size: int = option("-b", "--batch-size", default=4, help="volumes decoded together (default {default})")
     skip_umap: bool = option("--skip-umap", default=False, switch="store_true",
                              help="do not compute the UMAP of the latents (umap.npy; minutes for 10⁵ "
@@ -162,9 +165,13 @@ def analyze_run(run, out_dir: PathLike, config: AnalyzeConfig = AnalyzeConfig())
             files["UMAP coordinates"] = "umap.npy"
         cluster_vols = _write_cluster_maps(out, model, km.centers, D, apix, config)
         files.update(_write_traversals(out, model, pcs, D, apix, config))
-        write_volume(out("flex_score.mrc"),
-                     flex_score(model, z, D, config.flex_method, seed=config.seed,
-                                progress=config.progress), apix)
+        if config.flex_method == "density":
+            regions, score = flexible_regions(model, z, D, FlexRegionConfig(seed=config.seed))
+            write_volume(out("flex_regions.mrc"), regions.astype(np.float32), apix)
+            files["flexible regions"] = "flex_regions.mrc"
+        else:
+            score = flex_score(model, z, D, config.flex_method, seed=config.seed, progress=config.progress)
+        write_volume(out("flex_score.mrc"), score, apix)
         files.update({"cluster volumes": "vol_kmeans_XX.mrc", "attention maps": "attn_kmeans_XX.mrc",
                       "flexible-region score": "flex_score.mrc", "latents": "z.npy",
                       "PC coordinates": "pca.npy", "cluster labels": "kmeans_labels.npy"})
@@ -293,6 +300,11 @@ def _analysis_record(run, z: np.ndarray, config: AnalyzeConfig, D: int, apix: fl
 
 
 _FLEX_DEFINITIONS = {
+    "density": "decoded density at <= 256 particle latents (seeded subset); the leading modes of its "
+               "change over latents (99 % of the squared change); per voxel the amplitude "
+               "sqrt(sum_k sigma_k^2 v_k(x)^2), Gaussian-smoothed (0.5 training px); divided by its "
+               "maximum. flex_regions.mrc: voxels with score >= 0.3 spectrally clustered by cos^2 of "
+               "their mode trajectories",
     "queries": "per block, the summed variance across particle latents (seeded subset of <= 2048) "
                "of the conditioned structure-query channels, each channel scaled by its variance "
                "over all blocks and latents; trilinear between block centres to the grid; "

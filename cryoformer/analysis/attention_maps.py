@@ -16,7 +16,12 @@ both on the decoding grid in one multi-channel volume ``[C + K, D, D, D]``:
 
 Flexible-region score (``flex_score.mrc``)
 ------------------------------------------
-Definition (method ``"queries"``, the default): for latents ``z_1 … z_M`` of the particles
+The default method, ``"density"``, is not read from the attention maps: it is the density
+head's response to the latent (:mod:`cryoformer.analysis.flexible_regions`), which finds moving
+domains better than the query channels do (docs/benchmarks.md). The two attention-map scores
+stay available for comparison.
+
+Method ``"queries"``: for latents ``z_1 … z_M`` of the particles
 (a seeded random subset of at most 2048), the conditioned queries ``q_{m,b,c}`` are computed
 (cheap: only the decoder blocks run, never the volume). Each channel is scaled by its standard
 deviation over all blocks and latents, so no channel dominates by scale; a block's score is the
@@ -42,12 +47,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cryoformer.analysis.flexible_regions import FlexRegionConfig, density_flex_score, subsample_latents
 from cryoformer.model.get_query import get_query_on_grid
 
 __all__ = ["attention_stack", "attention_channel_names", "flex_score", "FLEX_METHODS",
            "subsample_latents"]
 
-FLEX_METHODS = ("queries", "weights")
+FLEX_METHODS = ("density", "queries", "weights")
 
 
 def attention_channel_names(model) -> List[str]:
@@ -84,22 +90,13 @@ def attention_stack(model, z, D: Optional[int] = None) -> np.ndarray:
     return stack.cpu().numpy().astype(np.float32)
 
 
-def subsample_latents(z: np.ndarray, max_latents: int, seed: int = 0) -> np.ndarray:
-    """At most ``max_latents`` rows of ``z`` ``[N, zdim]``, drawn without replacement (seeded)."""
-    z = np.asarray(z, dtype=np.float32)
-    if len(z) <= max_latents:
-        return z
-    rng = np.random.default_rng(seed)
-    return z[np.sort(rng.choice(len(z), size=max_latents, replace=False))]
-
-
 def _normalise_max(score: np.ndarray) -> np.ndarray:
     top = float(score.max()) if score.size else 0.0
     return (score / top if top > 0 else np.zeros_like(score)).astype(np.float32)
 
 
 @torch.no_grad()
-def flex_score(model, z: np.ndarray, D: Optional[int] = None, method: str = "queries",
+def flex_score(model, z: np.ndarray, D: Optional[int] = None, method: str = "density",
                max_latents: Optional[int] = None, seed: int = 0, batch_size: int = 256,
                progress: bool = False) -> np.ndarray:
     """Flexible-region score map (definition in the module docstring).
@@ -111,9 +108,12 @@ def flex_score(model, z: np.ndarray, D: Optional[int] = None, method: str = "que
         ``[N, zdim]`` particle latents (the distribution whose variability is scored).
     D : int, optional
         Output edge (default the training box).
-    method : {"queries", "weights"}
+    method : {"density", "queries", "weights"}
+        ``"density"`` (default): the density head's response to the latent
+        (:mod:`cryoformer.analysis.flexible_regions`); the other two read the attention maps.
     max_latents : int, optional
-        Latents used (seeded subsample); default 2048 for ``"queries"``, 32 for ``"weights"``.
+        Latents used (seeded subsample); default 256 for ``"density"``, 2048 for ``"queries"``,
+        32 for ``"weights"``.
     seed : int
     batch_size : int
         Latents per forward pass of the decoder blocks (``"queries"``).
@@ -127,6 +127,9 @@ def flex_score(model, z: np.ndarray, D: Optional[int] = None, method: str = "que
     if method not in FLEX_METHODS:
         raise ValueError(f"method must be one of {FLEX_METHODS}, got {method!r}")
     D = int(D or model.box_size)
+    if method == "density":
+        cfg = FlexRegionConfig(seed=seed, **({"max_latents": max_latents} if max_latents else {}))
+        return density_flex_score(model, z, D, cfg)
     default = 2048 if method == "queries" else 32
     zs = subsample_latents(z, max_latents or default, seed)  # [M, zdim]
     if len(zs) < 2:

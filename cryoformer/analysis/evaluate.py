@@ -6,8 +6,9 @@ motion map and poses), brings it onto the run's grid and particle subset, and co
 * per-state FSC of the volume decoded at the state's mean latent: FSC-0.5 resolution (Å) and
   AU-FSC, and their means over states;
 * pose errors of the refined poses (``RUN/poses/epoch_XXX.pkl``) against the true poses;
-* the flexible-region ROC-AUC of the attention-derived scores (``flex_queries``,
-  ``flex_weights``) beside the baselines ``distance_from_centre`` and ``voxel_variance``.
+* the flexible-region ROC-AUC of the density-response score (``flex_density``, the default
+  map) and of the attention-derived scores (``flex_queries``, ``flex_weights``) beside the
+  baselines ``distance_from_centre`` and ``voxel_variance``.
 
 The result is a JSON-ready dict; :func:`format_table` renders it for a terminal.
 """
@@ -278,7 +279,9 @@ def _flexible_region(model, z: np.ndarray, maps: np.ndarray, motion_d: np.ndarra
     and, when some voxels move, ``fsc_moving_region``."""
     d = motion_d.shape[0]
     threshold = config.motion_threshold_angstrom or apix
-    scores = {"flex_queries": flex_score(model, z, d, "queries", seed=config.seed,
+    # The default map (the density head's response to z) first, then the attention maps.
+    scores = {"flex_density": flex_score(model, z, d, "density", seed=config.seed),
+              "flex_queries": flex_score(model, z, d, "queries", seed=config.seed,
                                          progress=config.progress)}
     if model.config.use_rsca:
         scores["flex_weights"] = flex_score(model, z, d, "weights", seed=config.seed,

@@ -366,7 +366,7 @@ def _print_outputs(wall_s: float, figure: str, adir: str, fsc_plot: str, outdir:
     print(f"\ndone in {wall_s:.0f} s. Look at:")
     print(f"  overview figure  {figure}")
     print(f"  analysis         {adir}/  (summary.html, vol_kmeans_XX.mrc, pc1/, attn_kmeans_XX.mrc, "
-          f"flex_score.mrc)")
+          f"flex_score.mrc, flex_regions.mrc)")
     print(f"  FSC per state    {fsc_plot}")
     print(f"  metrics          {os.path.join(outdir, 'metrics.json')}")
     print(f"  dataset          {data.root}/  (particles.star, gt/)")

@@ -40,6 +40,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="pixel size in Å/px for atomic models, trajectory and the embedded molecule (default 3.0)")
     p.add_argument("--n-states", type=int, default=10,
                    help="states sampled from a trajectory / the embedded molecule (default 10)")
+    p.add_argument("--hinges", type=int, choices=(1, 2), default=1,
+                   help="embedded molecule only: 1 arm, or 2 arms on independent hinges (writes "
+                        "gt/motion_domain_0.mrc and _1.mrc, each arm's own motion) (default 1)")
     p.add_argument("--selection", default="protein and not name H*", help="MDAnalysis atom selection")
     p.add_argument("--bfactor", type=float, default=20.0, help="B-factor in Å² for atomic densities (default 20)")
     p.add_argument("--snr", type=float, default=_SIM.snr,
@@ -95,7 +98,7 @@ def state_maps_from_args(args):
         traj = args.trajectory[1] if len(args.trajectory) == 2 else None
         return sources.maps_from_trajectory(args.trajectory[0], traj, args.n_states, args.box, args.Apix,
                                             args.selection, args.bfactor)
-    return sources.maps_from_hinged_molecule(args.n_states, args.box, args.Apix)
+    return sources.maps_from_hinged_molecule(args.n_states, args.box, args.Apix, getattr(args, "hinges", 1))
 
 
 def run(args) -> int:
@@ -104,7 +107,8 @@ def run(args) -> int:
     config = config_from_args(args)
     maps = state_maps_from_args(args)
     result = simulate_dataset(maps.volumes, maps.pixel_size_angstrom, config, args.outdir,
-                              motion_map=maps.motion_map, source_description=maps.description)
+                              motion_map=maps.motion_map, source_description=maps.description,
+                              domain_motion_maps=maps.domain_motion_maps)
     snr = "noise-free" if result.measured_snr is None else f"measured SNR {result.measured_snr:.4g}"
     print(f"wrote {config.n_particles} particles ({maps.volumes.shape[0]} states, "
           f"D={maps.volumes.shape[-1]}, {maps.pixel_size_angstrom:g} Å/px, {snr}) to {args.outdir}")

@@ -291,6 +291,7 @@ def simulate_dataset(
     motion_map: Optional[np.ndarray] = None,
     source_description: str = "",
     progress: bool = True,
+    domain_motion_maps: Optional[np.ndarray] = None,
 ) -> SimulationResult:
     """Simulate a particle dataset from ``K`` state maps and write it with its ground truth.
 
@@ -314,6 +315,9 @@ def simulate_dataset(
         Free text recorded in ``simulation.json`` (where the maps came from).
     progress : bool
         Show a progress bar.
+    domain_motion_maps : np.ndarray, optional
+        ``[H, D, D, D]`` displacement (Å) of each independently moving domain alone, written as
+        ``gt/motion_domain_H.mrc``.
     """
     vols_np = np.asarray(state_volumes, dtype=np.float32)
     if vols_np.ndim != 4 or len(set(vols_np.shape[1:])) != 1:
@@ -336,7 +340,7 @@ def simulate_dataset(
     # when complete: an error or Ctrl-C half way leaves no partial dataset behind.
     with staged_directory(out_dir) as stage:
         files = _write_dataset(stage, vols_np, pixel_size_angstrom, config, states, poses, ctf,
-                               motion_map, source_description, progress)
+                               motion_map, source_description, progress, domain_motion_maps)
     files = {k: os.path.join(out_dir, os.path.relpath(v, stage)) for k, v in files.items()}
     record_path = files["record"]
     with open(record_path, encoding="utf-8") as fh:
@@ -347,7 +351,8 @@ def simulate_dataset(
 def _write_dataset(stage: str, vols_np: np.ndarray, pixel_size_angstrom: float,
                    config: SimulationConfig, states: np.ndarray, poses: Poses,
                    ctf: Optional[CtfParameters], motion_map: Optional[np.ndarray],
-                   source_description: str, progress: bool) -> Dict[str, str]:
+                   source_description: str, progress: bool,
+                   domain_motion_maps: Optional[np.ndarray] = None) -> Dict[str, str]:
     """Write the particles, metadata and ground truth of :func:`simulate_dataset` into ``stage``;
     returns the written paths by role."""
     K, D = vols_np.shape[0], vols_np.shape[-1]
@@ -378,6 +383,9 @@ def _write_dataset(stage: str, vols_np: np.ndarray, pixel_size_angstrom: float,
     if motion_map is not None:
         files["gt_motion"] = os.path.join(stage, "gt", "motion.mrc")
         write_volume(files["gt_motion"], np.asarray(motion_map, np.float32), pixel_size_angstrom)
+    for h, domain_map in enumerate([] if domain_motion_maps is None else domain_motion_maps):
+        files[f"gt_motion_domain_{h}"] = os.path.join(stage, "gt", f"motion_domain_{h}.mrc")
+        write_volume(files[f"gt_motion_domain_{h}"], np.asarray(domain_map, np.float32), pixel_size_angstrom)
 
     record = {
         "cryoformer_version": __version__,

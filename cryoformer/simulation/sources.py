@@ -20,7 +20,8 @@ from cryoformer.errors import InputError
 from cryoformer.io.mrc import read_volume
 from cryoformer.simulation.density import (atoms_to_volume, displacement_map, read_atomic_model,
                                            read_atomic_models)
-from cryoformer.simulation.hinged import HingedMoleculeConfig, hinged_state_volumes, motion_map
+from cryoformer.simulation.hinged import (HingedMoleculeConfig, domain_motion_maps, hinged_state_volumes,
+                                          motion_map)
 from cryoformer.simulation.trajectory import load_trajectory_states
 
 
@@ -38,12 +39,16 @@ class StateMaps:
         Provenance, recorded in ``simulation.json``.
     motion_map : np.ndarray or None
         ``[D, D, D]`` per-voxel displacement (Å) between the first and last state, if known.
+    domain_motion_maps : np.ndarray or None
+        ``[H, D, D, D]`` displacement (Å) of each independently moving domain alone, if known
+        (the embedded molecule with two hinges).
     """
 
     volumes: np.ndarray
     pixel_size_angstrom: float
     description: str
     motion_map: Optional[np.ndarray] = None
+    domain_motion_maps: Optional[np.ndarray] = None
 
 
 def maps_from_volumes(paths: Sequence[str]) -> StateMaps:
@@ -115,14 +120,24 @@ def maps_from_trajectory(
                      motion)
 
 
-def maps_from_hinged_molecule(n_states: int, box_size: int, pixel_size_angstrom: float) -> StateMaps:
-    """The embedded hinged molecule at ``n_states`` evenly spaced hinge angles."""
+def maps_from_hinged_molecule(n_states: int, box_size: int, pixel_size_angstrom: float,
+                              n_hinges: int = 1) -> StateMaps:
+    """The embedded hinged molecule at ``n_states`` hinge settings (``n_hinges`` arms, see
+    :func:`~cryoformer.simulation.hinged.hinged_state_times`); with two hinges the per-arm
+    motion maps come too."""
     _check_box(box_size, pixel_size_angstrom)
-    cfg = HingedMoleculeConfig()
+    if n_hinges not in (1, 2):
+        raise InputError(None, "--hinges", f"the embedded molecule has 1 or 2 hinges, got {n_hinges}")
+    cfg = HingedMoleculeConfig(n_hinges=n_hinges)
+    if n_hinges == 2 and (n_states < 4 or round(np.sqrt(n_states)) ** 2 != n_states):
+        raise InputError(None, "--n-states", f"two hinges need a square number of states (a grid of "
+                         f"settings per arm: 4, 9, 16, …), got {n_states}")
     vols = hinged_state_volumes(n_states, box_size, pixel_size_angstrom, cfg)
     motion = motion_map(box_size, pixel_size_angstrom, cfg)
+    per_domain = domain_motion_maps(box_size, pixel_size_angstrom, cfg) if n_hinges > 1 else None
+    label = "" if n_hinges == 1 else f", {n_hinges} independent hinges"
     return StateMaps(np.asarray(vols, np.float32), pixel_size_angstrom,
-                     f"embedded hinged molecule ({n_states} states)", motion)
+                     f"embedded hinged molecule ({n_states} states{label})", motion, per_domain)
 
 
 def _check_box(box_size: int, pixel_size_angstrom: float) -> None:

@@ -22,10 +22,11 @@ from cryoformer.errors import InputError  # noqa: E402
 from cryoformer.io.mrc import read_volume, write_volume  # noqa: E402
 from cryoformer.io.particles import write_stack  # noqa: E402
 from cryoformer_widgets.napari_io import get_reader, read_mrc, write_mrc  # noqa: E402
-from cryoformer_widgets.napari_layers import (SURFACE_NAME, VOLUME_NAME, DecodedLatent,  # noqa: E402
-                                              add_or_update, attention_layer_name, decode_latent,
-                                              isosurface, latent_layers, layers_for_latent,
-                                              surface_layer)
+from cryoformer_widgets.napari_layers import (FLEX_NAME, REGIONS_NAME, SURFACE_NAME, VOLUME_NAME,  # noqa: E402
+                                              DecodedLatent, FlexibleRegionMap, add_or_update,
+                                              attention_layer_name, compute_flexible_regions,
+                                              decode_latent, isosurface, latent_layers,
+                                              layers_for_latent, surface_layer)
 from cryoformer_widgets.session import RunSession  # noqa: E402
 
 
@@ -73,6 +74,31 @@ def test_layers_in_a_viewer_model(session):
     assert len({attn_c0.colormap.name, attn_k1.colormap.name, attn_c2.colormap.name}) == 3
     assert (attn_c0.visible, attn_k1.visible, attn_c2.visible) == (True, False, False)
     assert type(surface).__name__ == "Surface" and surface.metadata["cryoformer"]["channel"] == "query_c1"
+
+
+def test_flexible_region_map_beside_the_attention_channels(session):
+    from cryoformer.analysis import flex_score
+
+    flex = compute_flexible_regions(session, D=16)
+    # The overlay is the library's default flexible-region map, on the session's voxel size.
+    np.testing.assert_array_equal(flex.score, flex_score(session.run.model, session.latents, 16))
+    assert flex.labels.shape == (16, 16, 16) and flex.labels.min() >= 0
+    assert flex.voxel_size == pytest.approx(session.voxel_size(16)[0])
+    dec = decode_latent(session, session.from_cluster(0)[0], D=16)
+    viewer = ViewerModel()
+    added = add_or_update(viewer, latent_layers(dec, channels=["query_c0"], surface_channel=None, flex=flex))
+    assert [layer.name for layer in viewer.layers] == [VOLUME_NAME, FLEX_NAME, REGIONS_NAME,
+                                                       attention_layer_name("query_c0")]
+    score, regions = added[1], added[2]
+    assert type(regions).__name__ == "Labels" and score.blending == "additive"
+    np.testing.assert_array_equal(regions.data, flex.labels)
+    for layer in added:
+        np.testing.assert_allclose(layer.scale, [dec.voxel_size] * 3)
+    # Re-adding updates the same layers in place (the dock does this on every decode).
+    moved = FlexibleRegionMap(flex.score * 0.5, flex.labels, flex.voxel_size, flex.unit)
+    again = add_or_update(viewer, latent_layers(dec, channels=["query_c0"], surface_channel=None, flex=moved))
+    assert again[1] is score and again[2] is regions and len(viewer.layers) == 4
+    np.testing.assert_allclose(score.data, flex.score * 0.5)
 
 
 def _on_edges(verts: np.ndarray) -> np.ndarray:

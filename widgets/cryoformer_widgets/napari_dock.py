@@ -2,10 +2,12 @@
 
 Open a training run, choose a latent (a K-means cluster centre, a point on PC sliders, or a
 particle), decode it, and look at the density with its attention channels overlaid and the
-isosurface coloured by one channel (paper §4.4, Fig. 5). The run, its clusters, the latent
-choices and the decoder are the :class:`~cryoformer_widgets.session.RunSession` the Jupyter
-explorer uses too; layer construction lives in :mod:`.napari_layers`. This module only wires
-magicgui controls to them.
+isosurface coloured by one channel (paper §4.4, Fig. 5). *Flexible regions* computes the run's
+flexible-region map (the density-response score and its regions, which locate moving domains
+better than the attention channels) and keeps it overlaid beside the attention channels. The
+run, its clusters, the latent choices and the decoder are the
+:class:`~cryoformer_widgets.session.RunSession` the Jupyter explorer uses too; layer
+construction lives in :mod:`.napari_layers`. This module only wires magicgui controls to them.
 
 Loading and decoding run in a worker thread (``napari.qt.threading.thread_worker``) so the
 viewer stays responsive; while one runs the buttons are disabled and the status line says what
@@ -30,9 +32,9 @@ from napari.utils.notifications import show_error
 
 from cryoformer.analysis import attention_channel_names
 
-from .napari_layers import (SURFACE_NAME, VOLUME_NAME, IsoLevelError, add_or_update,
-                            attention_layer, attention_layer_name, decode_latent, isosurface,
-                            latent_layers, surface_layer)
+from .napari_layers import (SURFACE_NAME, VOLUME_NAME, FlexibleRegionMap, IsoLevelError, add_or_update,
+                            attention_layer, attention_layer_name, compute_flexible_regions,
+                            decode_latent, flex_layers, isosurface, latent_layers, surface_layer)
 from .session import DEFAULT_K, RunSession
 
 __all__ = ["RunExplorerDock"]
@@ -91,6 +93,7 @@ class RunExplorerDock(Container):
         self.viewer = napari_viewer
         self.session: Optional[RunSession] = None
         self.decoded = None
+        self.flex: Optional[FlexibleRegionMap] = None  # the run's flexible-region map, once computed
         self.busy = False
         self._pending_decode = False
         self._requested: Optional[str] = None  # label of the latent shown or being decoded
@@ -117,14 +120,16 @@ class RunExplorerDock(Container):
         self.channels = Container(labels=False, scrollable=True, label="attention channels")
         self.live = CheckBox(value=False, text="decode when the latent changes")
         self.decode_button = PushButton(text="Decode", enabled=False)
+        self.flex_button = PushButton(text="Flexible regions", enabled=False)
         self.status = Label(value="")
         self.extend([self.run_dir, self.k, self.open_button, self.info, self.source, self.cluster,
                      self.pc_sliders, self.particle, self.box, self.rendering, self.auto_level,
                      self.level, self.surface_channel, self.channels, self.live,
-                     self.decode_button, self.status])
+                     self.decode_button, self.flex_button, self.status])
 
         self.open_button.changed.connect(self._on_open_clicked)
         self.decode_button.changed.connect(self.decode)
+        self.flex_button.changed.connect(self.show_flexible_regions)
         self.source.changed.connect(self._show_source_widgets)
         for widget in (self.cluster, self.particle, self.source):
             widget.changed.connect(self._latent_changed)
@@ -172,6 +177,7 @@ class RunExplorerDock(Container):
         self.busy = busy
         self.open_button.enabled = not busy
         self.decode_button.enabled = not busy and self.session is not None
+        self.flex_button.enabled = not busy and self.session is not None
         if message:
             self.status.value = message
 
@@ -193,7 +199,7 @@ class RunExplorerDock(Container):
     def _on_opened(self, session: RunSession) -> None:
         if self.session is not None:
             self.session.close()  # its decoding thread; nothing of it is shown any more
-        self.session, self.decoded = session, None
+        self.session, self.decoded, self.flex = session, None, None
         run = session.run
         apix = f"{run.pixel_size_angstrom:.3g} Å/px" if run.pixel_size_angstrom else "no pixel size"
         self.info.value = (f"epoch {run.epoch}: {session.n_particles} particles, zdim "
@@ -275,6 +281,22 @@ class RunExplorerDock(Container):
         self._start(decode_with_level, (z, int(self.box.value), level, label), self._show,
                     f"decoding {label} …")
 
+    def show_flexible_regions(self, *_) -> None:
+        """Compute the run's flexible-region map at the decode box (worker thread) and overlay it."""
+        if self.session is None:
+            show_error("cryoformer: open a run first")
+            return
+        if self.busy:
+            self.status.value = "busy: wait for the current task"
+            return
+        self._start(compute_flexible_regions, (self.session, int(self.box.value)), self._show_flex,
+                    "computing the flexible-region map …")
+
+    def _show_flex(self, flex: FlexibleRegionMap) -> None:
+        self.flex = flex
+        add_or_update(self.viewer, flex_layers(flex))
+        self.status.value = f"flexible-region map: {int(flex.labels.max())} region(s)"
+
     def _wanted_channels(self) -> List[str]:
         """Checked channels, plus unchecked ones that already have a layer (kept up to date)."""
         return [name for name, box in self._channel_boxes.items()
@@ -286,7 +308,7 @@ class RunExplorerDock(Container):
         layers = latent_layers(dec, channels=self._wanted_channels(),
                                visible=[n for n, b in self._channel_boxes.items() if b.value],
                                surface_channel=None if surface == NO_SURFACE else surface,
-                               rendering=self.rendering.value)
+                               rendering=self.rendering.value, flex=self.flex)
         add_or_update(self.viewer, layers)
         for name, box in self._channel_boxes.items():  # the check boxes decide visibility
             layer_name = attention_layer_name(name)

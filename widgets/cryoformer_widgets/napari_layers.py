@@ -18,6 +18,11 @@ The three views (paper §4.4, Fig. 5):
 * the paper's Fig. 5 view: the density's isosurface (marching cubes) as a Surface layer whose
   vertex values are one attention channel, sampled by trilinear interpolation at the vertices.
 
+Beside the attention channels, the flexible-region map (:class:`FlexibleRegionMap`, from
+:func:`cryoformer.analysis.flexible_regions.flexible_regions`: the density-response score,
+which finds moving domains better than the attention channels do, and its regions as a
+Labels layer) can be overlaid with :func:`flex_layers` or ``latent_layers(..., flex=...)``.
+
 All layers share ``scale`` = the decoded voxel size in Å (``units="angstrom"``) and voxel
 coordinates ``(z, y, x)``, so they overlay each other and maps opened from ``.mrc`` files.
 """
@@ -31,19 +36,23 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from cryoformer.analysis import attention_channel_names
+from cryoformer.analysis.flexible_regions import FlexRegionConfig, flexible_regions
 
 from .session import RunSession
 
 __all__ = ["DecodedLatent", "decode_latent", "default_iso_level", "isosurface",
            "sample_at_vertices", "volume_layer", "attention_layer", "attention_layers",
            "surface_layer", "latent_layers", "layers_for_latent", "add_or_update",
-           "ATTENTION_COLORMAPS", "VOLUME_NAME", "SURFACE_NAME", "attention_layer_name"]
+           "ATTENTION_COLORMAPS", "VOLUME_NAME", "SURFACE_NAME", "attention_layer_name",
+           "FlexibleRegionMap", "compute_flexible_regions", "flex_layers", "FLEX_NAME", "REGIONS_NAME"]
 
 LayerData = Tuple[object, dict, str]
 Channel = Union[int, str]
 
 VOLUME_NAME = "cryoformer volume"
 SURFACE_NAME = "cryoformer surface"
+FLEX_NAME = "cryoformer flexible-region score"
+REGIONS_NAME = "cryoformer flexible regions"
 # Distinct single-hue maps that add up visibly on a dark canvas; cycled beyond their number.
 ATTENTION_COLORMAPS = ("magenta", "cyan", "yellow", "green", "bop orange", "bop blue", "red",
                        "bop purple", "I Forest", "I Bordeaux", "I Orange", "I Purple", "I Blue", "blue")
@@ -257,11 +266,55 @@ def surface_layer(dec: DecodedLatent, channel: Channel, colormap: str = "turbo",
     return (dec.vertices, dec.faces, values), kwargs, "surface"
 
 
+@dataclass(frozen=True, eq=False)  # arrays have no boolean equality
+class FlexibleRegionMap:
+    """The run's flexible-region map on one grid (computed once per run and box).
+
+    Attributes
+    ----------
+    score : np.ndarray
+        ``[D, D, D]`` float32 in ``[0, 1]``, the density-response score (docs/conventions.md).
+    labels : np.ndarray
+        ``[D, D, D]`` int32 regions, 0 = not flexible.
+    voxel_size : float
+        Voxel edge (``unit``).
+    unit : str
+    """
+
+    score: np.ndarray
+    labels: np.ndarray
+    voxel_size: float
+    unit: str
+
+
+def compute_flexible_regions(session: RunSession, D: Optional[int] = None,
+                             config: FlexRegionConfig = FlexRegionConfig()) -> FlexibleRegionMap:
+    """The flexible-region score and regions of the session's run from its latents."""
+    D = int(D or session.decode_box)
+    labels, score = flexible_regions(session.run.model, session.latents, D, config)
+    voxel, unit = session.voxel_size(D)
+    return FlexibleRegionMap(score, labels, voxel, unit)
+
+
+def flex_layers(flex: FlexibleRegionMap, visible: bool = True) -> List[LayerData]:
+    """The flexible-region score (additive ``inferno`` image, MIP) and its regions (Labels)."""
+    spatial = {"scale": (flex.voxel_size,) * 3, "units": (flex.unit,) * 3, "axis_labels": ("z", "y", "x")}
+    score = dict(spatial, name=FLEX_NAME, colormap="inferno", blending="additive", rendering="mip",
+                 visible=bool(visible), opacity=0.8, contrast_limits=(0.0, 1.0),
+                 metadata={"cryoformer": {"kind": "flexible-region score", "method": "density"}})
+    regions = dict(spatial, name=REGIONS_NAME, visible=False, opacity=0.5,
+                   metadata={"cryoformer": {"kind": "flexible regions",
+                                            "n_regions": int(flex.labels.max())}})
+    return [(flex.score, score, "image"), (flex.labels, regions, "labels")]
+
+
 def latent_layers(dec: DecodedLatent, channels: Optional[Sequence[Channel]] = None,
                   visible: Optional[Sequence[Channel]] = None, surface_channel: Optional[Channel] = 0,
-                  rendering: str = "iso") -> List[LayerData]:
-    """Volume, attention overlays and (unless ``surface_channel`` is None) the coloured surface."""
-    layers = [volume_layer(dec, rendering)] + attention_layers(dec, channels, visible)
+                  rendering: str = "iso", flex: Optional[FlexibleRegionMap] = None) -> List[LayerData]:
+    """Volume, the flexible-region map (when ``flex`` is given), attention overlays and (unless
+    ``surface_channel`` is None) the coloured surface."""
+    layers = [volume_layer(dec, rendering)] + (flex_layers(flex) if flex is not None else [])
+    layers += attention_layers(dec, channels, visible)
     if surface_channel is not None:
         layers.append(surface_layer(dec, surface_channel))
     return layers
@@ -279,7 +332,8 @@ def layers_for_latent(session: RunSession, z, D: Optional[int] = None, channels:
 # Properties refreshed on an existing layer; the others (visibility, colormap, opacity,
 # blending, rendering) are the user's choices in napari and are kept across re-decoding.
 _REFRESH = {"image": ("scale", "units", "contrast_limits", "iso_threshold", "metadata"),
-            "surface": ("scale", "units", "contrast_limits", "metadata")}
+            "surface": ("scale", "units", "contrast_limits", "metadata"),
+            "labels": ("scale", "units", "metadata")}
 
 
 def add_or_update(viewer, layer_data: Sequence[LayerData]) -> list:
@@ -294,9 +348,10 @@ def add_or_update(viewer, layer_data: Sequence[LayerData]) -> list:
     -------
     list of napari layers, in the order of ``layer_data``.
     """
-    from napari.layers import Image, Layer, Surface  # napari is the napari extra's; this module imports without it
+    # napari is the napari extra's; this module imports without it
+    from napari.layers import Image, Labels, Layer, Surface
 
-    classes = {"image": Image, "surface": Surface}
+    classes = {"image": Image, "surface": Surface, "labels": Labels}
     out = []
     for data, kwargs, layer_type in layer_data:
         name = kwargs["name"]
