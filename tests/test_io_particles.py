@@ -12,6 +12,7 @@ import pytest
 import cryoformer.io.particles as particles_module
 from cryoformer.errors import InputError
 from cryoformer.io import StackWriter, open_particles, write_cs, write_stack, write_star
+from cryoformer.io.validate import scan_images
 
 
 def leftovers(directory):
@@ -172,3 +173,42 @@ def test_star_paths_relative_to_relion_project_directory(tmp_path, rng):
     write_star(refine / "run_data.star", None, None, names, 1.5)
     source = open_particles(refine / "run_data.star")
     np.testing.assert_array_equal(source.images([0, 1]), images[[2, 0]])
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc to read resident memory")
+@pytest.mark.parametrize("release", [True, False])
+def test_reading_a_stack_does_not_keep_it_resident(tmp_path, monkeypatch, release):
+    """A pass over a mapped stack leaves the process's resident memory where it was: the pages
+    read are released (they stay in the kernel's cache). Without the release the same pass
+    keeps the whole stack resident, which is what the check measures against."""
+    path = str(tmp_path / "big.mrcs")
+    n, d = 1024, 128  # 64 MiB of float32 images
+    with mrcfile.new_mmap(path, shape=(n, d, d), mrc_mode=2) as mrc:
+        # image i holds i plus a ramp along x (not constant: the scan refuses blank images)
+        mrc.data[:] = np.arange(n, dtype=np.float32)[:, None, None] + np.linspace(0, 0.5, d, dtype=np.float32)
+        mrc.set_image_stack()
+    if not release:
+        monkeypatch.setattr(particles_module, "_release_pages", lambda data, rows: None)
+    src = open_particles(path)
+    before = _resident_bytes()
+    for start, images in src.chunks(128, check=False):
+        assert images[0, 0, 0] == start and images[-1, -1, -1] == start + len(images) - 1 + 0.5
+    grown = _resident_bytes() - before
+    stack = n * d * d * 4
+    if release:
+        assert grown < stack / 3, grown  # a chunk or two of copies (8 MiB each), not the stack
+        # released pages read back the same
+        rows = np.array([5, 900, 5, 17])
+        np.testing.assert_array_equal(src.images(rows)[:, 3, 0], rows.astype(np.float32))
+        # the start-up scan for NaN and blank images reads the stack the same way
+        before = _resident_bytes()
+        scan_images(src, progress=False)
+        assert _resident_bytes() - before < stack / 3
+    else:
+        assert grown > 2 * stack / 3, grown  # the measurement sees a resident stack when there is one
+    src.close()

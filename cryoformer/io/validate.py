@@ -338,6 +338,7 @@ def scan_images(source, indices: Optional[np.ndarray] = None, progress: bool = T
                 else:
                     block = data[local[start:stop]]
                 nonfinite, const = _bad_images(block)
+                source.release(int(file_of[lo_f]), local[start:stop])  # a scan must not keep the stack resident
                 if nonfinite.any():
                     bad_nonfinite.append(used[start:stop][nonfinite])
                 if const.any():
