@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -71,7 +73,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.data, "simulation.json")) as handle:
         box = int(json.load(handle)["box_size"])
     gt = read_poses_pkl(os.path.join(args.data, "gt", "poses.pkl"), box_size=box)
-    noisy_path = os.path.join(os.path.dirname(os.path.abspath(args.data)), f"search_bench_sigma{args.sigma_rad:g}.pkl")
+    # the perturbed input poses go to a scratch directory: nothing is written beside the data
+    scratch = tempfile.mkdtemp(prefix="bench_pose_search_")
+    noisy_path = os.path.join(scratch, "perturbed_poses.pkl")
     write_poses_pkl(perturb_poses(gt, args.sigma_rad, 2.0, seed=args.seed + 1), noisy_path)
     _, data = load_particles(args.data, noisy_path, args.n_reference)
     truth = data.gt_poses.rotations
@@ -104,6 +108,7 @@ def main(argv=None) -> int:
     if args.output:
         with open(args.output, "w") as handle:
             json.dump({"machine": machine.describe(), "args": vars(args), "rows": rows}, handle, indent=1)
+    shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

@@ -3,9 +3,10 @@
 An :class:`ImageSource` maps particle ``i`` to ``(stack file, index in stack)`` and reads
 images on demand through ``mrcfile.mmap`` (read-only), so stacks larger than memory can be
 used for training. The pages of images already copied out are released from the process
-(they stay in the kernel's page cache), so a pass over a 30 GB stack does not leave it resident
-(docs/benchmarks.md, "A stack larger than memory"). Stack headers are read once when the source is opened, which is where
-missing stacks, non-square images and out-of-range indices are reported. At most
+(they stay in the kernel's page cache), so a pass over a 30 GB stack does not leave it
+resident (docs/benchmarks.md, "A stack larger than memory"). Stack headers are read once when
+the source is opened, which is where missing stacks, non-square images and out-of-range
+indices are reported. At most
 :data:`MAX_OPEN_STACKS` stacks are kept mapped at a time (a RELION project can have one stack
 per micrograph, more than the open-file limit).
 
