@@ -2,11 +2,17 @@
 
 A small notebook that shows a ``LatentExplorer`` of the test run is opened in JupyterLab; the
 test runs it, clicks a cluster centre on the explorer's canvas and checks that the slice image
-of the decoded volume changed. A screenshot is kept in ``test-artifacts/browser/``.
+of the decoded volume changed. A second notebook shows 500 000 particles (a synthetic latent set
+decoded by the test run's model, with a defocus per particle): the wheel zooms, a pan moves the
+view, a lasso drawn after zooming selects exactly the particles inside it (counted over all
+500 000 with an independent points-in-polygon), and colouring by defocus shows a colour bar and
+a colour ramp on the canvas. Screenshots and the measured redraw time are kept in
+``test-artifacts/browser/``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -19,6 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from cryoformer.analysis.latent_space import pca
+from test_explorer_scale import N as N_BIG, big_latents, ctf_for, ray_casting
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
@@ -38,6 +48,23 @@ def _notebook(run_dir: str, out_dir: str) -> dict:
     source = ("from cryoformer_widgets import LatentExplorer\n"
               f"ex = LatentExplorer({run_dir!r}, k=3, output_dir={out_dir!r})\n"
               "ex")
+    return _one_cell(source)
+
+
+def _big_notebook(run_dir: str, data: str, out_dir: str) -> dict:
+    """A 500 000-particle latent set with its defocus, decoded by the run's model."""
+    source = ("import numpy as np\n"
+              "from cryoformer_widgets import LatentExplorer, RunSession\n"
+              "from cryoformer_widgets.particle_values import ParticleMetadata\n"
+              f"data = np.load({data!r})\n"
+              f"session = RunSession.from_latents({run_dir!r}, data['latents'], kmeans_labels=data['labels'],\n"
+              "                                  metadata=ParticleMetadata(ctf=data['ctf']))\n"
+              f"ex = LatentExplorer(session, output_dir={out_dir!r})\n"
+              "ex")
+    return _one_cell(source)
+
+
+def _one_cell(source: str) -> dict:
     return {"nbformat": 4, "nbformat_minor": 5,
             "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
             "cells": [{"cell_type": "code", "id": "explorer", "metadata": {}, "execution_count": None,
@@ -55,11 +82,26 @@ def sync_api():
 @pytest.fixture
 def jupyterlab(sync_api, spread_run, tmp_path):
     """A JupyterLab server on a free port, serving a notebook that shows the explorer."""
+    yield from _serve_lab(tmp_path, _notebook(spread_run, str(tmp_path / "out")))
+
+
+@pytest.fixture
+def jupyterlab_big(sync_api, spread_run, tmp_path):
+    """A JupyterLab server serving a notebook that shows 500 000 particles; yields (url, data path)."""
+    z, labels, defocus = big_latents()
+    data = tmp_path / "big.npz"
+    np.savez(data, latents=z, labels=labels, ctf=ctf_for(defocus))
+    for url in _serve_lab(tmp_path, _big_notebook(spread_run, str(data), str(tmp_path / "out"))):
+        yield url, data
+
+
+def _serve_lab(tmp_path, notebook: dict):
+    """Start JupyterLab on ``notebook`` (as ``explorer.ipynb``), yield its URL, stop it."""
     pytest.importorskip("jupyterlab")
     pytest.importorskip("anywidget")
     root = tmp_path / "lab"
     root.mkdir()
-    (root / "explorer.ipynb").write_text(json.dumps(_notebook(spread_run, str(tmp_path / "out"))))
+    (root / "explorer.ipynb").write_text(json.dumps(notebook))
     port, token = _free_port(), "cryoformer-browser-test"
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), IPYTHONDIR=str(tmp_path / "ipython"),
                JUPYTER_CONFIG_DIR=str(tmp_path / "config"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -171,3 +213,91 @@ def test_click_in_explorer_changes_the_volume(sync_api, jupyterlab, spread_run):
             print(f"screenshot: {shot}")
         finally:
             browser.close()
+
+
+def _zoom_and_time(page, canvas) -> dict:
+    """One wheel step (zoom in) over the plot, timed in the page: the handler redraws at once."""
+    return page.evaluate(
+        """(c) => { const r = c.getBoundingClientRect();
+        const ev = new WheelEvent('wheel', { deltaY: -240, clientX: r.left + 200, clientY: r.top + 180,
+                                            bubbles: true, cancelable: true });
+        const before = JSON.parse(c.dataset.view); const t0 = performance.now();
+        c.dispatchEvent(ev);
+        return { ms: performance.now() - t0, drawMs: Number(c.dataset.drawMs), before,
+                 after: JSON.parse(c.dataset.view) }; }""", canvas.element_handle())
+
+
+def _lasso(page, canvas) -> list:
+    """Draw a pentagon lasso over the plot; returns the polygon the front end sent (data units)."""
+    page.locator("button.cfx-mode", has_text="lasso").click()
+    box = canvas.bounding_box()
+    corners = [(80, 60), (330, 90), (360, 300), (200, 360), (60, 250)]  # CSS px inside the plot
+    page.mouse.move(box["x"] + corners[0][0], box["y"] + corners[0][1])
+    page.mouse.down()
+    for x, y in corners[1:]:
+        page.mouse.move(box["x"] + x, box["y"] + y, steps=3)
+    page.mouse.up()
+    return json.loads(canvas.get_attribute("data-last-polygon"))
+
+
+def _hue_bins(png: bytes) -> int:
+    """Distinct coarse colours among the saturated pixels of a screenshot (the scatter's colours)."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3).astype(int)
+    vivid = rgb[(rgb.max(1) - rgb.min(1)) > 60]
+    return len({tuple(c // 40) for c in vivid})
+
+
+def test_500k_particles_zoom_lasso_and_colour_by_defocus(sync_api, jupyterlab_big):
+    url, data = jupyterlab_big
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            _run_notebook(page, sync_api, url)
+            canvas = page.locator("canvas.cfx-scatter")
+            assert canvas.get_attribute("data-n-drawn") == str(N_BIG)
+            ticks = canvas.get_attribute("data-ticks")
+            timing = _zoom_and_time(page, canvas)
+            (b0, b1), (a0, a1) = timing["before"][:2], timing["after"][:2]
+            assert 0 < a1 - a0 < 0.8 * (b1 - b0), timing  # zoomed in
+            assert timing["ms"] < 1000, f"a redraw of 500 000 points took {timing['ms']:.0f} ms"
+            assert canvas.get_attribute("data-ticks") != ticks  # the axes follow the zoom
+            page.locator("button.cfx-mode", has_text="pan").click()
+            box = canvas.bounding_box()
+            page.mouse.move(box["x"] + 200, box["y"] + 200)
+            page.mouse.down()
+            page.mouse.move(box["x"] + 260, box["y"] + 200, steps=3)
+            page.mouse.up()
+            panned = json.loads(canvas.get_attribute("data-view"))
+            assert panned[0] < a0 and panned[1] - panned[0] == pytest.approx(a1 - a0)
+            polygon = _lasso(page, canvas)  # after zoom and pan: the polygon must be in data units
+            z = np.load(data)["latents"]
+            xy = _pcs(z)
+            want = ray_casting(xy, polygon).size
+            page.wait_for_function(
+                f"() => document.querySelector('.cfx-nsel').textContent.startsWith('{want} selected')")
+            assert 1000 < want < N_BIG
+            page.locator("button.cfx-reset").click()
+            page.locator("select.cfx-color").select_option("defocus_angstrom")
+            page.wait_for_function("() => document.querySelector('.cfx-cbar-name')"
+                                   " && document.querySelector('.cfx-cbar-name').textContent === 'defocus_angstrom'")
+            page.locator("button", has_text="clear").first.click()
+            page.wait_for_function("() => document.querySelector('.cfx-nsel').textContent.startsWith('0 selected')")
+            page.wait_for_timeout(300)
+            assert page.locator(".cfx-colorbar").is_visible()
+            hues = _hue_bins(canvas.screenshot())
+            assert hues > 6, f"colouring by defocus shows {hues} colours on the canvas"
+            assert page.locator(".cfx-error").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "latent_explorer_500k.png"), full_page=True)
+            (ARTIFACTS / "latent_explorer_500k.json").write_text(json.dumps(
+                {"particles": N_BIG, "zoom_redraw_ms": timing["ms"], "draw_ms": timing["drawMs"],
+                 "lasso_selected": want, "canvas_colours": hues}, indent=1))
+            print(f"500 000 points: zoom + redraw {timing['ms']:.0f} ms (raster {timing['drawMs']:.0f} ms)")
+        finally:
+            browser.close()
+
+
+def _pcs(z: np.ndarray) -> np.ndarray:
+    """PC1, PC2 of ``z`` as the session computes them (the explorer's first axes)."""
+    return pca(z).projections[:, :2]

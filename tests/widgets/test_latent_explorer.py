@@ -140,7 +140,9 @@ def test_colour_by_ground_truth_state(explorer, tiny_dataset):
     ex = explorer
     gt = np.load(tiny_dataset.sim / "gt" / "state.npy")
     ex.add_labels("true state", gt)
-    assert ex.label_sets == ["kmeans", "true state"]
+    # categories first (K-means, then the user's), then the continuous values read from the run
+    assert ex.label_sets[:2] == ["kmeans", "true state"]
+    assert set(ex.label_sets[2:]) == set(ex.state.values) and "defocus_angstrom" in ex.label_sets
     ex.color_by = "true state"
     want = gt[tiny_dataset.run_rows]
     np.testing.assert_array_equal(np.frombuffer(ex.point_colors, np.uint8), want)
@@ -170,7 +172,8 @@ def test_save_volume_and_errors_in_the_widget(explorer, tmp_path):
 
 
 def test_300k_particles_stay_responsive(spread_run, tmp_path):
-    """A run with 300 000 particles: only ≤ 20 000 are drawn, selections cover all of them."""
+    """A run with 300 000 particles: every one is drawn, selections cover all of them; with
+    ``max_drawn`` below N a stratified subsample is drawn and selections still cover all."""
     run_dir = tmp_path / "big"
     shutil.copytree(spread_run, run_dir)
     latents = sorted((run_dir / "latents").iterdir())[-1]
@@ -189,19 +192,27 @@ def test_300k_particles_stay_responsive(spread_run, tmp_path):
     ex = LatentExplorer(str(run_dir), output_dir=str(tmp_path / "out"))
     try:
         build = time.perf_counter() - t0
-        assert ex.n_particles == n and ex.n_drawn <= 20_000
-        assert len(ex.points) == 8 * ex.n_drawn and len(ex.point_selected) == ex.n_drawn
+        assert ex.n_particles == n == ex.n_drawn
+        assert len(ex.points) == 8 * n and len(ex.point_selected) == n
         assert build < 20, f"building the explorer took {build:.1f} s"
         t0 = time.perf_counter()
         ex.select_box(0, 0, 10, 10)
         assert time.perf_counter() - t0 < 2.0
         xy = ex.state.pca.projections
-        assert ex.n_selected == int(np.sum((xy[:, 0] > 0) & (xy[:, 1] > 0)))  # all particles, not drawn ones
-        assert ex.n_selected > 10 * np.frombuffer(ex.point_selected, np.uint8).sum() or ex.n_drawn == n
-        drawn_labels = labels[np.frombuffer(ex.point_rows, np.int32)]
-        assert set(drawn_labels.tolist()) == set(labels.tolist())
+        assert ex.n_selected == int(np.sum((xy[:, 0] > 0) & (xy[:, 1] > 0)))
+        assert np.frombuffer(ex.point_selected, np.uint8).sum() == ex.n_selected
         ex.wait()
         assert ex.volume is not None and ex.error == ""
+    finally:
+        ex.close()
+    ex = LatentExplorer(str(run_dir), output_dir=str(tmp_path / "out"), max_drawn=20_000, select=None)
+    try:
+        assert ex.n_drawn <= 20_000
+        ex.select_box(0, 0, 10, 10)
+        assert ex.n_selected == int(np.sum((xy[:, 0] > 0) & (xy[:, 1] > 0)))  # all particles, not drawn ones
+        assert ex.n_selected > 10 * np.frombuffer(ex.point_selected, np.uint8).sum()
+        drawn_labels = labels[np.frombuffer(ex.point_rows, np.int32)]
+        assert set(drawn_labels.tolist()) == set(labels.tolist())
     finally:
         ex.close()
 

@@ -16,6 +16,8 @@ pytest.importorskip("skimage")
 import npe2  # noqa: E402
 from napari.components import ViewerModel  # noqa: E402
 
+from scipy.ndimage import binary_dilation  # noqa: E402
+
 from cryoformer.analysis import attention_stack  # noqa: E402
 
 from cryoformer.errors import InputError  # noqa: E402
@@ -67,7 +69,15 @@ def test_layers_in_a_viewer_model(session):
     with torch.no_grad():
         np.testing.assert_allclose(vol.data, run.model.decode_volume(z, 32).numpy(), atol=1e-6)
     stack = attention_stack(run.model, z, 32)
-    np.testing.assert_allclose(attn_k1.data, stack[8 + 1], atol=1e-6)  # weights follow the C queries
+    # The overlay is the channel inside the molecule (the isosurface's inside grown by one voxel)
+    # and its lower contrast limit, drawn black, outside; weights follow the C queries.
+    level = vol.metadata["cryoformer"]["iso_level"]
+    inside = binary_dilation(vol.data >= level, iterations=1)
+    assert 0 < inside.sum() < inside.size
+    np.testing.assert_allclose(attn_k1.data[inside], stack[8 + 1][inside], atol=1e-6)
+    lo, hi = attn_k1.contrast_limits
+    np.testing.assert_allclose([lo, hi], np.percentile(stack[8 + 1][inside], [1.0, 99.5]), rtol=1e-5, atol=1e-7)
+    assert np.all(attn_k1.data[~inside] == np.float32(lo))
     assert vol.rendering == "iso" and vol.iso_threshold == pytest.approx(vol.metadata["cryoformer"]["iso_level"])
     assert vol.metadata["cryoformer"]["label"] == label
     assert {attn_c0.blending, attn_k1.blending, attn_c2.blending} == {"additive"}
@@ -141,8 +151,10 @@ def test_surface_values_are_attention_at_the_vertices(session):
         for v, value in zip(verts[~edge], values[~edge]):
             corners = attn[tuple(slice(int(c), int(c) + 2) for c in np.floor(v))]
             assert corners.min() - 1e-6 <= value <= corners.max() + 1e-6
+        # Limits: the 2nd and 98th percentiles of the surface's own values, so its colours spread.
         lo, hi = kwargs["contrast_limits"]
-        assert lo == pytest.approx(dec.attention[index].min()) and hi == pytest.approx(dec.attention[index].max())
+        assert (lo, hi) == pytest.approx(tuple(np.percentile(values, [2.0, 98.0])), rel=1e-5)
+        assert values.min() <= lo < hi <= values.max()
 
 
 def test_surface_of_a_synthetic_sphere_samples_a_linear_field():

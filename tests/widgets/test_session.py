@@ -162,6 +162,9 @@ def test_state_reads_kmeans_labels_of_analyze(spread_run, tmp_path):
         np.testing.assert_array_equal(st.coords(("UMAP1", "UMAP2")), np.load(run_dir / "analysis" / "umap.npy"))
         assert st.axis_names() == ["PC1", "PC2", "PC3", "UMAP1", "UMAP2", "z0", "z1", "z2"]
         assert st.umap_source.endswith("umap.npy")
+        # … and two continuous colourings
+        np.testing.assert_array_equal(st.colouring("UMAP2").values, np.load(run_dir / "analysis" / "umap.npy")[:, 1])
+        assert st.colourings()[0] == "kmeans" and {"UMAP1", "UMAP2", "defocus_angstrom"} <= set(st.colourings())
     finally:
         st.close()
     info = json.loads((run_dir / "analysis" / "analysis.json").read_text())
@@ -367,3 +370,36 @@ def test_volumes_and_attention_go_through_the_one_decoder(session):
     np.testing.assert_allclose(session.attention_at(z, 32), attention_stack(run.model, z, 32), atol=1e-6)
     assert session.voxel_size(32) == (pytest.approx(6.0), "angstrom")  # 12 Å at box 16
     assert session.voxel_size_angstrom == pytest.approx(12.0)
+
+
+def test_session_from_latents_and_user_values(run):
+    z = np.repeat(run.latents[:3], 4, axis=0)  # [12, zdim]: three groups of four equal latents
+    st = RunSession.from_latents(run, z, kmeans_labels=np.repeat([0, 1, 2], 4))
+    try:
+        assert st.n_particles == 12 and st.kmeans_source == "given"
+        np.testing.assert_array_equal(st.latents[st.center_rows], run.latents[:3])
+        assert "defocus_angstrom" not in st.colourings()  # the run's metadata is for other particles
+        value = st.add_values("score", np.linspace(0, 1, 12))
+        assert value.kind == "continuous" and st.colourings() == ["kmeans", "score"]
+        st.add_values("score", np.arange(12) % 3)  # the same name again, now categories
+        assert st.colourings() == ["kmeans", "score"] and st.colouring("score").kind == "categorical"
+        with pytest.raises(ValueError, match="session's K-means"):
+            st.add_values("kmeans", np.zeros(12))
+        with pytest.raises(ValueError, match="unknown colouring 'nope'"):
+            st.colouring("nope")
+    finally:
+        st.close()
+    # latents of named particles of the stack: their own CTF is read from the run's metadata
+    st = RunSession.from_latents(run, run.latents[:5], particle_indices=run.particle_indices[:5], k=2)
+    try:
+        whole = RunSession(run, k=2)
+        np.testing.assert_array_equal(st.colouring("defocus_angstrom").values,
+                                      whole.colouring("defocus_angstrom").values[:5])
+        assert "pose_change_deg" not in st.colourings() and "pose_change_deg" in whole.colourings()
+        whole.close()
+    finally:
+        st.close()
+    with pytest.raises(ValueError, match="latents must be finite"):
+        RunSession.from_latents(run, np.zeros((5, run.latents.shape[1] + 1), np.float32))
+    with pytest.raises(ValueError, match="kmeans_labels must be 5"):
+        RunSession.from_latents(run, np.zeros((5, run.latents.shape[1]), np.float32), kmeans_labels=[0, 1])

@@ -11,16 +11,30 @@ The scatter's axes are any two of ``axis_names``: principal components (``PC1`` 
 ``cryoformer analyze`` (``UMAP1``/``UMAP2``, offered when it wrote ``umap.npy`` for this epoch) or
 latent dimensions (``z0`` …); ``ex.axis_x, ex.axis_y = "UMAP1", "UMAP2"``.
 
-The front end (``static/latent_explorer.js``) draws a canvas scatter of at most ``max_drawn``
-particles (a stratified subsample; the data are never subsampled) and sends clicks, lasso and
-box selections back; everything else happens here, in Python, so every feature can also be
-driven from code. Failures of what the front end triggers (an unwritable file, a decoding
+The front end (``static/latent_explorer.js``) rasterises every particle (up to ``max_drawn``,
+500 000 by default; above that a stratified subsample is drawn, the data are never subsampled)
+into one image per frame, showing density where points overlap; the wheel zooms about the
+cursor, a drag in "pan" mode (or with the right or middle button) pans, "reset" returns to the
+first view (the 0.5–99.5 percentile box, so outliers do not squeeze the bulk). Clicks, lasso
+and box selections come back in data coordinates; everything else happens here, in Python, so
+every feature can also be driven from code.
+
+Colour by any of ``label_sets``: categories (K-means, held-out images, ``add_labels``) or
+continuous values read from the run (``defocus_angstrom``, ``astigmatism_angstrom``,
+``rot_deg``/``tilt_deg``/``psi_deg``, ``shift_px``, ``pose_change_deg`` after refinement,
+``UMAP1``/``UMAP2``) or given with ``ex.add_values(name, array)``; continuous values get a
+viridis colour bar between the 1st and 99th percentiles, unknown (NaN) values are grey.
+
+Displayed in a notebook, the widget also carries a PNG of the scatter and the slices
+(:meth:`LatentExplorer.snapshot_png`), so a saved notebook shows it without a kernel. Failures of what the front end triggers (an unwritable file, a decoding
 error, a bad trait value) are shown in the widget's status line (trait ``error``) and never
 raised into the notebook's event loop; methods called from code raise as usual.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import pathlib
 import re
@@ -30,14 +44,22 @@ from typing import Any, Optional, Sequence
 import anywidget
 import numpy as np
 import traitlets as t
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
+from PIL import Image, ImageDraw
+
+from cryoformer.analysis.render import isosurface_png, palette, png_bytes, slices_png
 
 from .decode_worker import DecodeResult
-from cryoformer.analysis.render import isosurface_png, palette, slices_png
+from .particle_values import CATEGORICAL, colour_levels, robust_limits, robust_view_box
 from .session import DEFAULT_K, KMEANS, RunSession
 
 __all__ = ["LatentExplorer"]
 
 _STATIC = pathlib.Path(__file__).parent / "static"
+MAX_DRAWN = 500_000  # points the front end rasterises per frame in well under a second
+LEVELS = 255         # colour levels of a continuous value; index LEVELS is "unknown"
+MISSING_COLOUR = "#b4b4b4"  # a particle without a value (NaN)
 
 
 class LatentExplorer(anywidget.AnyWidget):
@@ -62,7 +84,7 @@ class LatentExplorer(anywidget.AnyWidget):
     decode_box : int, optional
         Edge of decoded volumes in voxels (default the training box).
     max_drawn : int
-        Most points drawn in the scatter.
+        Most points drawn in the scatter (all of them up to this; a stratified subsample above).
     output_dir : str
         Where the buttons write (``volume_*.mrc``, ``selection_*.npy``, ``selection_*.star``).
     select : "center", int or None
@@ -72,11 +94,13 @@ class LatentExplorer(anywidget.AnyWidget):
     -----
     Synchronised traits a script may set: ``axis_x``, ``axis_y`` (axes drawn, names in
     ``axis_names``: ``"PC1"``, ``"UMAP2"``, ``"z0"``), ``color_by`` (a name in ``label_sets``),
-    ``selected_index`` (row of the run's particles, −1 = none), ``traversal_pc`` /
+    ``selected_index`` (row of the run's particles, −1 = none), ``view`` (``[x0, x1, y0, y1]``
+    shown, data units; the front end writes it back after a zoom or pan), ``traversal_pc`` /
     ``traversal_step`` (−1 = off), ``threshold`` (σ above the mean), ``azimuth`` / ``elevation``
     (degrees), ``output_dir``. ``pc_x`` / ``pc_y`` (not synchronised) are the 1-based PC of each
     axis, 0 when it is not a PC; setting one draws that PC. Read-only results: ``slices_png`` and
-    ``iso_png`` (PNG bytes), ``volume_label``, ``n_selected``, ``busy``, ``message``, ``error``.
+    ``iso_png`` (PNG bytes), ``volume_label``, ``n_selected``, ``busy``, ``message``, ``error``,
+    ``home_view`` (the first view), ``colorbar`` (limits of a continuous colouring, else empty).
     """
 
     _esm = _STATIC / "latent_explorer.js"
@@ -85,7 +109,7 @@ class LatentExplorer(anywidget.AnyWidget):
     # scatter (drawn subsample; binary buffers)
     points = t.Bytes(b"").tag(sync=True)            # float32 [M, 2] coordinates on (axis_x, axis_y)
     point_rows = t.Bytes(b"").tag(sync=True)        # int32 [M] row of each drawn point
-    point_colors = t.Bytes(b"").tag(sync=True)      # uint8 [M] index into `palette`
+    point_colors = t.Bytes(b"").tag(sync=True)      # uint8 [M] index into `palette` (continuous: level)
     point_selected = t.Bytes(b"").tag(sync=True)    # uint8 [M] 1 = selected
     palette = t.List(t.Unicode()).tag(sync=True)
     legend = t.List(t.Dict()).tag(sync=True)        # [{name, color, count}]
@@ -99,8 +123,11 @@ class LatentExplorer(anywidget.AnyWidget):
     axis_y = t.Unicode("PC2").tag(sync=True)
     pc_x = t.Int(1)                                  # PC of axis_x (0: not a PC), for scripts
     pc_y = t.Int(2)
-    label_sets = t.List(t.Unicode()).tag(sync=True)
+    label_sets = t.List(t.Unicode()).tag(sync=True)  # every colouring: categories, then values
     color_by = t.Unicode(KMEANS).tag(sync=True)
+    colorbar = t.Dict().tag(sync=True)              # {name, vmin, vmax, stops, n_missing}; {} = categories
+    home_view = t.List(t.Float()).tag(sync=True)    # [x0, x1, y0, y1] first view (robust box)
+    view = t.List(t.Float()).tag(sync=True)         # [x0, x1, y0, y1] shown (front end writes it back)
     # what is shown
     selected_index = t.Int(-1).tag(sync=True)
     marker = t.List(t.Float()).tag(sync=True)       # [x, y] of the shown latent, [] = none
@@ -122,7 +149,7 @@ class LatentExplorer(anywidget.AnyWidget):
     error = t.Unicode("").tag(sync=True)
 
     def __init__(self, run: Any, epoch: Optional[int] = None, device: str = "auto", k: int = DEFAULT_K,
-                 labels: Optional[dict] = None, decode_box: Optional[int] = None, max_drawn: int = 20000,
+                 labels: Optional[dict] = None, decode_box: Optional[int] = None, max_drawn: int = MAX_DRAWN,
                  output_dir: Optional[str] = None, select: Any = "center", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._lock = threading.RLock()
@@ -144,7 +171,7 @@ class LatentExplorer(anywidget.AnyWidget):
             self.axis_names = st.axis_names()
             self.axis_x, self.axis_y = "PC1", f"PC{min(2, st.n_pcs)}"
             self.point_rows = self._drawn.astype(np.int32).tobytes()
-            self.label_sets = list(st.labels)
+            self.label_sets = st.colourings()
             self.output_dir = os.path.abspath(output_dir or os.path.join(os.getcwd(), "cryoformer_explorer"))
             self._update_points()
             self._update_colors()
@@ -153,6 +180,8 @@ class LatentExplorer(anywidget.AnyWidget):
         kmeans_note = f"K-means: {st.kmeans_source}"
         umap_note = "UMAP axes offered" if st.umap is not None else "no UMAP (run `cryoformer analyze`)"
         self.message = f"{st.n_particles} particles, {self._drawn.size} drawn; {kmeans_note}; {umap_note}"
+        if st.value_notes:
+            self.message += "; " + "; ".join(st.value_notes)
         if isinstance(select, str) and select == "center" and st.center_rows.size:
             self.selected_index = int(st.center_rows[0])
         elif select is not None and not isinstance(select, str):
@@ -177,7 +206,15 @@ class LatentExplorer(anywidget.AnyWidget):
     def add_labels(self, name: str, labels: np.ndarray) -> None:
         """Offer another colouring (``[N]`` run particles or ``[N₀]`` original stack)."""
         self.state.add_labels(name, labels)
-        self.label_sets = list(self.state.labels)
+        self.label_sets = self.state.colourings()
+
+    def add_values(self, name: str, values: np.ndarray) -> None:
+        """Offer another colouring: float ``[N]`` (or ``[N₀]``) → continuous with a colour bar
+        (NaN = unknown, grey), integer → categories. See :meth:`RunSession.add_values`."""
+        self.state.add_values(name, values)
+        self.label_sets = self.state.colourings()
+        if name == self.color_by:
+            self._update_colors()
 
     def select_polygon(self, polygon: Sequence[Sequence[float]], mode: str = "replace") -> np.ndarray:
         """Select all particles inside ``polygon`` (coordinates on the axes drawn)."""
@@ -307,6 +344,8 @@ class LatentExplorer(anywidget.AnyWidget):
     def _update_points(self) -> None:
         xy = self.state.coords((self.axis_x, self.axis_y))  # [N, 2]
         self.points = np.ascontiguousarray(xy[self._drawn], dtype=np.float32).tobytes()
+        self.home_view = robust_view_box(xy)  # from every particle, not only the drawn ones
+        self.view = list(self.home_view)
         rows = self.state.center_rows
         cl = self.state.labels[KMEANS][rows]
         colors = palette(int(self.state.labels[KMEANS].max()) + 1)
@@ -314,14 +353,25 @@ class LatentExplorer(anywidget.AnyWidget):
                          "color": colors[int(c)]} for r, c in zip(rows, cl)]
 
     def _update_colors(self) -> None:
-        if self.color_by not in self.state.labels:
-            raise ValueError(f"unknown colouring {self.color_by!r}; choose from {list(self.state.labels)}")
-        lab = self.state.labels[self.color_by]
-        n = int(lab.max()) + 1
-        self.palette = palette(n)
-        self.point_colors = np.asarray(lab[self._drawn] % 255, dtype=np.uint8).tobytes()
-        counts = np.bincount(lab, minlength=n)
-        self.legend = [{"name": str(i), "color": self.palette[i], "count": int(counts[i])} for i in range(n)]
+        value = self.state.colouring(self.color_by)
+        if value.kind == CATEGORICAL:
+            lab = value.values
+            n = int(lab.max()) + 1
+            with self.hold_sync():
+                self.palette = palette(n)
+                self.point_colors = np.asarray(lab[self._drawn] % 255, dtype=np.uint8).tobytes()
+                counts = np.bincount(lab, minlength=n)
+                self.legend = [{"name": str(i), "color": self.palette[i], "count": int(counts[i])} for i in range(n)]
+                self.colorbar = {}
+            return
+        lo, hi = robust_limits(value.values)
+        colours = continuous_palette()
+        with self.hold_sync():
+            self.palette = colours
+            self.point_colors = colour_levels(value.values[self._drawn], lo, hi, LEVELS).tobytes()
+            self.legend = []
+            self.colorbar = {"name": value.name, "vmin": lo, "vmax": hi, "stops": colours[:LEVELS:16] + [colours[LEVELS - 1]],
+                             "n_missing": int(np.count_nonzero(np.isnan(value.values))), "missing": MISSING_COLOUR}
 
     def _update_selection(self) -> None:
         mask = np.zeros(self.state.n_particles, dtype=np.uint8)
@@ -337,6 +387,53 @@ class LatentExplorer(anywidget.AnyWidget):
         row = where[1] if isinstance(where, tuple) and where[0] == "row" else None
         xy = None if z is None else self.state.position(z, (self.axis_x, self.axis_y), row)
         self.marker = [] if xy is None else [float(xy[0]), float(xy[1])]
+
+    # ------------------------------------------------------------------ static picture
+    def snapshot_png(self, size_px: int = 420) -> bytes:
+        """A PNG of the scatter as drawn (colours, current ``view``, density where points
+        overlap) beside the central slices of the volume shown: what a notebook saved with
+        this widget's output shows without a kernel.
+
+        Parameters
+        ----------
+        size_px : int
+            Edge of the scatter panel in pixels.
+
+        Returns
+        -------
+        bytes
+            PNG, RGB.
+        """
+        xy = np.frombuffer(self.points, np.float32).reshape(-1, 2)
+        colours = np.asarray([_rgb(c) for c in self.palette] or [(85, 85, 85)], dtype=np.float64)
+        index = np.frombuffer(self.point_colors, np.uint8)
+        rgb = colours[np.minimum(index, len(colours) - 1)] if index.size == xy.shape[0] else \
+            np.full((xy.shape[0], 3), 85.0)
+        box = self.view if len(self.view) == 4 else robust_view_box(xy)
+        panel = _scatter_panel(xy, rgb, box, size_px, self.axis_x, self.axis_y,
+                               f"{self.n_particles} particles, colour: {self.color_by}")
+        if self.slices_png:
+            slices = Image.open(io.BytesIO(self.slices_png)).convert("RGB")
+            width = size_px
+            slices = slices.resize((width, max(1, round(slices.height * width / slices.width))))
+            out = Image.new("RGB", (panel.width + width + 12, max(panel.height, slices.height + 20)), "white")
+            out.paste(panel, (0, 0))
+            out.paste(slices, (panel.width + 12, 20))
+            ImageDraw.Draw(out).text((panel.width + 12, 4), self.volume_label, fill=(20, 20, 20))
+            panel = out
+        return png_bytes(np.asarray(panel))
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        """The widget's view, plus ``image/png`` (:meth:`snapshot_png`) for a reader without a kernel."""
+        bundle = super()._repr_mimebundle_(**kwargs)
+        # ipywidgets returns the data; anywidget (data, metadata)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        if isinstance(data, dict):
+            try:
+                data["image/png"] = base64.b64encode(self.snapshot_png()).decode("ascii")
+            except (ValueError, OSError) as exc:  # a picture is a courtesy: the live widget still shows
+                self._report(exc, "static picture")
+        return bundle
 
     def _on_busy(self, busy: bool, message: str) -> None:
         """Worker: decoding started / stopped (decoding errors arrive through ``_on_result``)."""
@@ -396,3 +493,80 @@ class LatentExplorer(anywidget.AnyWidget):
                 self.save_volume()
         except Exception as exc:
             self._report(exc, str(kind).replace("_", " "))
+
+
+# ---------------------------------------------------------------------- drawing from Python
+def continuous_palette() -> list:
+    """:data:`LEVELS` viridis colours (low → high) then :data:`MISSING_COLOUR`, as ``"#rrggbb"``."""
+    cmap = colormaps["viridis"]
+    return [to_hex(cmap(i / (LEVELS - 1))) for i in range(LEVELS)] + [MISSING_COLOUR]
+
+
+def _rgb(colour: str) -> tuple:
+    """``"#rrggbb"`` → ``(r, g, b)`` 0…255."""
+    c = colour.lstrip("#")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+
+
+def density_raster(xy: np.ndarray, rgb: np.ndarray, box: Sequence[float], width: int, height: int,
+                   point_px: int = 1) -> np.ndarray:
+    """Points drawn as the front end draws them: ``[height, width, 3]`` uint8 on white.
+
+    Parameters
+    ----------
+    xy : np.ndarray
+        ``[M, 2]`` data coordinates.
+    rgb : np.ndarray
+        ``[M, 3]`` colour of each point, 0…255.
+    box : sequence of float
+        ``[x0, x1, y0, y1]`` data range shown (y up).
+    width, height : int
+        Pixels.
+    point_px : int
+        Edge of each point's square (pixels).
+
+    Returns
+    -------
+    np.ndarray
+        Each pixel has the mean colour of its points, opaque in proportion to log(1 + count)
+        (a lone point still shows at 45 %), so dense regions read as dense.
+    """
+    x0, x1, y0, y1 = (float(v) for v in box)
+    px = np.floor((xy[:, 0] - x0) / (x1 - x0) * width).astype(np.int64)
+    py = np.floor((y1 - xy[:, 1]) / (y1 - y0) * height).astype(np.int64)
+    count = np.zeros(width * height)
+    sums = np.zeros((3, width * height))
+    for dx in range(point_px):
+        for dy in range(point_px):
+            qx, qy = px + dx - point_px // 2, py + dy - point_px // 2
+            inside = (qx >= 0) & (qx < width) & (qy >= 0) & (qy < height)
+            flat = (qy * width + qx)[inside]
+            count += np.bincount(flat, minlength=width * height)
+            for c in range(3):
+                sums[c] += np.bincount(flat, weights=rgb[inside, c], minlength=width * height)
+    alpha = np.where(count > 0, 0.45 + 0.55 * np.log1p(count) / np.log1p(max(count.max(), 1.0)), 0.0)
+    mean = sums / np.maximum(count, 1.0)
+    out = 255.0 * (1.0 - alpha) + mean * alpha
+    return np.clip(out.T.reshape(height, width, 3), 0, 255).astype(np.uint8)
+
+
+def _scatter_panel(xy: np.ndarray, rgb: np.ndarray, box: Sequence[float], size_px: int,
+                   xlabel: str, ylabel: str, title: str) -> Image.Image:
+    """The scatter of :func:`density_raster` framed, with axis ranges and labels (PIL)."""
+    pad = 36
+    inner = size_px - pad - 8
+    point_px = 1 if xy.shape[0] > 20000 else 2 if xy.shape[0] > 2000 else 4
+    image = Image.new("RGB", (size_px, size_px), "white")
+    image.paste(Image.fromarray(density_raster(xy, rgb, box, inner, inner, point_px)), (pad, 8))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([pad - 1, 7, pad + inner, 8 + inner], outline=(150, 150, 150))
+    x0, x1, y0, y1 = box
+    grey = (90, 90, 90)
+    draw.text((pad, size_px - pad + 6), f"{x0:.3g}", fill=grey)
+    draw.text((size_px - 60, size_px - pad + 6), f"{x1:.3g}", fill=grey)
+    draw.text((2, size_px - pad - 12), f"{y0:.3g}", fill=grey)
+    draw.text((2, 10), f"{y1:.3g}", fill=grey)
+    draw.text((pad + inner // 2 - 20, size_px - 14), xlabel, fill=(20, 20, 20))
+    draw.text((2, size_px // 2), ylabel, fill=(20, 20, 20))
+    draw.text((pad + 4, 10), title, fill=(60, 60, 60))
+    return image

@@ -13,7 +13,12 @@ Loading and decoding run in a worker thread (``napari.qt.threading.thread_worker
 viewer stays responsive; while one runs the buttons are disabled and the status line says what
 is happening. A failure (not a run directory, a missing file, a bad level) is shown as one
 napari error notification, never as a traceback. A decode requested while another is running
-is coalesced: the latest request runs when the current one finishes.
+is coalesced: the latest request runs when the current one finishes, and the result of the
+one running then is dropped unseen (it is stale). The status line gives each decode's time.
+
+Opening a run also docks the latent-space panel (:class:`~.napari_latent.LatentSpacePanel`):
+a scatter of the latents whose clicks decode a particle here, whose lasso selects and exports
+particles, and which decodes trajectories between clusters as one 4-D layer.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -35,6 +41,7 @@ from cryoformer.analysis import attention_channel_names
 from .napari_layers import (SURFACE_NAME, VOLUME_NAME, FlexibleRegionMap, IsoLevelError, add_or_update,
                             attention_layer, attention_layer_name, compute_flexible_regions,
                             decode_latent, flex_layers, isosurface, latent_layers, surface_layer)
+from .napari_latent import LatentSpacePanel
 from .session import DEFAULT_K, RunSession
 
 __all__ = ["RunExplorerDock"]
@@ -97,6 +104,9 @@ class RunExplorerDock(Container):
         self.busy = False
         self._pending_decode = False
         self._requested: Optional[str] = None  # label of the latent shown or being decoded
+        self._explicit = None  # (latent, label) asked for by the latent-space panel, not the controls
+        self.last_decode_s: Optional[float] = None  # wall-clock seconds of the last decode shown
+        self.latent_panel: Optional[LatentSpacePanel] = None  # docked when a run is opened
         self._closed = False
         self._channel_boxes: Dict[str, CheckBox] = {}
 
@@ -230,6 +240,16 @@ class RunExplorerDock(Container):
         self.surface_channel.value = names[0]
         self.status.value = f"opened {run.run_dir}"
         self._set_busy(False, "")
+        self._show_latent_panel(session)
+
+    def _show_latent_panel(self, session: RunSession) -> None:
+        """Dock the latent-space panel beside this one (once), showing ``session``."""
+        if self.latent_panel is None:
+            self.latent_panel = LatentSpacePanel(self)
+            window = getattr(self.viewer, "window", None)  # a headless ViewerModel has none
+            if window is not None:
+                window.add_dock_widget(self.latent_panel, name="cryoformer latent space", area="right")
+        self.latent_panel.set_session(session)
 
     def _show_source_widgets(self, *_):
         source = self.source.value
@@ -252,8 +272,15 @@ class RunExplorerDock(Container):
     def _latent_changed(self, *_):
         # napari re-sets a dock's values when layers change (reset_choices): decode only when
         # the latent really differs from the one shown or in progress.
+        self._explicit = None  # the controls are now the newest request
         if self.live.value and self.session is not None and self.current_latent()[1] != self._requested:
             self.decode()
+
+    def show_latent(self, z: np.ndarray, label: str) -> None:
+        """Decode the latent ``z`` ``[zdim]`` (from the latent-space panel) in a worker thread;
+        it supersedes any request still waiting, and a decode running now is not shown."""
+        self._explicit = (np.asarray(z, dtype=np.float32).reshape(-1), str(label))
+        self.decode()
 
     def decode(self, *_) -> None:
         """Decode the chosen latent in a worker thread, then show its layers."""
@@ -263,7 +290,8 @@ class RunExplorerDock(Container):
         if self.busy:
             self._pending_decode = True  # coalesce: decode the latest choice when free
             return
-        z, label = self.current_latent()
+        z, label = self._explicit if self._explicit is not None else self.current_latent()
+        self._explicit = None
         self._requested = label
         level = None if self.auto_level.value else float(self.level.value)
         session = self.session
@@ -271,15 +299,24 @@ class RunExplorerDock(Container):
         def decode_with_level(z, box, level, label):
             # A manual level set on one latent's volume may lie outside another's values;
             # then this volume gets its automatic level (the status line shows the one used).
+            t0 = time.perf_counter()
             try:
-                return decode_latent(session, z, box, level, label)
+                dec = decode_latent(session, z, box, level, label)
             except IsoLevelError:
                 if level is None:
                     raise
-                return decode_latent(session, z, box, None, label)
+                dec = decode_latent(session, z, box, None, label)
+            return dec, time.perf_counter() - t0
 
-        self._start(decode_with_level, (z, int(self.box.value), level, label), self._show,
+        self._start(decode_with_level, (z, int(self.box.value), level, label), self._show_decoded,
                     f"decoding {label} …")
+
+    def _show_decoded(self, result) -> None:
+        """A worker's (DecodedLatent, seconds): shown unless a newer request waits (stale)."""
+        if self._pending_decode:
+            return
+        dec, self.last_decode_s = result
+        self._show(dec)
 
     def show_flexible_regions(self, *_) -> None:
         """Compute the run's flexible-region map at the decode box (worker thread) and overlay it."""
@@ -321,8 +358,9 @@ class RunExplorerDock(Container):
             span = max(abs(float(dec.volume.max() - dec.volume.min())), 1e-12)
             self.level.step = 10.0 ** np.floor(np.log10(span / 1000))
             self.level.value = dec.iso_level
+        timing = f" (decoded in {self.last_decode_s:.2f} s)" if self.last_decode_s is not None else ""
         self.status.value = (f"showing {dec.label}: {dec.box}³ voxels of {dec.voxel_size:.3g} "
-                             f"{'Å' if dec.unit == 'angstrom' else 'px'}, level {dec.iso_level:.3g}")
+                             f"{'Å' if dec.unit == 'angstrom' else 'px'}, level {dec.iso_level:.3g}{timing}")
 
     # ------------------------------------------------------------------ display changes
     def _on_channel_toggled(self, name: str, value: bool) -> None:
@@ -340,6 +378,8 @@ class RunExplorerDock(Container):
         if channel == NO_SURFACE:
             if SURFACE_NAME in self.viewer.layers:
                 self.viewer.layers.remove(SURFACE_NAME)
+            if VOLUME_NAME in self.viewer.layers:  # hidden while the surface showed the same level
+                self.viewer.layers[VOLUME_NAME].visible = True
             return
         add_or_update(self.viewer, [surface_layer(self.decoded, channel)])
 

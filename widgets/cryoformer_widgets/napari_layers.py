@@ -14,9 +14,17 @@ The three views (paper §4.4, Fig. 5):
 * one image per chosen attention channel (:func:`cryoformer.analysis.attention_stack`:
   ``query_c*`` = the conditioned structure query each voxel reads, ``weight_k*`` = its spatial
   attention weights), each with its own colormap and ``blending="additive"`` so several
-  channels overlay on the density;
+  channels overlay on the density. Each is shown only inside the molecule's support
+  (:func:`support_mask`: the isosurface's inside grown by one voxel) and set to its lower
+  contrast limit elsewhere, which the single-hue colormaps draw black, i.e. adds nothing: the
+  attention of solvent voxels would otherwise fill the box with an additive haze that hides the
+  molecule. Contrast limits are percentiles inside the support (:data:`OVERLAY_PERCENTILES`);
+  each layer gets a colour bar;
 * the paper's Fig. 5 view: the density's isosurface (marching cubes) as a Surface layer whose
-  vertex values are one attention channel, sampled by trilinear interpolation at the vertices.
+  vertex values are one attention channel, sampled by trilinear interpolation at the vertices,
+  with contrast limits at percentiles of those vertex values (:data:`SURFACE_PERCENTILES`) and
+  a colormap with dark ends, so the surface shows the channel's variation over the molecule
+  instead of one colour.
 
 Beside the attention channels, the flexible-region map (:class:`FlexibleRegionMap`, from
 :func:`cryoformer.analysis.flexible_regions.flexible_regions`: the density-response score,
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from scipy.ndimage import map_coordinates
+from scipy.ndimage import binary_dilation, map_coordinates
 
 from cryoformer.analysis import attention_channel_names
 from cryoformer.analysis.flexible_regions import FlexRegionConfig, flexible_regions
@@ -44,7 +52,9 @@ __all__ = ["DecodedLatent", "decode_latent", "default_iso_level", "isosurface",
            "sample_at_vertices", "volume_layer", "attention_layer", "attention_layers",
            "surface_layer", "latent_layers", "layers_for_latent", "add_or_update",
            "ATTENTION_COLORMAPS", "VOLUME_NAME", "SURFACE_NAME", "attention_layer_name",
-           "FlexibleRegionMap", "compute_flexible_regions", "flex_layers", "FLEX_NAME", "REGIONS_NAME"]
+           "FlexibleRegionMap", "compute_flexible_regions", "flex_layers", "FLEX_NAME", "REGIONS_NAME",
+           "support_mask", "robust_limits", "show_colorbars", "SUPPORT_DILATION_PX", "OVERLAY_PERCENTILES",
+           "SURFACE_PERCENTILES", "SURFACE_COLORMAP"]
 
 LayerData = Tuple[object, dict, str]
 Channel = Union[int, str]
@@ -56,6 +66,20 @@ REGIONS_NAME = "cryoformer flexible regions"
 # Distinct single-hue maps that add up visibly on a dark canvas; cycled beyond their number.
 ATTENTION_COLORMAPS = ("magenta", "cyan", "yellow", "green", "bop orange", "bop blue", "red",
                        "bop purple", "I Forest", "I Bordeaux", "I Orange", "I Purple", "I Blue", "blue")
+# The overlays' support: the isosurface's inside grown by this many voxels, so values on the
+# surface itself (between an inside and an outside voxel) are still drawn.
+SUPPORT_DILATION_PX = 1
+# Contrast limits of an overlay: percentiles of the channel inside the support. Not min/max:
+# a few extreme voxels would squeeze everything else into one colour.
+OVERLAY_PERCENTILES = (1.0, 99.5)
+# Contrast limits of the coloured surface: percentiles of its vertex values (the channel on
+# the surface spans a narrower range than in the whole box).
+SURFACE_PERCENTILES = (2.0, 98.0)
+# Dark blue to dark red through many hues: distinct colours, and dark ends that stay visible
+# on a white or black canvas.
+SURFACE_COLORMAP = "turbo"
+# Layer kinds (metadata "cryoformer" → "kind") that get a colour bar.
+_COLORBAR_KINDS = ("attention", "surface", "flexible-region score", "sample overlay")
 
 
 def attention_layer_name(channel_name: str) -> str:
@@ -116,6 +140,10 @@ class DecodedLatent:
         if not 0 <= index < len(self.channel_names):
             raise ValueError(f"attention channel index {index} out of range 0…{len(self.channel_names) - 1}")
         return index
+
+    def support(self) -> np.ndarray:
+        """``[D, D, D]`` bool: :func:`support_mask` of the volume at :attr:`iso_level`."""
+        return support_mask(self.volume, self.iso_level)
 
     def metadata(self, **extra) -> dict:
         """Layer metadata recording where the layer came from (kept by napari, saved nowhere)."""
@@ -220,26 +248,82 @@ def _limits(values: np.ndarray) -> Tuple[float, float]:
     return (lo, hi) if hi > lo else (lo, lo + 1e-6)  # napari refuses equal limits
 
 
-def volume_layer(dec: DecodedLatent, rendering: str = "iso", name: str = VOLUME_NAME) -> LayerData:
+def robust_limits(values: np.ndarray, percentiles: Tuple[float, float]) -> Tuple[float, float]:
+    """Contrast limits at two percentiles of ``values`` (any shape, non-empty); min/max when
+    those coincide (a channel constant over most voxels), never two equal numbers."""
+    lo, hi = (float(v) for v in np.percentile(np.asarray(values, dtype=np.float64), list(percentiles)))
+    return (lo, hi) if hi > lo else _limits(values)
+
+
+def support_mask(volume: np.ndarray, iso_level: float, dilation_px: int = SUPPORT_DILATION_PX) -> np.ndarray:
+    """Where the molecule is: voxels at or above ``iso_level``, grown by ``dilation_px`` voxels.
+
+    Parameters
+    ----------
+    volume : np.ndarray
+        ``[D, D, D]`` density.
+    iso_level : float
+        Isosurface level (density units).
+    dilation_px : int
+        Growth in voxels (6-connected steps), ≥ 0.
+
+    Returns
+    -------
+    np.ndarray
+        ``[D, D, D]`` bool.
+    """
+    inside = np.asarray(volume) >= iso_level
+    if dilation_px > 0 and inside.any():
+        inside = binary_dilation(inside, iterations=int(dilation_px))
+    return inside
+
+
+def _overlay(values: np.ndarray, support: np.ndarray) -> Tuple[np.ndarray, Tuple[float, float]]:
+    """(``values`` inside ``support`` and its lower contrast limit outside, limits): drawn with a
+    colormap starting at black and additive blending, the outside then adds nothing."""
+    limits = robust_limits(values[support], OVERLAY_PERCENTILES) if support.any() else _limits(values)
+    return np.where(support, values, np.float32(limits[0])).astype(np.float32), limits
+
+
+def volume_layer(dec: DecodedLatent, rendering: str = "iso", name: str = VOLUME_NAME,
+                 visible: bool = True) -> LayerData:
     """The decoded density as an image layer (``rendering`` ``"iso"`` at the surface level, or ``"mip"``)."""
     if rendering not in ("iso", "mip", "attenuated_mip", "translucent", "average"):
         raise ValueError(f"unknown rendering {rendering!r}")
-    kwargs = dict(_spatial(dec), name=name, colormap="gray", rendering=rendering,
+    kwargs = dict(_spatial(dec), name=name, colormap="gray", rendering=rendering, visible=bool(visible),
                   iso_threshold=dec.iso_level, contrast_limits=_limits(dec.volume),
                   metadata=dec.metadata(kind="volume"))
     return dec.volume, kwargs, "image"
 
 
 def attention_layer(dec: DecodedLatent, channel: Channel, visible: bool = True,
-                    colormap: Optional[str] = None) -> LayerData:
-    """One attention channel as an additive image overlay (its own colormap, MIP rendering)."""
+                    colormap: Optional[str] = None, support: Optional[np.ndarray] = None) -> LayerData:
+    """One attention channel as an additive overlay inside the molecule (its own colormap, MIP).
+
+    Parameters
+    ----------
+    dec : DecodedLatent
+    channel : int or str
+    visible : bool
+    colormap : str, optional
+        Default: one of :data:`ATTENTION_COLORMAPS` by channel index (all start at black).
+    support : np.ndarray, optional
+        ``[D, D, D]`` bool where the channel is shown; default :meth:`DecodedLatent.support`.
+
+    Returns
+    -------
+    LayerData
+        The channel ``[D, D, D]`` inside ``support``, its lower contrast limit elsewhere;
+        contrast limits at :data:`OVERLAY_PERCENTILES` of the channel inside the support.
+    """
     index = dec.channel_index(channel)
-    data = dec.attention[index]
+    data, limits = _overlay(dec.attention[index], dec.support() if support is None else support)
     kwargs = dict(_spatial(dec), name=attention_layer_name(dec.channel_names[index]),
                   colormap=colormap or ATTENTION_COLORMAPS[index % len(ATTENTION_COLORMAPS)],
                   blending="additive", rendering="mip", visible=bool(visible), opacity=0.7,
-                  contrast_limits=_limits(data),
-                  metadata=dec.metadata(kind="attention", channel=dec.channel_names[index]))
+                  contrast_limits=limits,
+                  metadata=dec.metadata(kind="attention", channel=dec.channel_names[index],
+                                        shown_inside=f"isosurface grown by {SUPPORT_DILATION_PX} voxel"))
     return data, kwargs, "image"
 
 
@@ -248,20 +332,21 @@ def attention_layers(dec: DecodedLatent, channels: Optional[Sequence[Channel]] =
     """Attention overlays for ``channels`` (default all); only ``visible`` ones shown (default all)."""
     chosen = [dec.channel_index(c) for c in (range(len(dec.channel_names)) if channels is None else channels)]
     shown = set(chosen) if visible is None else {dec.channel_index(c) for c in visible}
-    return [attention_layer(dec, i, visible=i in shown) for i in chosen]
+    support = dec.support()  # once for every channel
+    return [attention_layer(dec, i, visible=i in shown, support=support) for i in chosen]
 
 
-def surface_layer(dec: DecodedLatent, channel: Channel, colormap: str = "turbo",
+def surface_layer(dec: DecodedLatent, channel: Channel, colormap: str = SURFACE_COLORMAP,
                   name: str = SURFACE_NAME) -> LayerData:
     """The isosurface coloured by one attention channel sampled at its vertices (paper Fig. 5).
 
-    The contrast limits are the channel's range over the whole box, so colours mean the same
-    as in the channel's image overlay.
+    The contrast limits are :data:`SURFACE_PERCENTILES` of the vertex values: the surface's
+    own range, so its colours spread over the colormap (the metadata records them).
     """
     index = dec.channel_index(channel)
     values = sample_at_vertices(dec.attention[index], dec.vertices)
-    kwargs = dict(_spatial(dec), name=name, colormap=colormap, shading="smooth",
-                  contrast_limits=_limits(dec.attention[index]),
+    limits = robust_limits(values, SURFACE_PERCENTILES) if values.size else _limits(dec.attention[index])
+    kwargs = dict(_spatial(dec), name=name, colormap=colormap, shading="smooth", contrast_limits=limits,
                   metadata=dec.metadata(kind="surface", channel=dec.channel_names[index]))
     return (dec.vertices, dec.faces, values), kwargs, "surface"
 
@@ -312,8 +397,12 @@ def latent_layers(dec: DecodedLatent, channels: Optional[Sequence[Channel]] = No
                   visible: Optional[Sequence[Channel]] = None, surface_channel: Optional[Channel] = 0,
                   rendering: str = "iso", flex: Optional[FlexibleRegionMap] = None) -> List[LayerData]:
     """Volume, the flexible-region map (when ``flex`` is given), attention overlays and (unless
-    ``surface_channel`` is None) the coloured surface."""
-    layers = [volume_layer(dec, rendering)] + (flex_layers(flex) if flex is not None else [])
+    ``surface_channel`` is None) the coloured surface.
+
+    With a surface the volume layer starts hidden: in 3-D its gray isosurface (the same level)
+    is drawn first and its depth hides the coloured one; ticking it back shows the density."""
+    layers = [volume_layer(dec, rendering, visible=surface_channel is None)]
+    layers += flex_layers(flex) if flex is not None else []
     layers += attention_layers(dec, channels, visible)
     if surface_channel is not None:
         layers.append(surface_layer(dec, surface_channel))
@@ -367,6 +456,17 @@ def add_or_update(viewer, layer_data: Sequence[LayerData]) -> list:
         if existing is not None:  # same name, another type (a user's layer): replace it
             viewer.layers.remove(existing)
         layer = Layer.create(data, dict(kwargs), layer_type)
+        show_colorbars([layer])  # on a new layer only: hiding one later is the user's choice
         viewer.add_layer(layer)
         out.append(layer)
     return out
+
+
+def show_colorbars(layers: Sequence) -> None:
+    """Turn on napari's colour bar of the overlays and surfaces among ``layers`` (what their
+    colours mean, in the layer's contrast limits); layers without one are left alone."""
+    for layer in layers:
+        kind = layer.metadata.get("cryoformer", {}).get("kind")
+        colorbar = getattr(layer, "colorbar", None)  # napari ≥ 0.5 draws one per layer
+        if kind in _COLORBAR_KINDS and colorbar is not None:
+            colorbar.visible = True

@@ -20,12 +20,20 @@ Scatter axes are named as in cryoDRGN's analysis notebooks: ``PC1`` … (princip
 ``UMAP1``/``UMAP2`` (offered only when ``cryoformer analyze`` wrote ``umap.npy`` for this epoch:
 a UMAP is not recomputed here) and ``z0`` … ``z{zdim-1}`` (the latent dimensions themselves).
 
-Everything is computed on **all** particles; only the Jupyter scatter draws a subsample
-(:func:`stratified_subsample`), so a selection made on the drawing maps back to every particle.
+Particles can be coloured by any of :meth:`RunSession.colourings`: label sets (K-means, the
+held-out images, a user's integer labels) and continuous values read from the run by
+:mod:`~cryoformer_widgets.particle_values` (defocus, astigmatism, input Euler angles, shift,
+pose change after refinement, UMAP coordinates) or given with :meth:`RunSession.add_values`.
+
+Everything is computed on **all** particles; a scatter may draw a subsample
+(:func:`stratified_subsample`, above 500 000 points in Jupyter), and a selection made on the
+drawing maps back to every particle. :meth:`RunSession.from_latents` opens a session on
+latents made elsewhere (another embedding, a simulated latent set) decoded by a run's model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -44,6 +52,8 @@ from cryoformer.io.guard import claim_output_file
 from cryoformer.trainer import TrainedRun, load_run
 
 from .decode_worker import DecodeResult, DecodeWorker
+from .particle_values import (CATEGORICAL, CONTINUOUS, ParticleMetadata, ParticleValue, as_particle_value,
+                              read_run_metadata, values_from_metadata)
 
 __all__ = ["RunSession", "ExplorerState", "DEFAULT_K", "KMEANS", "UMAP_AXES", "stratified_subsample",
            "points_in_polygon", "find_kmeans_labels", "find_umap", "pc_label"]
@@ -193,6 +203,13 @@ class RunSession:
         :class:`DecodeWorker`).
     on_busy : callable, optional
         ``on_busy(busy, message)``.
+    metadata : ParticleMetadata, optional
+        Metadata of the session's particles (CTF, poses, held-out images); default read from
+        the run (:func:`~cryoformer_widgets.particle_values.read_run_metadata`).
+    kmeans_labels : np.ndarray, optional
+        ``[N]`` non-negative cluster labels to use instead of reading or computing K-means
+        (e.g. those of an earlier ``cryoformer analyze``; centres are the particles nearest to
+        each cluster's mean latent).
 
     Attributes
     ----------
@@ -211,6 +228,10 @@ class RunSession:
         ``[N, 2]`` float32 UMAP coordinates of ``cryoformer analyze`` for this epoch, else None.
     umap_source : str
         Where they came from, or why there are none.
+    values : dict[str, ParticleValue]
+        Continuous values ``[N]`` float32 by name (NaN = unknown), for colouring.
+    value_notes : list[str]
+        Metadata the run names but that could not be read, and why.
     selection : np.ndarray
         ``[M]`` sorted unique rows of the selected particles.
     decode_box : int
@@ -222,17 +243,25 @@ class RunSession:
     def __init__(self, run: Any, *, epoch: Optional[int] = None, device: str = "auto",
                  k: int = DEFAULT_K, seed: int = 0, decode_box: Optional[int] = None,
                  cache_size: int = 32, on_result: Optional[Callable[[DecodeResult], None]] = None,
-                 on_busy: Optional[Callable[[bool, str], None]] = None) -> None:
+                 on_busy: Optional[Callable[[bool, str], None]] = None,
+                 metadata: Optional[ParticleMetadata] = None, kmeans_labels: Optional[np.ndarray] = None) -> None:
         self.run: TrainedRun = run if isinstance(run, TrainedRun) else load_run(run, epoch=epoch, device=device)
         self.latents = np.asarray(self.run.latents, dtype=np.float32)
         self.seed = int(seed)
         self.pca = pca(self.latents)
-        labels, self.center_rows, self.kmeans_source = self._clusters(int(k))
+        if kmeans_labels is None:
+            labels, self.center_rows, self.kmeans_source = self._clusters(int(k))
+        else:
+            labels = self._given_labels(kmeans_labels)
+            self.center_rows, self.kmeans_source = self._centres_of(labels), "given"
         self.labels: Dict[str, np.ndarray] = {KMEANS: labels}
         found = find_umap(self.run)
         self.umap: Optional[np.ndarray] = None if found is None else found[0]
         self.umap_source = (found[1] if found is not None else
                             f"no umap.npy of `cryoformer analyze` for epoch {self.run.epoch}")
+        self.values: Dict[str, ParticleValue] = {}
+        self.value_notes: List[str] = []
+        self._read_values(metadata)
         self.selection = np.zeros(0, dtype=np.int64)
         D = int(decode_box or self.run.box_size)
         if D < 2 or D % 2:
@@ -253,6 +282,66 @@ class RunSession:
         k = max(1, min(k, self.n_particles))
         km = kmeans(self.latents, k, seed=self.seed)
         return km.labels, np.asarray(km.center_indices, dtype=np.int64), f"computed here (K = {k}, seed {self.seed})"
+
+    def _given_labels(self, labels: np.ndarray) -> np.ndarray:
+        """``labels`` checked: ``[N]`` non-negative integers (int64)."""
+        lab = np.asarray(labels).reshape(-1)
+        if lab.size != self.n_particles or not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0:
+            raise ValueError(f"kmeans_labels must be {self.n_particles} non-negative integers, "
+                             f"got {lab.size} of type {lab.dtype}")
+        return lab.astype(np.int64)
+
+    def _read_values(self, metadata: Optional[ParticleMetadata]) -> None:
+        """Colourings read from the run's metadata (or ``metadata``) and its UMAP."""
+        if metadata is None:
+            metadata, self.value_notes = read_run_metadata(self.run)
+        for name, value in values_from_metadata(metadata).items():
+            if value.values.shape[0] != self.n_particles:
+                self.value_notes.append(f"{name}: {value.values.shape[0]} values for {self.n_particles} particles")
+            elif value.kind == CATEGORICAL:
+                self.labels[name] = value.values
+            else:
+                self.values[name] = value
+        if self.umap is not None:
+            for col, name in enumerate(UMAP_AXES):
+                self.values[name] = ParticleValue(name, self.umap[:, col], CONTINUOUS, self.umap_source)
+
+    @classmethod
+    def from_latents(cls, run: Any, latents: np.ndarray, *, particle_indices: Optional[np.ndarray] = None,
+                     **kwargs: Any) -> "RunSession":
+        """A session on ``latents`` made elsewhere, decoded with ``run``'s model.
+
+        Parameters
+        ----------
+        run : str or TrainedRun
+            The run whose model decodes (a directory is loaded with ``load_run``).
+        latents : np.ndarray
+            ``[N, zdim]`` finite latents (``zdim`` that of the run's model), e.g. a simulated
+            latent set or latents encoded from other particles.
+        particle_indices : np.ndarray, optional
+            ``[N]`` rows of the run's original stack that the latents belong to; their CTF and
+            input poses are then read from the run's metadata. Without them the latents are
+            numbered ``0 … N − 1`` and nothing is read from the run's metadata (it describes
+            other particles): pass ``metadata=`` instead.
+        **kwargs
+            As :class:`RunSession` (``metadata=``: a :class:`ParticleMetadata` of these
+            particles; ``kmeans_labels=`` to skip K-means).
+        """
+        loaded = run if isinstance(run, TrainedRun) else load_run(run, epoch=kwargs.pop("epoch", None),
+                                                                  device=kwargs.pop("device", "auto"))
+        z = np.asarray(latents, dtype=np.float32)
+        if z.ndim != 2 or z.shape[1] != loaded.model_config.zdim or not np.all(np.isfinite(z)):
+            raise ValueError(f"latents must be finite [N, {loaded.model_config.zdim}], got shape {z.shape}")
+        idx = (np.arange(z.shape[0], dtype=np.int64) if particle_indices is None
+               else np.asarray(particle_indices, dtype=np.int64).reshape(-1))
+        if idx.size != z.shape[0]:
+            raise ValueError(f"{idx.size} particle indices for {z.shape[0]} latents")
+        if particle_indices is None:
+            kwargs.setdefault("metadata", ParticleMetadata())
+        # refined poses are stored in the run's own particle order: valid only for those particles
+        same = np.array_equal(idx, loaded.particle_indices)
+        return cls(dataclasses.replace(loaded, latents=z, particle_indices=idx,
+                                       refined_poses_path=loaded.refined_poses_path if same else None), **kwargs)
 
     def _centres_of(self, labels: np.ndarray) -> np.ndarray:
         """Row of the particle nearest to each label's mean latent (labels without a centre file)."""
@@ -298,8 +387,52 @@ class RunSession:
                                  f"(from a stack of at least {int(idx.max()) + 1})")
         if not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0:
             raise ValueError(f"{name!r}: labels must be non-negative integers")
+        self.values.pop(str(name), None)  # one colouring per name
         self.labels[str(name)] = lab.astype(np.int64)
         return self.labels[str(name)]
+
+    def add_values(self, name: str, values: np.ndarray) -> ParticleValue:
+        """Another colouring: float → continuous (NaN = unknown), integer → categories.
+
+        Parameters
+        ----------
+        name : str
+        values : np.ndarray
+            ``[N]`` one per run particle, or ``[N₀]`` one per particle of the original stack.
+
+        Returns
+        -------
+        ParticleValue
+            Continuous values are kept in :attr:`values`, categories in :attr:`labels`.
+
+        Raises
+        ------
+        ValueError
+            See :func:`~cryoformer_widgets.particle_values.as_particle_value`; the name
+            ``"kmeans"`` is the session's own clustering and cannot be replaced.
+        """
+        if name == KMEANS:
+            raise ValueError(f"{KMEANS!r} is the session's K-means; choose another name")
+        value = as_particle_value(name, values, self.run.particle_indices)
+        self.labels.pop(value.name, None)
+        self.values.pop(value.name, None)
+        if value.kind == CATEGORICAL:
+            self.labels[value.name] = value.values
+        else:
+            self.values[value.name] = value
+        return value
+
+    def colourings(self) -> List[str]:
+        """Names a scatter may be coloured by: label sets (K-means first), then continuous values."""
+        return list(self.labels) + list(self.values)
+
+    def colouring(self, name: str) -> ParticleValue:
+        """The colouring ``name`` of :meth:`colourings` as a :class:`ParticleValue`."""
+        if name in self.labels:
+            return ParticleValue(name, self.labels[name], CATEGORICAL, "labels")
+        if name in self.values:
+            return self.values[name]
+        raise ValueError(f"unknown colouring {name!r}; choose from {', '.join(self.colourings())}")
 
     def axis_names(self) -> List[str]:
         """Scatter axes offered: ``PC1`` … ``PCp``, ``UMAP1``/``UMAP2`` (only with :attr:`umap`),

@@ -1,10 +1,13 @@
 // Front end of cryoformer_widgets.LatentExplorer (anywidget ES module, no build step).
 //
-// Draws the latent scatter (a subsample chosen in Python; axes axis_x / axis_y, any of axis_names:
-// PCs, UMAP1/UMAP2, latent dimensions z0 …) on a canvas and turns clicks, lasso and
-// box drags into trait changes / messages; Python decodes, renders and selects. Binary traits
-// arrive as DataViews: points float32 [M, 2], point_rows int32 [M], point_colors uint8 [M],
-// point_selected uint8 [M]; slices_png / iso_png are PNG bytes.
+// Draws the latent scatter (every particle up to max_drawn, chosen in Python; axes axis_x / axis_y,
+// any of axis_names: PCs, UMAP1/UMAP2, latent dimensions z0 …) by rasterising the points into one
+// ImageData per frame: each pixel shows the mean colour of its points, more opaque where more
+// points fall (density). The wheel zooms about the cursor; "pan" mode, a right/middle drag or a
+// drag in "pick" mode pans; "reset" returns to home_view. Clicks, lasso and box drags become
+// trait changes / messages in data coordinates; Python decodes, renders and selects. Binary
+// traits arrive as DataViews: points float32 [M, 2], point_rows int32 [M], point_colors uint8 [M]
+// (index into palette), point_selected uint8 [M]; slices_png / iso_png are PNG bytes.
 
 function bytesOf(v) {
   if (!v) return new Uint8Array(0);
@@ -40,8 +43,30 @@ function throttle(fn, ms) {
   };
 }
 
+// Round tick values covering [lo, hi]: steps of 1, 2 or 5 × 10^k, about `want` of them.
+function niceTicks(lo, hi, want) {
+  const span = hi - lo;
+  if (!(span > 0) || !isFinite(span)) return [];
+  const raw = span / want, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw) || 10 * mag;
+  const out = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-9 * span; v += step) out.push(Math.abs(v) < step * 1e-9 ? 0 : v);
+  return out;
+}
+
+function tickText(v, span) {
+  const digits = Math.max(0, -Math.floor(Math.log10(span / 5)));
+  return Math.abs(v) >= 1e5 || (v !== 0 && Math.abs(v) < 1e-4) ? v.toExponential(1) : v.toFixed(Math.min(digits, 6));
+}
+
+function hexToRgb(c) {
+  const m = /^#?([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})$/i.exec(c || "");
+  return m ? [parseInt(m[1], 16), parseInt(m[2], 16), parseInt(m[3], 16)] : [85, 85, 85];
+}
+
 function render({ model, el }) {
-  const SIZE = 420, PAD = 36;
+  const SIZE = 420, PAD = 40, TOP = 8, RIGHT = 8;
+  const PLOT = SIZE - PAD - RIGHT;   // plot edge, CSS px (square)
   const root = h("div", { class: "cfx-root" });
   el.appendChild(root);
 
@@ -49,27 +74,31 @@ function render({ model, el }) {
   const left = h("div", { class: "cfx-panel" });
   const selX = h("select", { class: "cfx-pcx", title: "horizontal axis: a PC, UMAP (after cryoformer analyze) or a latent dimension" });
   const selY = h("select", { class: "cfx-pcy", title: "vertical axis: a PC, UMAP (after cryoformer analyze) or a latent dimension" });
-  const selColor = h("select", { class: "cfx-color", title: "colour particles by" });
+  const selColor = h("select", { class: "cfx-color", title: "colour particles by a label set or a value (defocus, angles, …)" });
   const modes = {};
   const modeBar = h("span", { class: "cfx-modes" });
-  for (const [m, tip] of [["pick", "click a point or a cluster centre to decode its volume"],
+  for (const [m, tip] of [["pick", "click a point or a cluster centre to decode its volume; drag to pan"],
+                          ["pan", "drag to pan (also: right or middle drag in any mode); wheel: zoom"],
                           ["lasso", "drag a lasso to select particles (shift: add, alt: remove)"],
                           ["box", "drag a box to select particles (shift: add, alt: remove)"]]) {
     modes[m] = h("button", { class: "cfx-mode", title: tip, text: m });
     modeBar.appendChild(modes[m]);
   }
+  const bReset = h("button", { class: "cfx-reset", text: "reset", title: "back to the first view (0.5–99.5 % of the particles)" });
   left.appendChild(h("div", { class: "cfx-toolbar" }, [
     h("label", { text: "x " }), selX, h("label", { text: " y " }), selY,
-    h("label", { text: " colour " }), selColor, modeBar]));
+    h("label", { text: " colour " }), selColor, modeBar, bReset]));
   const canvas = h("canvas", { class: "cfx-scatter" });
   const dpr = window.devicePixelRatio || 1;
-  canvas.width = SIZE * dpr; canvas.height = SIZE * dpr;
+  canvas.width = Math.round(SIZE * dpr); canvas.height = Math.round(SIZE * dpr);
   canvas.style.width = SIZE + "px"; canvas.style.height = SIZE + "px";
   left.appendChild(canvas);
   const readout = h("div", { class: "cfx-readout", text: " " });
   left.appendChild(readout);
   const legend = h("div", { class: "cfx-legend" });
   left.appendChild(legend);
+  const cbar = h("div", { class: "cfx-colorbar" });
+  left.appendChild(cbar);
   const nSel = h("span", { class: "cfx-nsel" });
   const bClear = h("button", { text: "clear", title: "clear the selection" });
   const bSaveSel = h("button", { text: "save .npy", title: "write the selected rows (cryoformer export --selection)" });
@@ -80,7 +109,7 @@ function render({ model, el }) {
   root.appendChild(left);
 
   // ---------------------------------------------------------------- right: volume
-  const right = h("div", { class: "cfx-panel" });
+  const right = h("div", { class: "cfx-panel cfx-volume-panel" });
   const title = h("div", { class: "cfx-title" });
   const info = h("div", { class: "cfx-info" });
   const slices = h("img", { class: "cfx-slices", alt: "central slices XY | XZ | YZ" });
@@ -88,7 +117,9 @@ function render({ model, el }) {
   right.appendChild(title); right.appendChild(info);
   right.appendChild(slices);
   right.appendChild(h("div", { class: "cfx-caption", text: "XY (z = D/2) · XZ (y = D/2) · YZ (x = D/2); orange: threshold outline" }));
-  right.appendChild(iso);
+  // one more view of the volume (a 3D mesh, a trajectory player) goes in this row
+  const views = h("div", { class: "cfx-views" }, [iso]);
+  right.appendChild(views);
   function slider(label, min, max, step, unit) {
     const input = h("input", { type: "range", min: String(min), max: String(max), step: String(step) });
     const value = h("span", { class: "cfx-value" });
@@ -113,51 +144,100 @@ function render({ model, el }) {
 
   // ---------------------------------------------------------------- scatter state
   let pts = new Float32Array(0), rows = new Int32Array(0), cols = new Uint8Array(0), sel = new Uint8Array(0);
-  let bounds = [0, 1, 0, 1];
+  let nSelDrawn = 0;
+  let view = [0, 1, 0, 1];            // x0, x1, y0, y1 shown (data units)
+  let rgb = new Uint8Array(0);        // palette as r, g, b per entry
   let mode = "pick", drag = null;
   const ctx = canvas.getContext("2d");
+  // raster buffers, one per device pixel of the plot area, reused between frames
+  const RW = Math.round(PLOT * dpr), RH = RW;
+  const count = new Uint32Array(RW * RH), selCount = new Uint32Array(RW * RH);
+  const sumR = new Uint32Array(RW * RH), sumG = new Uint32Array(RW * RH), sumB = new Uint32Array(RW * RH);
+  const image = ctx.createImageData(RW, RH);
 
+  function validView(v) {
+    return Array.isArray(v) && v.length === 4 && v.every(Number.isFinite) && v[1] > v[0] && v[3] > v[2];
+  }
+  function homeView() { const v = model.get("home_view"); return validView(v) ? v.slice() : [-1, 1, -1, 1]; }
   function loadPoints() {
     pts = typed(model.get("points"), Float32Array);
     rows = typed(model.get("point_rows"), Int32Array);
-    let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
-    for (let i = 0; i < pts.length; i += 2) {
-      const x = pts[i], y = pts[i + 1];
-      if (x < x0) x0 = x; if (x > x1) x1 = x; if (y < y0) y0 = y; if (y > y1) y1 = y;
-    }
-    for (const c of model.get("centers") || []) {
-      x0 = Math.min(x0, c.x); x1 = Math.max(x1, c.x); y0 = Math.min(y0, c.y); y1 = Math.max(y1, c.y);
-    }
-    if (!isFinite(x0)) { x0 = -1; x1 = 1; y0 = -1; y1 = 1; }
-    const dx = (x1 - x0) || 1, dy = (y1 - y0) || 1;
-    bounds = [x0 - 0.05 * dx, x1 + 0.05 * dx, y0 - 0.05 * dy, y1 + 0.05 * dy];
+    const v = model.get("view");
+    view = validView(v) ? v.slice() : homeView();
   }
-  const toPx = (x, y) => [PAD + (x - bounds[0]) / (bounds[1] - bounds[0]) * (SIZE - PAD - 8),
-                          SIZE - PAD - (y - bounds[2]) / (bounds[3] - bounds[2]) * (SIZE - PAD - 8)];
-  const toData = (px, py) => [bounds[0] + (px - PAD) / (SIZE - PAD - 8) * (bounds[1] - bounds[0]),
-                              bounds[2] + (SIZE - PAD - py) / (SIZE - PAD - 8) * (bounds[3] - bounds[2])];
+  const toPx = (x, y) => [PAD + (x - view[0]) / (view[1] - view[0]) * PLOT,
+                          TOP + PLOT - (y - view[2]) / (view[3] - view[2]) * PLOT];
+  const toData = (px, py) => [view[0] + (px - PAD) / PLOT * (view[1] - view[0]),
+                              view[2] + (TOP + PLOT - py) / PLOT * (view[3] - view[2])];
 
-  function draw() {
-    const palette = model.get("palette") || [];
-    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, SIZE, SIZE);
-    ctx.strokeStyle = "#999"; ctx.lineWidth = 1;
-    ctx.strokeRect(PAD, 8, SIZE - PAD - 8, SIZE - PAD - 8);
-    const n = pts.length / 2;
-    const r = n > 5000 ? 1.2 : n > 500 ? 2 : 3.5;
-    ctx.globalAlpha = n > 5000 ? 0.5 : 0.8;
+  // Every point into the raster: per device pixel, the count and colour sums (and selected count).
+  function rasterise() {
+    count.fill(0); selCount.fill(0); sumR.fill(0); sumG.fill(0); sumB.fill(0);
+    const n = pts.length / 2, sx = RW / (view[1] - view[0]), sy = RH / (view[3] - view[2]);
+    const size = n > 20000 ? 1 : n > 2000 ? Math.max(1, Math.round(2 * dpr)) : Math.max(2, Math.round(4 * dpr));
+    const half = Math.floor(size / 2), nPal = rgb.length / 3;
+    const v0 = view[0], v3 = view[3];
     for (let i = 0; i < n; i++) {
-      const [px, py] = toPx(pts[2 * i], pts[2 * i + 1]);
-      ctx.fillStyle = palette[cols[i]] || "#555";
-      ctx.fillRect(px - r, py - r, 2 * r, 2 * r);
+      const ix = Math.floor((pts[2 * i] - v0) * sx) - half, iy = Math.floor((v3 - pts[2 * i + 1]) * sy) - half;
+      if (ix + size <= 0 || iy + size <= 0 || ix >= RW || iy >= RH) continue;
+      const c = cols[i] < nPal ? 3 * cols[i] : -1;
+      const r = c >= 0 ? rgb[c] : 85, g = c >= 0 ? rgb[c + 1] : 85, b = c >= 0 ? rgb[c + 2] : 85, s = sel[i];
+      for (let dy = 0; dy < size; dy++) {
+        const y = iy + dy;
+        if (y < 0 || y >= RH) continue;
+        for (let dx = 0; dx < size; dx++) {
+          const x = ix + dx;
+          if (x < 0 || x >= RW) continue;
+          const k = y * RW + x;
+          count[k]++; sumR[k] += r; sumG[k] += g; sumB[k] += b;
+          if (s) selCount[k]++;
+        }
+      }
     }
-    ctx.globalAlpha = 1; ctx.strokeStyle = "#000"; ctx.lineWidth = 1;
-    const rs = Math.max(r + 1, 2.5);
-    for (let i = 0; i < n; i++) {  // selected particles: a black outline, colour kept
-      if (!sel[i]) continue;
-      const [px, py] = toPx(pts[2 * i], pts[2 * i + 1]);
-      ctx.strokeRect(px - rs, py - rs, 2 * rs, 2 * rs);
+  }
+  // Counts → pixels: mean colour, opacity rising with log(count); with a selection, pixels
+  // without a selected particle fade to light grey.
+  function paint() {
+    let maxCount = 1;
+    for (let k = 0; k < count.length; k++) if (count[k] > maxCount) maxCount = count[k];
+    const norm = 0.55 / Math.log1p(maxCount), data = image.data, anySel = nSelDrawn > 0;
+    for (let k = 0, j = 0; k < count.length; k++, j += 4) {
+      const c = count[k];
+      data[j + 3] = 255;
+      if (c === 0) { data[j] = data[j + 1] = data[j + 2] = 255; continue; }
+      let a = 0.45 + norm * Math.log1p(c), r = sumR[k] / c, g = sumG[k] / c, b = sumB[k] / c;
+      if (anySel && selCount[k] === 0) { r = g = b = 200; a *= 0.5; }
+      data[j] = 255 - a * (255 - r); data[j + 1] = 255 - a * (255 - g); data[j + 2] = 255 - a * (255 - b);
     }
+    ctx.putImageData(image, Math.round(PAD * dpr), Math.round(TOP * dpr));
+  }
+
+  function drawAxes() {
+    ctx.strokeStyle = "#999"; ctx.lineWidth = 1;
+    ctx.strokeRect(PAD - 0.5, TOP - 0.5, PLOT + 1, PLOT + 1);
+    ctx.fillStyle = "#555"; ctx.font = "10px sans-serif";
+    const xt = niceTicks(view[0], view[1], 5), yt = niceTicks(view[2], view[3], 5);
+    ctx.textAlign = "center"; ctx.textBaseline = "top";
+    for (const v of xt) {
+      const [px] = toPx(v, 0);
+      ctx.fillRect(px, TOP + PLOT, 1, 4);
+      ctx.fillText(tickText(v, view[1] - view[0]), px, TOP + PLOT + 5);
+    }
+    ctx.textAlign = "right"; ctx.textBaseline = "middle";
+    for (const v of yt) {
+      const [, py] = toPx(0, v);
+      ctx.fillRect(PAD - 4, py, 4, 1);
+      ctx.save(); ctx.translate(PAD - 5, py); ctx.rotate(-Math.PI / 2); ctx.textAlign = "center";
+      ctx.textBaseline = "bottom"; ctx.fillText(tickText(v, view[3] - view[2]), 0, 0); ctx.restore();
+    }
+    canvas.dataset.ticks = JSON.stringify({ x: xt, y: yt });
+    ctx.fillStyle = "#222"; ctx.font = "12px sans-serif"; ctx.textAlign = "center"; ctx.textBaseline = "alphabetic";
+    ctx.fillText(axisLabel(model.get("axis_x")), PAD + PLOT / 2, SIZE - 4);
+    ctx.save(); ctx.translate(11, TOP + PLOT / 2); ctx.rotate(-Math.PI / 2);
+    ctx.fillText(axisLabel(model.get("axis_y")), 0, 0); ctx.restore();
+  }
+  function drawOverlay() {
+    ctx.save(); ctx.beginPath(); ctx.rect(PAD, TOP, PLOT, PLOT); ctx.clip();
     const placed = [];
     for (const c of model.get("centers") || []) {
       const [px, py] = toPx(c.x, c.y);
@@ -168,7 +248,6 @@ function render({ model, el }) {
       placed.push({ cluster: c.cluster, row: c.row, x: px, y: py });
     }
     canvas.dataset.centers = JSON.stringify(placed); // CSS px of each centre (used by the browser test)
-    canvas.dataset.nDrawn = String(n);
     const m = model.get("marker") || [];
     if (m.length === 2) {
       const [px, py] = toPx(m[0], m[1]);
@@ -177,7 +256,7 @@ function render({ model, el }) {
       ctx.beginPath(); ctx.moveTo(px - 16, py); ctx.lineTo(px - 6, py); ctx.moveTo(px + 6, py); ctx.lineTo(px + 16, py);
       ctx.moveTo(px, py - 16); ctx.lineTo(px, py - 6); ctx.moveTo(px, py + 6); ctx.lineTo(px, py + 16); ctx.stroke();
     }
-    if (drag && drag.path.length > 1) {
+    if (drag && drag.path && drag.path.length > 1) {
       ctx.strokeStyle = "#333"; ctx.lineWidth = 1; ctx.setLineDash([4, 3]);
       ctx.beginPath();
       if (drag.mode === "box") {
@@ -190,12 +269,33 @@ function render({ model, el }) {
       }
       ctx.stroke(); ctx.setLineDash([]);
     }
-    ctx.fillStyle = "#222"; ctx.font = "12px sans-serif"; ctx.textAlign = "center"; ctx.textBaseline = "alphabetic";
-    ctx.fillText(axisLabel(model.get("axis_x")), PAD + (SIZE - PAD) / 2, SIZE - 10);
-    ctx.save(); ctx.translate(14, 8 + (SIZE - PAD) / 2); ctx.rotate(-Math.PI / 2);
-    ctx.fillText(axisLabel(model.get("axis_y")), 0, 0); ctx.restore();
-    ctx.textAlign = "right"; ctx.font = "11px sans-serif"; ctx.fillStyle = "#666";
-    ctx.fillText(`${n} of ${model.get("n_particles")} particles drawn`, SIZE - 10, 22);
+    ctx.restore();
+  }
+  function draw() {
+    const t0 = performance.now();
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, canvas.width, canvas.height);
+    rasterise(); paint();
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    drawAxes(); drawOverlay();
+    const n = pts.length / 2;
+    ctx.textAlign = "right"; ctx.textBaseline = "alphabetic"; ctx.font = "11px sans-serif"; ctx.fillStyle = "#666";
+    ctx.fillText(`${n} of ${model.get("n_particles")} particles drawn`, PAD + PLOT - 4, TOP + 14);
+    canvas.dataset.nDrawn = String(n);
+    canvas.dataset.view = JSON.stringify(view);
+    canvas.dataset.drawMs = (performance.now() - t0).toFixed(2);
+  }
+  // The view shown goes back to Python (for snapshot_png and scripts), at most 5 times a second.
+  const syncView = throttle(() => { model.set("view", view.slice()); model.save_changes(); }, 200);
+  function setView(v) { view = v; draw(); syncView(); }
+  function zoomAt(px, py, factor) {
+    const [dx, dy] = toData(px, py);
+    setView([dx - (dx - view[0]) * factor, dx + (view[1] - dx) * factor,
+             dy - (dy - view[2]) * factor, dy + (view[3] - dy) * factor]);
+  }
+  function panBy(start, ddx, ddy) {  // ddx, ddy: CSS px moved since the drag began
+    const wx = (start[1] - start[0]) / PLOT, wy = (start[3] - start[2]) / PLOT;
+    setView([start[0] - ddx * wx, start[1] - ddx * wx, start[2] + ddy * wy, start[3] + ddy * wy]);
   }
 
   // "PC2 (12.3 %)" for a principal component; other axes (UMAP1, z0) by their name.
@@ -231,6 +331,26 @@ function render({ model, el }) {
       legend.appendChild(chip);
     }
   }
+  // A continuous colouring: gradient from the 1st to the 99th percentile, ticks at both ends.
+  function updateColorbar() {
+    cbar.innerHTML = "";
+    const cb = model.get("colorbar") || {};
+    cbar.style.display = cb.name ? "" : "none";
+    if (!cb.name) return;
+    const bar = h("span", { class: "cfx-cbar-ramp" });
+    bar.style.background = `linear-gradient(to right, ${(cb.stops || []).join(", ")})`;
+    const span = Math.abs(cb.vmax - cb.vmin) || 1;
+    cbar.appendChild(h("span", { class: "cfx-cbar-name", text: cb.name }));
+    cbar.appendChild(h("span", { class: "cfx-cbar-min", text: tickText(cb.vmin, span) }));
+    cbar.appendChild(bar);
+    cbar.appendChild(h("span", { class: "cfx-cbar-max", text: tickText(cb.vmax, span) }));
+    if (cb.n_missing) {
+      const sw = h("span", { class: "cfx-swatch" });
+      sw.style.background = cb.missing;
+      cbar.appendChild(h("span", { class: "cfx-cbar-missing", title: "particles without a value" },
+                         [sw, h("span", { text: ` ${cb.n_missing} unknown` })]));
+    }
+  }
   function setImage(img, key) {
     const b = bytesOf(model.get(key));
     if (img.dataset.url) URL.revokeObjectURL(img.dataset.url);
@@ -260,12 +380,14 @@ function render({ model, el }) {
   function setMode(m) {
     mode = m;
     for (const [k, b] of Object.entries(modes)) b.classList.toggle("cfx-active", k === m);
-    canvas.style.cursor = m === "pick" ? "pointer" : "crosshair";
+    canvas.style.cursor = m === "pick" ? "pointer" : m === "pan" ? "grab" : "crosshair";
   }
   for (const [k, b] of Object.entries(modes)) b.addEventListener("click", () => setMode(k));
   setMode("pick");
+  bReset.addEventListener("click", () => setView(homeView()));
   const css = (ev) => { const r = canvas.getBoundingClientRect(); return [ev.clientX - r.left, ev.clientY - r.top]; };
 
+  // The nearest cluster centre within 10 px, else the nearest drawn point within 8 px.
   function pick(px, py) {
     let best = null, bestD = 10 * 10;
     for (const c of model.get("centers") || []) {
@@ -275,17 +397,27 @@ function render({ model, el }) {
     }
     if (best === null) {
       bestD = 8 * 8;
+      const sx = PLOT / (view[1] - view[0]), sy = PLOT / (view[3] - view[2]);
       for (let i = 0; i < pts.length / 2; i++) {
-        const [x, y] = toPx(pts[2 * i], pts[2 * i + 1]);
-        const d = (x - px) ** 2 + (y - py) ** 2;
+        const dx = PAD + (pts[2 * i] - view[0]) * sx - px, dy = TOP + PLOT - (pts[2 * i + 1] - view[2]) * sy - py;
+        const d = dx * dx + dy * dy;
         if (d < bestD) { bestD = d; best = rows[i]; }
       }
     }
     if (best !== null) { model.set("selected_index", best); model.save_changes(); }
   }
+  canvas.addEventListener("contextmenu", (ev) => ev.preventDefault());
+  canvas.addEventListener("wheel", (ev) => {
+    ev.preventDefault();  // zoom the plot, not scroll the notebook
+    const p = css(ev);
+    zoomAt(p[0], p[1], Math.exp(Math.max(-300, Math.min(300, ev.deltaY)) * 0.0015));
+  }, { passive: false });
   canvas.addEventListener("mousedown", (ev) => {
     const p = css(ev);
-    if (mode === "pick") { pick(p[0], p[1]); return; }
+    if (ev.button !== 0 || mode === "pan" || mode === "pick") {
+      drag = { mode: ev.button === 0 && mode === "pick" ? "pick" : "pan", start: p, view: view.slice(), moved: false };
+      return;
+    }
     drag = { mode, path: [p], how: ev.shiftKey ? "add" : ev.altKey ? "remove" : "replace" };
   });
   canvas.addEventListener("mousemove", (ev) => {
@@ -293,19 +425,34 @@ function render({ model, el }) {
     const d = toData(p[0], p[1]);
     readout.textContent = `${model.get("axis_x")} = ${d[0].toFixed(3)}, ${model.get("axis_y")} = ${d[1].toFixed(3)}`;
     if (!drag) return;
+    if (drag.mode === "pan" || drag.mode === "pick") {
+      const ddx = p[0] - drag.start[0], ddy = p[1] - drag.start[1];
+      if (!drag.moved && ddx * ddx + ddy * ddy < 16) return;  // a click, not yet a drag
+      drag.moved = true;
+      panBy(drag.view, ddx, ddy);
+      return;
+    }
     if (drag.mode === "box") drag.path = [drag.path[0], p]; else drag.path.push(p);
     draw();
   });
   function finishDrag(ev) {
     if (!drag) return;
-    let path = drag.path;
-    if (drag.mode === "box" && path.length === 2) {
+    const d = drag;
+    drag = null;
+    if (d.mode === "pick" || d.mode === "pan") {
+      if (d.mode === "pick" && !d.moved && ev.type === "mouseup") pick(d.start[0], d.start[1]);
+      return;
+    }
+    let path = d.path;
+    if (d.mode === "box" && path.length === 2) {
       const [a, b] = path;
       path = [a, [b[0], a[1]], b, [a[0], b[1]]];
     }
-    const how = drag.how;
-    drag = null;
-    if (path.length >= 3) model.send({ type: "polygon", points: path.map((p) => toData(p[0], p[1])), mode: how });
+    if (path.length >= 3) {
+      const points = path.map((p) => toData(p[0], p[1]));
+      canvas.dataset.lastPolygon = JSON.stringify(points);  // what was sent (read by the browser test)
+      model.send({ type: "polygon", points, mode: d.how });
+    }
     draw();
   }
   canvas.addEventListener("mouseup", finishDrag);
@@ -338,12 +485,29 @@ function render({ model, el }) {
 
   // ---------------------------------------------------------------- model → view
   const onPoints = () => { loadPoints(); draw(); };
-  const onColors = () => { cols = bytesOf(model.get("point_colors")).slice(); updateLegend(); draw(); };
-  const onSel = () => { sel = bytesOf(model.get("point_selected")).slice(); nSel.textContent = `${model.get("n_selected")} selected `; draw(); };
+  const onView = () => {  // set from Python (or echoed back): redraw only when it differs
+    const v = model.get("view");
+    if (validView(v) && v.some((x, i) => x !== view[i])) { view = v.slice(); draw(); }
+  };
+  const onPalette = () => {
+    const pal = model.get("palette") || [];
+    rgb = new Uint8Array(3 * pal.length);
+    pal.forEach((c, i) => rgb.set(hexToRgb(c), 3 * i));
+  };
+  const onColors = () => {
+    onPalette(); cols = bytesOf(model.get("point_colors")).slice(); updateLegend(); updateColorbar(); draw();
+  };
+  const onSel = () => {
+    sel = bytesOf(model.get("point_selected")).slice();
+    nSelDrawn = 0;
+    for (let i = 0; i < sel.length; i++) nSelDrawn += sel[i];
+    nSel.textContent = `${model.get("n_selected")} selected `; draw();
+  };
   const onVolume = () => { title.textContent = model.get("volume_label"); info.textContent = model.get("volume_info"); };
   const handlers = [
     ["change:points change:point_rows change:centers", onPoints],
-    ["change:point_colors change:palette change:legend", onColors],
+    ["change:view", onView],
+    ["change:point_colors change:palette change:legend change:colorbar", onColors],
     ["change:point_selected change:n_selected", onSel],
     ["change:marker change:axis_x change:axis_y", draw],
     ["change:n_pcs change:axis_names change:label_sets change:color_by change:axis_x change:axis_y change:traversal_pc", updateControls],
@@ -355,7 +519,7 @@ function render({ model, el }) {
     ["change:output_dir", () => { outDir.value = model.get("output_dir"); }],
   ];
   for (const [ev, fn] of handlers) for (const name of ev.split(" ")) model.on(name, fn);
-  updateControls(); loadPoints(); onColors(); onSel(); onVolume(); updateSliders(); updateStatus();
+  updateControls(); loadPoints(); onPalette(); onSel(); onColors(); onVolume(); updateSliders(); updateStatus();
   outDir.value = model.get("output_dir");
   setImage(slices, "slices_png"); setImage(iso, "iso_png");
   draw();
