@@ -285,8 +285,9 @@ def test_cs_class_chooses_the_class_poses(data_dir, tmp_path, capsys):
 
 
 def test_time_budget_keeps_room_for_the_heldout_pass(data_dir, tmp_path):
-    """A --max-minutes budget covers the held-out pass after the stop: the reserve is the measured
-    held-out time per image (else the training time per image), capped at half the budget."""
+    """A --max-minutes budget covers the passes after the stop: the reserve is the measured
+    held-out time per image (else the training time per image) plus the latent pass's time per
+    particle, capped at half the budget."""
     info = dist_mod.setup("cpu")
     cfg = train_config(data_dir, tmp_path / "budget", epochs=1, heldout_fraction=0.5, max_minutes=1.0)
     trainer = Trainer(build_run(cfg, tiny_model_config(), info, resume=False, command_line=None), info,
@@ -294,13 +295,18 @@ def test_time_budget_keeps_room_for_the_heldout_pass(data_dir, tmp_path):
     trainer.state.phase = "train"
     n_heldout = trainer.run.heldout_rows.size
     assert n_heldout > 0
-    assert trainer._heldout_reserve_s(60.0) == 0.0  # nothing measured yet: no guess
+    assert trainer._reserve_after_stop_s(60.0) == 0.0  # nothing measured yet: no guess
     trainer._trained_images, trainer._training_s = 10, 0.5  # 50 ms per image
-    assert trainer._heldout_reserve_s(60.0) == pytest.approx(0.05 * n_heldout)
+    assert trainer._reserve_after_stop_s(60.0) == pytest.approx(0.05 * n_heldout)
     trainer._heldout_s_per_image = 0.01  # a measured pass replaces the estimate
-    assert trainer._heldout_reserve_s(60.0) == pytest.approx(0.01 * n_heldout)
+    assert trainer._reserve_after_stop_s(60.0) == pytest.approx(0.01 * n_heldout)
+    # the latent pass over every particle is reserved for too, once its cost is known
+    n_particles = len(trainer.run.data)
+    trainer._latent_s_per_particle = 0.002
+    assert trainer._reserve_after_stop_s(60.0) == pytest.approx(0.01 * n_heldout + 0.002 * n_particles)
+    trainer._latent_s_per_particle = None
     trainer._heldout_s_per_image = 100.0
-    assert trainer._heldout_reserve_s(60.0) == pytest.approx(30.0)  # at most half the budget
+    assert trainer._reserve_after_stop_s(60.0) == pytest.approx(30.0)  # at most half the budget
     # the stop comes once the elapsed time plus the reserve passes the budget
     trainer.state.elapsed_before_s = 60.0 - 30.0 - 1.0
     trainer._t0 = time.monotonic()
@@ -310,3 +316,24 @@ def test_time_budget_keeps_room_for_the_heldout_pass(data_dir, tmp_path):
         assert trainer._stop_reason(flag) == "time"
     trainer.runlog.close()
     trainer.log.close()
+
+
+def test_a_budget_too_short_for_the_passes_is_said_at_the_start(data_dir, tmp_path):
+    """When the passes after a stop need more than half of --max-minutes, the first training
+    step says so (run.log), with the budget that would fit; a long enough budget says nothing."""
+    info = dist_mod.setup("cpu")
+    for minutes, warned in ((0.001, True), (600.0, False)):
+        out = tmp_path / f"budget{minutes}"
+        cfg = train_config(data_dir, out, epochs=1, heldout_fraction=0.5, max_minutes=minutes)
+        trainer = Trainer(build_run(cfg, tiny_model_config(), info, resume=False, command_line=None), info,
+                          progress=False)
+        trainer.state.phase = "train"
+        trainer._trained_images, trainer._training_s = 10, 0.5
+        trainer._check_budget()
+        assert trainer._latent_s_per_particle is not None and trainer._latent_s_per_particle > 0
+        trainer.runlog.close()
+        trainer.log.close()
+        text = (out / "run.log").read_text()
+        assert ("is short for" in text) == warned, text
+        if warned:
+            assert f"{len(trainer.run.data)} particles" in text and "Give at least --max-minutes" in text

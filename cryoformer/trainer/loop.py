@@ -112,6 +112,10 @@ class Trainer:
         # of a --max-minutes budget kept for the held-out pass that follows a time stop
         self._trained_images, self._training_s = 0, 0.0
         self._heldout_s_per_image: Optional[float] = None
+        # the latent pass's cost per particle: probed on a few particles when a budgeted run
+        # starts training, then measured by each pass (it grows with N, the held-out pass does not)
+        self._latent_s_per_particle: Optional[float] = None
+        self._budget_checked = False
         if info.is_main:
             self.runlog = RunLog(self.run_dir)
             self.runlog.lines(start_lines(run, self.device, info.world, command_line))
@@ -201,6 +205,8 @@ class Trainer:
                 terms, n_images = self._train_step(batch, phase)
                 self._trained_images += n_images
                 self._training_s += time.monotonic() - t_step
+                if not self._budget_checked and phase == "train":
+                    self._check_budget()
                 state.batch_in_epoch += 1
                 state.epoch_complete = state.batch_in_epoch >= n_batches
                 for a in acc.values():
@@ -263,10 +269,11 @@ class Trainer:
         """Why to stop after this step ("time", "interrupted" or None), the same on every rank.
 
         A time budget is the wall time of the whole run: training stops early enough to leave
-        the held-out pass that follows it room inside the budget (:meth:`_heldout_reserve_s`),
+        the held-out and latent passes that follow it room inside the budget
+        (:meth:`_reserve_after_stop_s`),
         so a batch job given the same limit is not killed while writing its last epoch."""
         budget = self.config.runtime.max_minutes
-        over = budget and self.elapsed() + self._heldout_reserve_s(60 * budget) > 60 * budget
+        over = budget and self.elapsed() + self._reserve_after_stop_s(60 * budget) > 60 * budget
         stop = flag.reason or ("time" if over else None)
         code = dist_mod.all_reduce_max({None: 0, "time": 1, "interrupted": 2}[stop], self.info)
         return {0: None, 1: "time", 2: "interrupted"}[int(code)]
@@ -290,23 +297,67 @@ class Trainer:
         for group in self.run.optimizer.param_groups:
             group["lr"] = encoder_lr if group.get("name") == ENCODER_GROUP else lr
 
-    def _heldout_reserve_s(self, budget_s: float) -> float:
-        """Seconds of the budget kept for scoring the held-out images after a time stop.
+    def _passes_after_stop_s(self) -> tuple[float, float]:
+        """Estimated seconds of the passes that follow a time stop: (held-out, latents).
 
-        The last held-out pass's time per image when one ran in this process, else the
+        Held-out: the last held-out pass's time per image when one ran in this process, else the
         training time per image so far (scoring renders without the backward pass, so this
-        over-estimates, by about 2.7× at D = 64 on 2 CPU cores). At most half the budget:
-        training always gets the other half. The latent pass is not reserved for: it runs the
-        encoder alone, about 2 s per 20 000 particles at D = 32 (docs/benchmarks.md)."""
+        over-estimates, by about 2.7× at D = 64 on 2 CPU cores). Latents: the latent pass's
+        time per particle (probed at the start of training, then measured) times the number of
+        particles; at D = 128 read and cropped to 64 it costs about 0.15 ms per particle on 2 CPU
+        cores, so 70 s at 450 000 particles (docs/benchmarks.md). 0 where nothing is known yet."""
+        heldout = 0.0
         n = self.run.heldout_rows.size
-        if n == 0 or self.state.phase != "train":
+        if n and self.state.phase == "train":
+            per_image = self._heldout_s_per_image
+            if per_image is None and self._trained_images:
+                per_image = self._training_s / self._trained_images
+            heldout = n * (per_image or 0.0)
+        latents = len(self.run.data) * (self._latent_s_per_particle or 0.0)
+        return heldout, latents
+
+    def _reserve_after_stop_s(self, budget_s: float) -> float:
+        """Seconds of the budget kept for the passes after a time stop (held-out scoring and
+        the latent pass, :meth:`_passes_after_stop_s`): at most half the budget, training
+        always gets the other half (:meth:`_check_budget` warns when that is too little)."""
+        if self.state.phase != "train":
             return 0.0
-        per_image = self._heldout_s_per_image
-        if per_image is None:
-            if not self._trained_images:
-                return 0.0
-            per_image = self._training_s / self._trained_images
-        return min(n * per_image, 0.5 * budget_s)
+        return min(sum(self._passes_after_stop_s()), 0.5 * budget_s)
+
+    def _check_budget(self) -> None:
+        """Once, after the first training step of a budgeted run: probe the latent pass and say
+        (stderr and run.log) when the passes after a stop need more than half the budget, so a
+        batch job's limit can be raised before it is overrun rather than after."""
+        self._budget_checked = True
+        budget = self.config.runtime.max_minutes
+        if not budget:
+            return
+        if self._latent_s_per_particle is None:
+            self._latent_s_per_particle = self._probe_latent_cost()
+        heldout, latents = self._passes_after_stop_s()
+        budget_s = 60.0 * budget
+        if heldout + latents > 0.5 * budget_s:
+            self._note(
+                f"warning: --max-minutes {budget:g} is short for {len(self.run.data)} particles: the passes "
+                f"after training need about {heldout + latents:.0f} s (held-out {heldout:.0f} s, latents "
+                f"{latents:.0f} s), more than half the budget; the run will end about "
+                f"{heldout + latents - 0.5 * budget_s:.0f} s late. Give at least "
+                f"--max-minutes {math.ceil(2 * (heldout + latents) / 60.0)}")
+
+    def _probe_latent_cost(self, n_probe: int = 256) -> float:
+        """Seconds per particle of the latent pass (reading, cropping, encoding), timed on
+        ``n_probe`` particles spread over the stack (so the reads are as cold as the pass's)."""
+        data, model = self.run.data, self.model
+        positions = np.unique(np.linspace(0, len(data) - 1, min(n_probe, len(data))).astype(np.int64))
+        was_training = model.training
+        model.eval()
+        t0 = time.monotonic()
+        try:
+            with torch.no_grad():
+                model.encode(data.images(positions).to(self.device))
+        finally:
+            model.train(was_training)
+        return (time.monotonic() - t0) / positions.size
 
     def _train_step(self, batch, phase: str) -> tuple[dict[str, float], int]:
         cfg, info, state = self.config, self.info, self.state
@@ -423,6 +474,7 @@ class Trainer:
         else:
             t0 = time.monotonic()
             enc = encode_particles(self.model, data, self.device, want_poses=refine, progress=self.style)
+            self._latent_s_per_particle = (time.monotonic() - t0) / max(len(data), 1)
             self._log_pass(f"latents (epoch {out_epoch}): {len(data)} particles", t0)
         outputs.write_latents(self.run_dir, out_epoch, enc["z"])
         self._epoch_news["written"].append("latents")
