@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 
 import numpy as np
@@ -15,11 +16,11 @@ from cryoformer.io.mrc import read_volume
 from cryoformer.metrics.pose_error import rotation_errors, shift_errors
 from cryoformer.physics.fourier import fft2_center, frequency_grid_2d
 from cryoformer.physics.projector import project
-from cryoformer.physics.rotations import random_rotations
+from cryoformer.physics.rotations import axis_angle_to_matrix, matrix_to_axis_angle, random_rotations
 from cryoformer.physics.slice_projector import FourierSliceProjector
 from cryoformer.refinement import (Particles, PoseSearchConfig, backprojected_references, fit_prior_sigma,
                                    rotation_ball, search_poses, search_with_references)
-from cryoformer.refinement.grids import information_band
+from cryoformer.refinement.grids import information_band, search_levels
 from cryoformer.simulation.perturb import perturb_poses
 from cryoformer.trainer import TrainConfig
 from cryoformer.trainer.data import load_particle_data
@@ -147,10 +148,49 @@ def _gaussian_filter(d: int, sigma_cycles: float = 0.08) -> torch.Tensor:
 
 
 def test_search_config_level_spacings():
-    # a third of the previous spacing per level, down to final_step_rad
-    steps = PoseSearchConfig(radius_rad=0.36, final_step_rad=0.007).rotation_steps()
+    # half the previous spacing per level (the default), down to final_step_rad
+    steps = PoseSearchConfig(radius_rad=0.36).rotation_steps()
+    np.testing.assert_allclose(steps, [0.06, 0.03, 0.015, 0.0075])
+    # a third with refine_factor=3 (the grids before)
+    steps = PoseSearchConfig(radius_rad=0.36, final_step_rad=0.007, refine_factor=3).rotation_steps()
     np.testing.assert_allclose(steps, [0.06, 0.02, 0.02 / 3])
     assert len(PoseSearchConfig(fine_levels=1).rotation_steps()) == 2
+    with pytest.raises(ValueError, match="refine_factor"):
+        PoseSearchConfig(refine_factor=1)
+
+
+def test_fine_levels_cover_one_cell_of_the_previous_grid():
+    """Each fine level's ball reaches every point of the previous level's cell around its seed
+    (half the cell's diagonal), so no rotation between two levels' grids is skipped."""
+    for factor in (2, 3):
+        cfg = PoseSearchConfig(radius_rad=0.36, refine_factor=factor)
+        freqs = torch.zeros(1, 2)
+        levels = search_levels(cfg, 64, 0.5, freqs)
+        steps = cfg.rotation_steps()
+        for prev, level, step in zip(steps, levels[1:], steps[1:]):
+            vectors = matrix_to_axis_angle(level.rotations)  # [C, 3]
+            assert float(vectors.norm(dim=1).max()) <= prev * math.sqrt(3) / 2 + 1e-6
+            # a cubic grid of spacing `step` reaching the cell's corners
+            assert float(vectors.abs().max()) >= prev / 2 - 1e-6
+            assert len(level.rotations) == {2: 27, 3: 81}[factor]
+
+
+def test_cropped_projector_slices_the_same():
+    """Slices within the band are the same (to float32 rounding) from the spectra cropped to
+    that band."""
+    torch.manual_seed(0)
+    vol = torch.randn(2, 16, 16, 16)
+    full = FourierSliceProjector(vol)
+    crop = full.cropped(0.2)
+    assert crop.spectra.shape[-1] < full.spectra.shape[-1]
+    k = frequency_grid_2d(16, 1.0).reshape(-1, 2)
+    k = k[k.norm(dim=-1) <= 0.2]
+    rot = axis_angle_to_matrix(torch.randn(7, 3))
+    # the same samples and weights; only the rounding of the grid's [-1, 1] coordinates differs
+    want = full.slices(1, rot, k)
+    assert float((crop.slices(1, rot, k) - want).abs().max()) < 1e-4 * float(want.abs().max())
+    with pytest.raises(ValueError, match="cropped"):
+        crop.shell_power()
 
 
 def test_rotation_ball_is_centred_and_bounded():

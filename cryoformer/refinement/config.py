@@ -29,8 +29,13 @@ class PoseSearchConfig:
         width, and warns when it comes close to the radius).
     coarse_step_rad : float, optional
         Spacing of the coarse rotation grid (default ``radius_rad / 6``, about 900
-        rotations); each finer level uses a third of the previous spacing over a ball just
-        covering one cell of the previous grid.
+        rotations); each finer level divides the spacing by ``refine_factor`` over a ball
+        just covering one cell of the previous grid.
+    refine_factor : int
+        How much finer each level's grid is than the previous one's. 2 (the default) scores
+        27 rotations per seed and level, 3 scored 81: halving thrice (0.06 → 0.0075 rad) costs
+        81 slices where dividing by 3 twice (0.06 → 0.0067 rad) cost 162, and 4 coarse seeds
+        make the first fine level count 4 times (docs/benchmarks.md measures both).
     fine_levels : int, optional
         Levels after the coarse one; default: until the spacing is at most ``final_step_rad``.
     final_step_rad : float
@@ -73,8 +78,9 @@ class PoseSearchConfig:
 
     radius_rad: float = 0.36
     coarse_step_rad: Optional[float] = None
+    refine_factor: int = 2
     fine_levels: Optional[int] = None
-    final_step_rad: float = 0.007
+    final_step_rad: float = 0.0075
     shift_radius_px: float = 3.0
     coarse_shift_step_px: Optional[float] = None
     max_frequency: Optional[float] = None
@@ -91,6 +97,8 @@ class PoseSearchConfig:
             raise ValueError("need 0 < coarse_step_rad <= radius_rad")
         if self.coarse_shift_step_px is not None and not 0 < self.coarse_shift_step_px:
             raise ValueError("coarse_shift_step_px must be > 0")
+        if self.refine_factor < 2:
+            raise ValueError(f"refine_factor must be an integer >= 2, got {self.refine_factor}")
         if self.final_step_rad <= 0 or (self.fine_levels is not None and self.fine_levels < 0):
             raise ValueError("final_step_rad must be > 0 and fine_levels >= 0")
         if self.shift_radius_px < 0 or (self.n_references is not None and self.n_references < 1) \
@@ -130,8 +138,8 @@ class PoseSearchConfig:
         """Rotation grid spacing (rad) of each level, coarse first."""
         steps = [self.coarse_step_rad or self.radius_rad / 6]
         if self.fine_levels is not None:
-            steps += [steps[0] / 3 ** (i + 1) for i in range(self.fine_levels)]
+            steps += [steps[0] / self.refine_factor ** (i + 1) for i in range(self.fine_levels)]
         else:
             while steps[-1] > self.final_step_rad * (1 + 1e-9):
-                steps.append(steps[-1] / 3)
+                steps.append(steps[-1] / self.refine_factor)
         return steps
