@@ -14,6 +14,8 @@ A few seconds on two CPU cores.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,12 @@ from cryoformer.trainer import list_epochs
 
 N_STACK = 40
 RUN_ROWS = np.arange(4, N_STACK)  # the --ind subset
+
+# Triton (imported by training through torch.optim where it is installed) must load its LLVM
+# before Mesa's software OpenGL (llvmpipe, what Xvfb gives napari) loads its own, or the process
+# crashes; loading it here, at collection, makes the order of the test files irrelevant.
+if importlib.util.find_spec("triton") is not None:
+    importlib.import_module("triton")
 
 
 @dataclass(frozen=True)

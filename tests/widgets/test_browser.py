@@ -2,7 +2,10 @@
 
 A small notebook that shows a ``LatentExplorer`` of the test run is opened in JupyterLab; the
 test runs it, clicks a cluster centre on the explorer's canvas and checks that the slice image
-of the decoded volume changed. A second notebook shows 500 000 particles (a synthetic latent set
+of the decoded volume changed. It then builds a trajectory between two clusters from the
+explorer's controls, plays it in the volume panel's 3D (WebGL) view and measures from
+screenshots that the mesh is drawn and changes between frames, checks that the path is drawn on
+the scatter, and exports the series. A second notebook shows 500 000 particles (a synthetic latent set
 decoded by the test run's model, with a defocus per particle): the wheel zooms, a pan moves the
 view, a lasso drawn after zooming selects exactly the particles inside it (counted over all
 500 000 with an independent points-in-polygon), and colouring by defocus shows a colour bar and
@@ -32,8 +35,12 @@ from test_explorer_scale import N as N_BIG, big_latents, ctf_for, ray_casting
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+# SwiftShader: WebGL on the CPU (the explorer's 3D view), as on CI machines without a GPU.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--disable-quic"]
+N_FRAMES = 5                   # maps of the trajectory built in the explorer
+MESH_BACKGROUND_RGB = (32, 32, 32)  # mesh_view.js clears to 0.125 grey
 
 pytestmark = pytest.mark.browser
 
@@ -187,7 +194,61 @@ def _check_box_selects_all(page, canvas, n: int) -> None:
     page.wait_for_function(f"() => document.querySelector('.cfx-nsel').textContent.startsWith('{n} selected')")
 
 
-def test_click_in_explorer_changes_the_volume(sync_api, jupyterlab, spread_run):
+def _mesh_pixels(locator) -> np.ndarray:
+    """``[H, W, 3]`` uint8 screenshot of the 3D view's canvas."""
+    return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB"))
+
+
+def _check_mesh_is_drawn(shot: np.ndarray) -> None:
+    """A shaded surface: part of the canvas off the background, in many grey levels."""
+    off = np.abs(shot.astype(np.int16) - np.array(MESH_BACKGROUND_RGB)).max(axis=2) > 6
+    assert off.mean() > 0.02, f"only {off.mean():.1%} of the 3D view shows the mesh"
+    luminance = (shot[off] @ np.array([0.299, 0.587, 0.114])).round().astype(int)
+    assert np.unique(luminance).size > 10, "the surface is flat: Lambert shading gives many grey levels"
+
+
+def _check_trajectory(page, scatter, out_dir: Path) -> None:
+    """Build a trajectory between clusters 0 and 2 from the explorer's controls, play it in the
+    3D view, step to its last frame, export it."""
+    root, gl = page.locator(".cfx-root"), page.locator(".cfx-mesh canvas.cfm-canvas")
+    if root.get_attribute("data-webgl") == "none":
+        pytest.skip("headless Chromium offers no WebGL here (SwiftShader missing): the 3D view is off")
+    page.locator("button.cfx-v3d").click()
+    # a lower surface level than the 3 σ set above: the 16³ maps of the test run give larger surfaces
+    page.locator(".cfx-root input[type=range]").first.fill("1")
+    page.wait_for_function("() => document.querySelector('.cfx-value').textContent.startsWith('1.0')")
+    page.locator("select.cfx-traj-start").select_option("0")
+    page.locator("select.cfx-traj-end").select_option("2")
+    page.locator("input.cfx-traj-n").fill(str(N_FRAMES))
+    page.locator("button.cfx-traj-build").click()
+    page.wait_for_function(f"() => document.querySelector('.cfx-root').dataset.trajReceived === '{N_FRAMES}'")
+    assert "s/map" in page.locator(".cfx-traj-status").inner_text()   # decoding time is shown
+    assert scatter.get_attribute("data-trajectory") == str(N_FRAMES)  # the path on the scatter
+    page.wait_for_function("() => document.querySelector('.cfx-mesh canvas').dataset.frame === '0'")
+    first = _mesh_pixels(gl)
+    Image.fromarray(first).save(ARTIFACTS / "explorer_trajectory_first_frame.png")
+    _check_mesh_is_drawn(first)
+    page.locator("button.cfx-traj-play").click()
+    seen, deadline = set(), time.monotonic() + 2.5                   # 5 fps: ~12 frames
+    while time.monotonic() < deadline:
+        seen.add(gl.get_attribute("data-frame"))
+        page.wait_for_timeout(60)
+    page.locator("button.cfx-traj-play").click()
+    assert len(seen - {"-1", "volume"}) >= 3, f"playing showed only frames {sorted(seen)}"
+    page.locator("input.cfx-traj-frame").fill(str(N_FRAMES - 1))
+    page.wait_for_function(f"() => document.querySelector('.cfx-mesh canvas').dataset.frame === '{N_FRAMES - 1}'")
+    last = _mesh_pixels(gl)
+    _check_mesh_is_drawn(last)
+    changed = np.mean(np.abs(first.astype(np.int16) - last.astype(np.int16)).max(axis=2) > 8)
+    assert changed > 0.005, "the trajectory's last map looks like its first"
+    page.locator("button.cfx-traj-export").click()
+    page.wait_for_function("() => document.querySelector('.cfx-traj-status').textContent.includes('exported')")
+    written = sorted(p.name for p in (out_dir / "trajectory_clusters_0_2_straight").iterdir())
+    assert written == sorted([f"vol_{i:03d}.mrc" for i in range(N_FRAMES)] + ["z_path.txt", "open_series.cxc", "movie.gif"]
+                             + (["movie.mp4"] if "movie.mp4" in written else []))
+
+
+def test_click_in_explorer_changes_the_volume(sync_api, jupyterlab, spread_run, tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -199,7 +260,8 @@ def test_click_in_explorer_changes_the_volume(sync_api, jupyterlab, spread_run):
             assert "cluster 0" in title.inner_text()
             _check_click_on_centre(page, canvas, title, cluster=2)
 
-            # the threshold slider re-renders the isosurface
+            # the threshold slider re-renders the isosurface (the ray-cast image; the 3D view is the default)
+            page.locator("button.cfx-vimg").click()
             iso_before = page.locator("img.cfx-iso").screenshot()
             page.locator(".cfx-root input[type=range]").first.fill("3")
             page.wait_for_function("() => document.querySelector('.cfx-value').textContent.startsWith('3.0')")
@@ -211,6 +273,11 @@ def test_click_in_explorer_changes_the_volume(sync_api, jupyterlab, spread_run):
             shot = ARTIFACTS / "latent_explorer.png"
             page.screenshot(path=str(shot), full_page=True)
             print(f"screenshot: {shot}")
+            t0 = time.monotonic()
+            _check_trajectory(page, canvas, tmp_path / "out")
+            assert page.locator(".cfx-error").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "latent_explorer_trajectory.png"), full_page=True)
+            print(f"trajectory built, played and exported in the browser in {time.monotonic() - t0:.1f} s")
         finally:
             browser.close()
 

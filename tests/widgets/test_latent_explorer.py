@@ -6,17 +6,22 @@ import io
 import json
 import os
 import shutil
+import struct
+import threading
 import time
 
 import numpy as np
 import pytest
+import traitlets as t
 from PIL import Image
 
 pytest.importorskip("anywidget")
 
 from cryoformer.analysis import load_selection, pc_traversal, to_original_indices  # noqa: E402
 from cryoformer.io import image_locations, load_pickle, read_star, read_volume  # noqa: E402
+from cryoformer.io.guard import OutputError  # noqa: E402
 from cryoformer_widgets import LatentExplorer  # noqa: E402
+from cryoformer_widgets.trajectory_view import mesh_from_volume  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -260,3 +265,168 @@ def test_axes_umap_and_latent_dimensions(spread_run, tmp_path):
         assert len(ex.marker) == 2
     finally:
         ex.close()
+
+
+# ---------------------------------------------------------------------- 3D view and trajectories
+def _mesh_header(data: bytes) -> tuple:
+    """(magic, V, F) of a mesh in the wire format of ``trajectory_view.Mesh.to_bytes``."""
+    magic, V, F = struct.unpack_from("<4sII", data)
+    return magic, V, F
+
+
+def test_3d_view_meshes_the_volume_at_the_threshold(explorer):
+    pytest.importorskip("skimage", reason="the 3D view needs scikit-image")
+    ex = explorer
+    assert ex.volume_view == "3d" and ex.display == "volume"
+    expected = mesh_from_volume(ex.volume, threshold_sigma=ex.threshold, max_grid=ex.mesh_grid)
+    assert ex.volume_mesh == expected.to_bytes() and _mesh_header(ex.volume_mesh)[1] > 0
+    ex.threshold = 3.0                                               # a higher level: fewer voxels inside
+    higher = mesh_from_volume(ex.volume, threshold_sigma=3.0, max_grid=ex.mesh_grid)
+    assert ex.volume_mesh == higher.to_bytes() and higher.level > expected.level
+    row = int(np.nonzero(ex.state.labels["kmeans"] == 2)[0][0])      # a new volume: a new mesh
+    ex.selected_index = row
+    ex.wait()
+    assert ex.volume_mesh == mesh_from_volume(decoded(ex, row), threshold_sigma=3.0,
+                                              max_grid=ex.mesh_grid).to_bytes()
+
+
+def _pc_xy(ex, z: np.ndarray) -> np.ndarray:
+    """``[n, 2]`` PC1/PC2 coordinates of latents ``z`` ``[n, zdim]``, computed here."""
+    return (z.astype(np.float64) - ex.state.pca.mean) @ ex.state.pca.components[:2].T
+
+
+def test_trajectory_between_clusters(explorer):
+    pytest.importorskip("skimage", reason="trajectories are played as meshes (scikit-image)")
+    ex = explorer
+    ex.build_trajectory(clusters=(0, 2), n_frames=5).wait_trajectory()
+    z = ex.trajectory.path.latents
+    np.testing.assert_array_equal(z[0], ex.state.latents[ex.state.center_rows[0]])   # starts and ends
+    np.testing.assert_array_equal(z[-1], ex.state.latents[ex.state.center_rows[2]])  # at the centres
+    np.testing.assert_allclose(z[2], (z[0] + z[-1]) / 2, atol=1e-5)                   # a straight line
+    assert ex.trajectory_ready == 5 and ex.display == "trajectory" and not ex.trajectory_busy
+    assert "s/map" in ex.trajectory_status and ex.trajectory_ends == {"kind": "cluster", "a": 0, "b": 2}
+    # the polyline on the scatter: one point per frame, at the frames' PC coordinates
+    assert len(ex.trajectory_path) == 5
+    np.testing.assert_allclose(ex.trajectory_path, _pc_xy(ex, z), rtol=1e-5, atol=1e-5)
+    assert ex.trajectory_path[0] == pytest.approx([ex.centers[0]["x"], ex.centers[0]["y"]], abs=1e-4)
+    ex.axis_x, ex.axis_y = "z0", "z2"                                  # other axes: the polyline follows
+    np.testing.assert_allclose(ex.trajectory_path, z[:, [0, 2]], atol=1e-6)
+    # every frame's map is the decoder's, meshed at one level
+    np.testing.assert_allclose(ex.trajectory.volumes[4], decoded(ex, int(ex.state.center_rows[2])), atol=1e-6)
+    assert len({m.level for m in ex.trajectory.meshes}) == 1
+    ex.trajectory_frame = 3
+    with pytest.raises(t.TraitError, match="out of range"):
+        ex.trajectory_frame = 5
+    ex.selected_index = int(ex.state.center_rows[1])                  # a click on the scatter: the volume again
+    assert ex.display == "volume" and not ex.trajectory_playing
+
+
+def test_trajectory_between_two_particles_along_the_data(explorer):
+    pytest.importorskip("skimage", reason="trajectories are played as meshes (scikit-image)")
+    ex = explorer
+    lab = ex.state.labels["kmeans"]
+    i, j = (int(r) for r in np.nonzero(lab == 0)[0][[1, -1]])      # one group: joined in the graph
+    ex.build_trajectory(rows=(i, j), n_frames=4, mode="data").wait_trajectory()
+    path = ex.trajectory.path
+    assert path.particles[0] == i and path.particles[-1] == j
+    np.testing.assert_array_equal(path.latents[0], ex.state.latents[i])
+    np.testing.assert_array_equal(path.latents[-1], ex.state.latents[j])
+    assert len(ex.trajectory_path) == 4 and ex.trajectory_ends == {"kind": "particle", "a": i, "b": j}
+    # the three groups of this run are far apart: no path along the data joins them
+    ex._on_message(ex, {"type": "build_trajectory", "clusters": [0, 2], "mode": "data", "n_frames": 4}, [])
+    with pytest.raises(Exception, match="not connected"):
+        ex.wait_trajectory()
+    assert "not connected" in ex.error and not ex.trajectory_busy
+    with pytest.raises(ValueError, match="clusters=\\(a, b\\) or rows"):
+        ex.build_trajectory(clusters=(0, 1), rows=(i, j))
+    with pytest.raises(ValueError, match="out of range"):
+        ex.build_trajectory(clusters=(0, 9))
+
+
+def test_trajectory_frames_and_build_from_the_front_end(explorer):
+    pytest.importorskip("skimage", reason="trajectories are played as meshes (scikit-image)")
+    ex = explorer
+    sent = []
+    ex.send = lambda content, buffers=None: sent.append((content, buffers))
+    ex._on_message(ex, {"type": "build_trajectory", "clusters": [2, 0], "mode": "straight", "n_frames": 3}, [])
+    ex.wait_trajectory()
+    assert ex.trajectory_ready == 3 and ex.trajectory_ends["a"] == 2
+    series = ex.trajectory_series
+    ex._on_message(ex, {"type": "trajectory_frame", "frame": 1, "series": series}, [])
+    ex._on_message(ex, {"type": "trajectory_frame", "frame": 0, "series": series - 1}, [])  # stale: dropped
+    assert len(sent) == 1 and sent[0][0]["frame"] == 1
+    assert sent[0][1][0] == ex.trajectory.meshes[1].to_bytes(1, series) and sent[0][1][1].startswith(PNG)
+    ex.threshold = 2.5                                                # the trajectory is re-meshed too
+    ex.wait_trajectory()
+    assert ex.trajectory_series == series + 1 and ex.trajectory.threshold_sigma == 2.5
+    ex._on_message(ex, {"type": "build_trajectory", "rows": [0, 10_000], "mode": "straight", "n_frames": 3}, [])
+    assert "outside" in ex.error or "out of range" in ex.error       # shown, not raised
+
+
+def test_new_build_cancels_the_running_one(explorer):
+    pytest.importorskip("skimage", reason="trajectories are played as meshes (scikit-image)")
+    ex, session = explorer, explorer.state
+    decoded_z, gate = [], threading.Event()
+    original = session.volume_at
+
+    def slow_volume_at(z, D=None):  # records what is decoded; waits for the test to go on
+        decoded_z.append(np.asarray(z).copy())
+        gate.wait(5)
+        return original(z, D)
+
+    session.volume_at = slow_volume_at
+    try:
+        ex.build_trajectory(clusters=(0, 1), n_frames=8)
+        ex.build_trajectory(clusters=(1, 2), n_frames=6)
+        gate.set()
+        ex.wait_trajectory()
+    finally:
+        del session.volume_at
+    first = np.linspace(session.from_cluster(0)[0], session.from_cluster(1)[0], 8)
+    n_first = sum(any(np.allclose(z, p, atol=1e-5) for p in first[1:]) for z in decoded_z)
+    assert n_first <= 1, f"the first build went on after a new one ({n_first} more maps)"
+    np.testing.assert_array_equal(ex.trajectory.path.latents[0], session.from_cluster(1)[0])
+    assert ex.trajectory_ready == 6 and len(ex.trajectory_path) == 6
+
+
+def test_export_trajectory_writes_the_series_and_never_replaces(explorer, spread_run):
+    pytest.importorskip("skimage", reason="trajectories are played as meshes (scikit-image)")
+    ex = explorer
+    ex.build_trajectory(clusters=(0, 2), n_frames=3).wait_trajectory()
+    result = ex.export_trajectory()
+    out = result["out_dir"]
+    assert out == os.path.join(ex.output_dir, "trajectory_clusters_0_2_straight") == ex.trajectory_export
+    written = sorted(os.listdir(out))
+    assert written == sorted(["vol_000.mrc", "vol_001.mrc", "vol_002.mrc", "z_path.txt", "open_series.cxc",
+                              "movie.gif"] + (["movie.mp4"] if "movie.mp4" in written else []))
+    for k in range(3):
+        vol, apix = read_volume(os.path.join(out, f"vol_{k:03d}.mrc"))
+        np.testing.assert_allclose(vol, ex.trajectory.volumes[k], rtol=1e-5, atol=1e-6)
+        assert apix == pytest.approx(12.0)
+    np.testing.assert_allclose(np.loadtxt(os.path.join(out, "z_path.txt")), ex.trajectory.path.latents, atol=1e-5)
+    stamp = os.stat(os.path.join(out, "vol_000.mrc")).st_mtime_ns
+    ex._on_message(ex, {"type": "export_trajectory"}, [])              # the button: a new folder
+    ex.wait_trajectory()
+    assert ex.trajectory_export == out + "-2" and "exported 3 maps" in ex.trajectory_status
+    with pytest.raises(OutputError, match="not empty"):
+        ex.export_trajectory(out, movie=False)                        # explicit and taken: refused
+    with pytest.raises(OutputError, match="contains its input"):
+        ex.export_trajectory(spread_run, force=True, movie=False)     # the run itself: never
+    assert os.stat(os.path.join(out, "vol_000.mrc")).st_mtime_ns == stamp
+
+
+def test_standalone_trajectory_view_shares_the_session(explorer):
+    pytest.importorskip("skimage", reason="trajectories are played as meshes (scikit-image)")
+    ex = explorer
+    ex.build_trajectory(clusters=(2, 1), n_frames=4, mode="straight").wait_trajectory()
+    tv = ex.trajectory_view().wait()
+    try:
+        assert tv.session is ex.state and (tv.start_cluster, tv.end_cluster) == (2, 1)
+        np.testing.assert_array_equal(tv.latents, ex.trajectory.path.latents)
+        assert tv.frames_ready == 4 and tv.threshold_sigma == ex.threshold
+    finally:
+        tv.close()
+    row = int(ex.state.center_rows[0])                                # the explorer still decodes: its
+    ex.selected_index = row                                           # session outlived the view
+    ex.wait()
+    np.testing.assert_allclose(ex.volume, decoded(ex, row), atol=1e-6)

@@ -25,6 +25,18 @@ continuous values read from the run (``defocus_angstrom``, ``astigmatism_angstro
 ``UMAP1``/``UMAP2``) or given with ``ex.add_values(name, array)``; continuous values get a
 viridis colour bar between the 1st and 99th percentiles, unknown (NaN) values are grey.
 
+The volume panel shows the decoded map as a WebGL mesh (marching cubes at ``threshold``; drag to
+rotate, wheel to zoom) or as the ray-cast image (``volume_view = "3d" | "image"``), beside its
+central slices. Trajectories are built in the panel too: two clusters (dropdowns) or two
+particles ("path" mode: click the start, then the end), straight or along the data, decoded off
+the kernel's thread by a :class:`~cryoformer_widgets.trajectory_view.TrajectoryBuilder` with
+progress, then played in the 3D view and drawn on the scatter::
+
+    ex.build_trajectory(clusters=(0, 2), n_frames=10, mode="data").wait_trajectory()
+    ex.trajectory_frame = 4            # show the fifth map
+    ex.export_trajectory()             # maps + ChimeraX script + movie, as `cryoformer traverse`
+    tv = ex.trajectory_view()          # the same trajectory in its own player (same session)
+
 Displayed in a notebook, the widget also carries a PNG of the scatter and the slices
 (:meth:`LatentExplorer.snapshot_png`), so a saved notebook shows it without a kernel. Failures of what the front end triggers (an unwritable file, a decoding
 error, a bad trait value) are shown in the widget's status line (trait ``error``) and never
@@ -48,11 +60,16 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex
 from PIL import Image, ImageDraw
 
+from cryoformer.analysis.traversal import DEFAULT_NEIGHBOURS
+from cryoformer.clustering import nearest_on_data
+
 from cryoformer.analysis.render import isosurface_png, palette, png_bytes, slices_png
 
 from .decode_worker import DecodeResult
 from .particle_values import CATEGORICAL, colour_levels, robust_limits, robust_view_box
 from .session import DEFAULT_K, KMEANS, RunSession
+from .trajectory_view import (MAX_MESH_GRID, TrajectoryBuilder, TrajectorySeries, TrajectoryView, check_frames,
+                              check_mode, mesh_from_volume, mesh_view_esm)
 
 __all__ = ["LatentExplorer"]
 
@@ -89,6 +106,12 @@ class LatentExplorer(anywidget.AnyWidget):
         Where the buttons write (``volume_*.mrc``, ``selection_*.npy``, ``selection_*.star``).
     select : "center", int or None
         What is decoded first: the centre of cluster 0 (default), a particle row, or nothing.
+    mesh_grid : int
+        Marching cubes of the 3D view runs on at most this many voxels per axis
+        (:func:`~cryoformer_widgets.trajectory_view.mesh_from_volume`).
+    n_neighbours : int
+        Neighbours per particle in the graph of trajectories "along the data"
+        (:func:`~cryoformer.analysis.traversal.graph_path`, ``cryoformer traverse --neighbours``).
 
     Notes
     -----
@@ -101,9 +124,19 @@ class LatentExplorer(anywidget.AnyWidget):
     axis, 0 when it is not a PC; setting one draws that PC. Read-only results: ``slices_png`` and
     ``iso_png`` (PNG bytes), ``volume_label``, ``n_selected``, ``busy``, ``message``, ``error``,
     ``home_view`` (the first view), ``colorbar`` (limits of a continuous colouring, else empty).
+
+    The 3D view: ``volume_view`` (``"3d"`` or ``"image"``), ``display`` (``"volume"``: the map
+    shown; ``"trajectory"``: the trajectory's frame), read-only ``volume_mesh`` (the mesh's
+    bytes, :meth:`~cryoformer_widgets.trajectory_view.Mesh.to_bytes`) and ``webgl`` (set by the
+    front end). Trajectories: ``trajectory_mode``, ``trajectory_n_frames``, ``trajectory_frame``
+    (0-based), ``trajectory_playing``, ``trajectory_fps``; read-only ``trajectory_path``
+    (``[n, 2]`` positions of the frames on the axes drawn), ``trajectory_labels``,
+    ``trajectory_ready``, ``trajectory_busy``, ``trajectory_progress``, ``trajectory_status``,
+    ``trajectory_export`` (the last export's folder).
     """
 
-    _esm = _STATIC / "latent_explorer.js"
+    # one module: anywidget cannot import a sibling file, so the mesh viewer is prepended
+    _esm = mesh_view_esm() + "\n" + (_STATIC / "latent_explorer.js").read_text(encoding="utf-8")
     _css = _STATIC / "latent_explorer.css"
 
     # scatter (drawn subsample; binary buffers)
@@ -141,6 +174,26 @@ class LatentExplorer(anywidget.AnyWidget):
     iso_png = t.Bytes(b"").tag(sync=True)
     volume_label = t.Unicode("").tag(sync=True)
     volume_info = t.Unicode("").tag(sync=True)
+    volume_mesh = t.Bytes(b"").tag(sync=True)      # Mesh.to_bytes() of the volume shown at `threshold`
+    volume_view = t.Unicode("3d").tag(sync=True)   # "3d" (WebGL mesh) or "image" (ray-cast PNG)
+    webgl = t.Unicode("").tag(sync=True)           # set by the front end: webgl2, webgl or none
+    display = t.Unicode("volume").tag(sync=True)   # the 3D view shows the "volume" or the "trajectory"
+    # trajectory
+    cluster_names = t.List(t.Unicode()).tag(sync=True)
+    trajectory_mode = t.Unicode("straight").tag(sync=True)
+    trajectory_n_frames = t.Int(10).tag(sync=True)
+    trajectory_ends = t.Dict().tag(sync=True)       # {kind, a, b} of the series shown
+    trajectory_series = t.Int(0).tag(sync=True)     # bumped when every frame's mesh changes
+    trajectory_ready = t.Int(0).tag(sync=True)      # frames of the series (0: none yet)
+    trajectory_frame = t.Int(0).tag(sync=True)
+    trajectory_playing = t.Bool(False).tag(sync=True)
+    trajectory_fps = t.Float(5.0).tag(sync=True)
+    trajectory_labels = t.List(t.Unicode()).tag(sync=True)
+    trajectory_path = t.List(t.List(t.Float())).tag(sync=True)  # [[x, y]] per frame, axes drawn
+    trajectory_busy = t.Bool(False).tag(sync=True)
+    trajectory_progress = t.Float(0.0).tag(sync=True)
+    trajectory_status = t.Unicode("").tag(sync=True)
+    trajectory_export = t.Unicode("").tag(sync=True)
     # selection and output
     n_selected = t.Int(0).tag(sync=True)
     output_dir = t.Unicode("").tag(sync=True)
@@ -150,9 +203,14 @@ class LatentExplorer(anywidget.AnyWidget):
 
     def __init__(self, run: Any, epoch: Optional[int] = None, device: str = "auto", k: int = DEFAULT_K,
                  labels: Optional[dict] = None, decode_box: Optional[int] = None, max_drawn: int = MAX_DRAWN,
-                 output_dir: Optional[str] = None, select: Any = "center", **kwargs: Any) -> None:
+                 output_dir: Optional[str] = None, select: Any = "center", mesh_grid: int = MAX_MESH_GRID,
+                 n_neighbours: int = DEFAULT_NEIGHBOURS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._lock = threading.RLock()
+        self.mesh_grid = int(mesh_grid)
+        self._mesh_missing = ""  # why the 3D view is off (scikit-image missing), else ""
+        self._traj_sent: Optional[TrajectorySeries] = None  # the series trajectory_series numbers
+        self._traj_rows: Optional[tuple] = None  # (series path, [n] nearest particle rows)
         self._volume: Optional[np.ndarray] = None
         self._shown: Optional[DecodeResult] = None
         if isinstance(run, RunSession):
@@ -162,6 +220,9 @@ class LatentExplorer(anywidget.AnyWidget):
             self.state = RunSession(run, epoch=epoch, device=device, k=k, decode_box=decode_box,
                                        on_result=self._on_result, on_busy=self._on_busy)
         st = self.state
+        self._builder = TrajectoryBuilder(st, st.decode_box, on_progress=self._trajectory_progress,
+                                          on_series=self._trajectory_done, on_error=self._trajectory_failed,
+                                          mesh_grid=self.mesh_grid, n_neighbours=n_neighbours)
         for name, lab in (labels or {}).items():
             st.add_labels(name, lab)
         self._drawn = st.drawn_rows(max_drawn)
@@ -172,6 +233,7 @@ class LatentExplorer(anywidget.AnyWidget):
             self.axis_x, self.axis_y = "PC1", f"PC{min(2, st.n_pcs)}"
             self.point_rows = self._drawn.astype(np.int32).tobytes()
             self.label_sets = st.colourings()
+            self.cluster_names = st.cluster_names()
             self.output_dir = os.path.abspath(output_dir or os.path.join(os.getcwd(), "cryoformer_explorer"))
             self._update_points()
             self._update_colors()
@@ -275,7 +337,88 @@ class LatentExplorer(anywidget.AnyWidget):
         self.message, self.error = f"wrote {out} ({self.state.voxel_size_angstrom or 1.0:.3f} Å/voxel)", ""
         return out
 
+    # ------------------------------------------------------------------ trajectories
+    def build_trajectory(self, clusters: Optional[Sequence[int]] = None, rows: Optional[Sequence[int]] = None,
+                         n_frames: int = 10, mode: str = "straight") -> "LatentExplorer":
+        """Build a trajectory in the background (a build still running stops); it then plays
+        in the 3D view and is drawn on the scatter. :meth:`wait_trajectory` blocks until done.
+
+        Parameters
+        ----------
+        clusters : (int, int), optional
+            K-means clusters whose centres are the endpoints (the numbering of the legend and of
+            ``cryoformer analyze``).
+        rows : (int, int), optional
+            Particle rows of the run as endpoints (instead of ``clusters``).
+        n_frames : int
+            Maps along the trajectory (≥ 2).
+        mode : {"straight", "data"}
+            A straight line in latent space, or the shortest path through the particles'
+            nearest-neighbour graph (``cryoformer traverse --graph``).
+        """
+        if (clusters is None) == (rows is None):
+            raise ValueError("give the endpoints as clusters=(a, b) or rows=(i, j)")
+        mode, n = check_mode(mode), check_frames(n_frames)
+        ends = self._builder.clusters(*clusters) if clusters is not None else self._builder.particles(*rows)
+        with self.hold_sync():
+            self.trajectory_mode, self.trajectory_n_frames = mode, n
+            self.trajectory_busy, self.trajectory_progress, self.error = True, 0.0, ""
+            self.trajectory_status = "decoding…"
+        self._builder.start(ends, mode, n, self.threshold)
+        return self
+
+    def wait_trajectory(self, timeout: Optional[float] = 120.0) -> "LatentExplorer":
+        """Block until the newest trajectory build (or export) has finished; re-raises its error."""
+        self._builder.wait(timeout)
+        return self
+
+    @property
+    def trajectory(self) -> Optional[TrajectorySeries]:
+        """The trajectory shown (path, maps, meshes), None before the first build finished."""
+        return self._builder.series
+
+    def export_trajectory(self, out_dir: Optional[str] = None, force: bool = False, movie: bool = True) -> dict:
+        """Write the trajectory as ``cryoformer traverse`` does (``vol_000.mrc`` …, ``z_path.txt``,
+        ``open_series.cxc``, the movie; see :meth:`TrajectoryView.export`).
+
+        Parameters
+        ----------
+        out_dir : str, optional
+            Default: a new folder ``trajectory_<ends>_<mode>`` in ``output_dir``. An existing
+            non-empty folder is written into only with ``force``; one holding a run file never.
+        force, movie : bool
+
+        Returns
+        -------
+        dict
+            ``out_dir``, ``maps``, ``level``, ``files``.
+        """
+        result = self._builder.export(out_dir, self.output_dir, force=force, movie=movie, fps=self.trajectory_fps)
+        with self.hold_sync():
+            self.trajectory_export = result["out_dir"]
+            self.trajectory_status = f"exported {len(result['maps'])} maps, open_series.cxc and the movie to " \
+                                     f"{result['out_dir']}"
+        return result
+
+    def trajectory_view(self, **kwargs: Any) -> TrajectoryView:
+        """A standalone :class:`TrajectoryView` on this explorer's session (decoder and cache
+        shared), between the endpoints of the trajectory shown (else the first and last cluster);
+        ``kwargs`` go to :class:`TrajectoryView`."""
+        options: dict = dict(n_frames=self.trajectory_n_frames, mode=self.trajectory_mode, fps=self.trajectory_fps,
+                             threshold_sigma=self.threshold, output_dir=self.output_dir,
+                             decode_box=self._builder.decode_box, mesh_grid=self.mesh_grid)
+        series = self._builder.series
+        if series is not None:
+            ends = series.endpoints
+            key = {"cluster": "clusters", "particle": "particles", "latent": "latents"}[ends.kind]
+            options.update({key: (ends.a, ends.b), "n_frames": len(series.path.latents), "mode": series.mode})
+        options.update(kwargs)
+        return TrajectoryView(self.state, **options)
+
     def close(self) -> None:
+        builder = getattr(self, "_builder", None)
+        if builder is not None:
+            builder.close()
         state = getattr(self, "state", None)
         if state is not None:
             state.close()
@@ -298,6 +441,8 @@ class LatentExplorer(anywidget.AnyWidget):
         try:
             self._update_points()
             self._update_marker()
+            series = self._builder.series
+            self.trajectory_path = [] if series is None else self._trajectory_polyline(series)
         except Exception as exc:
             self._report(exc, "changing axes")
 
@@ -317,6 +462,7 @@ class LatentExplorer(anywidget.AnyWidget):
             label = self.state.describe_row(row)
             z, _ = self.state.from_particle(row)
             self.traversal_step = -1
+            self.display, self.trajectory_playing = "volume", False
             self.state.request_volume(z, (label, ("row", row)))
         except Exception as exc:
             self._report(exc, "selecting a particle")
@@ -329,6 +475,7 @@ class LatentExplorer(anywidget.AnyWidget):
         try:
             z, label = self.state.from_traversal(self.traversal_pc, step, self.traversal_steps)
             self.selected_index = -1
+            self.display, self.trajectory_playing = "volume", False
             self.state.request_volume(z, (label, ("pc", self.traversal_pc)))
         except Exception as exc:
             self._report(exc, "walking along a PC")
@@ -336,9 +483,95 @@ class LatentExplorer(anywidget.AnyWidget):
     @t.observe("threshold", "azimuth", "elevation")
     def _view_changed(self, change) -> None:
         try:
-            self._render()
+            self._render(mesh=change["name"] == "threshold")
+            if change["name"] == "threshold" and self._builder.series is not None:
+                self._builder.remesh(self.threshold)  # the trajectory's surfaces at the new level too
         except Exception as exc:
             self._report(exc, "rendering")
+
+    @t.validate("trajectory_frame")
+    def _valid_frame(self, proposal) -> int:
+        k = int(proposal["value"])
+        if self.trajectory_ready and not 0 <= k < self.trajectory_ready:
+            raise t.TraitError(f"trajectory_frame {k} out of range 0…{self.trajectory_ready - 1}")
+        return k
+
+    @t.observe("trajectory_frame")
+    def _frame_changed(self, change) -> None:
+        if self.trajectory_ready:
+            self.display = "trajectory"  # a frame asked for (slider, player, script) is shown
+
+    # ------------------------------------------------------------------ trajectory builder → traits
+    def _trajectory_progress(self, fraction: float, status: str) -> None:
+        """Builder thread: one more map decoded."""
+        with self.hold_sync():
+            self.trajectory_progress, self.trajectory_status, self.trajectory_busy = float(fraction), status, True
+
+    def _trajectory_done(self, series: TrajectorySeries, status: str) -> None:
+        """Builder thread: a new series (or the same maps re-meshed): announce its frames, which
+        the front end then asks for one by one (:meth:`_send_trajectory_frame`)."""
+        new_path = self._traj_sent is None or self._traj_sent.path is not series.path
+        polyline = self._trajectory_polyline(series)
+        with self._lock:
+            self._traj_sent = series
+            ends = series.endpoints
+            with self.hold_sync():
+                self.trajectory_labels = list(series.labels)
+                self.trajectory_path = polyline
+                self.trajectory_ends = {"kind": ends.kind, "a": ends.a, "b": ends.b} if ends.kind != "latent" else {}
+                if new_path:
+                    self.trajectory_frame = 0
+                self.trajectory_series += 1
+                self.trajectory_ready = len(series.meshes)
+                self.trajectory_busy, self.trajectory_progress = False, 1.0
+                self.trajectory_status = f"{series.path.description}: {status}"
+                if new_path:
+                    self.display = "trajectory"
+
+    def _trajectory_failed(self, message: str) -> None:
+        with self.hold_sync():
+            self.trajectory_busy, self.trajectory_status, self.error = False, "", message
+
+    def _trajectory_polyline(self, series: TrajectorySeries) -> list:
+        """``[[x, y]]`` of every frame's latent on the axes drawn. PCs and latent dimensions place
+        any latent; on a UMAP axis (read from ``analyze``, not refitted) a frame is placed at the
+        particle nearest to it in latent space."""
+        axes, pts = (self.axis_x, self.axis_y), []
+        for k, z in enumerate(series.path.latents):
+            xy = self.state.position(z, axes)
+            if xy is None:
+                xy = self.state.position(z, axes, int(self._nearest_rows(series)[k]))
+            pts.append([float(xy[0]), float(xy[1])])
+        return pts
+
+    def _nearest_rows(self, series: TrajectorySeries) -> np.ndarray:
+        """``[n]`` particle row nearest to each frame's latent (cached per series)."""
+        if self._traj_rows is None or self._traj_rows[0] is not series.path:
+            self._traj_rows = (series.path, nearest_on_data(series.path.latents, self.state.latents))
+        return self._traj_rows[1]
+
+    def _send_trajectory_frame(self, frame: int, series_id: int) -> None:
+        """One frame for the front end: ``{"type": "trajectory_frame", frame, series, label}`` with
+        two buffers, the mesh (``unpackMesh``'s format) and the PNG of its central slices."""
+        with self._lock:
+            series = self._traj_sent
+            if series is None or series_id != self.trajectory_series or not 0 <= frame < len(series.meshes):
+                return  # asked for a series replaced meanwhile: the front end drops it too
+            mesh, png, label = series.meshes[frame], series.pngs[frame], series.labels[frame]
+        self.send({"type": "trajectory_frame", "frame": frame, "series": series_id, "label": label,
+                   "vertices": mesh.n_vertices}, [mesh.to_bytes(frame, series_id), png])
+
+    def _export_trajectory_clicked(self) -> None:
+        """The export button (builder thread, after any build): a new folder, status shown."""
+        try:
+            self.trajectory_busy, self.trajectory_status = True, "exporting the trajectory…"
+            self.export_trajectory()
+            self.error = ""
+        except Exception as exc:  # shown, not raised into the event loop
+            self._report(exc, "exporting the trajectory")
+            self.trajectory_status = ""
+        finally:
+            self.trajectory_busy = False
 
     # ------------------------------------------------------------------ state → traits
     def _update_points(self) -> None:
@@ -462,18 +695,31 @@ class LatentExplorer(anywidget.AnyWidget):
                 self._render()
                 self.error = ""
 
-    def _render(self) -> None:
+    def _render(self, mesh: bool = True) -> None:
         with self._lock:
             vol = self._volume
             if vol is None:
                 return
             self.slices_png = slices_png(vol, self.threshold)
             self.iso_png = isosurface_png(vol, self.threshold, self.azimuth, self.elevation)
+            if mesh:
+                self._update_mesh(vol)
+
+    def _update_mesh(self, vol: np.ndarray) -> None:
+        """The 3D view's mesh of ``vol`` ``[D, D, D]`` at ``threshold`` (~0.1 s for a 64³ grid)."""
+        if self._mesh_missing:
+            return
+        try:
+            self.volume_mesh = mesh_from_volume(vol, threshold_sigma=self.threshold, max_grid=self.mesh_grid).to_bytes()
+        except ImportError as exc:  # scikit-image is optional: the ray-cast image stays
+            self._mesh_missing = str(exc)
+            self.volume_view, self.message = "image", f"3D view off: {exc}"
 
     # ------------------------------------------------------------------ front-end messages
     def _on_message(self, widget: Any, content: Any, buffers: Any) -> None:
-        """Events from the front end: ``{"type": "polygon" | "clear" | "save_selection" |
-        "export" | "save_volume", ...}``; failures go to the ``error`` trait."""
+        """Events from the front end: ``{"type": "polygon" | "clusters" | "clear" | "save_selection"
+        | "export" | "save_volume" | "trajectory_frame" | "build_trajectory" | "export_trajectory",
+        ...}``; failures go to the ``error`` trait."""
         kind = content.get("type") if isinstance(content, dict) else None
         try:
             if kind == "polygon":
@@ -491,6 +737,13 @@ class LatentExplorer(anywidget.AnyWidget):
                 self.export_selection(fmt=content.get("format", "star"))
             elif kind == "save_volume":
                 self.save_volume()
+            elif kind == "trajectory_frame":
+                self._send_trajectory_frame(int(content["frame"]), int(content["series"]))
+            elif kind == "build_trajectory":
+                ends = {"clusters": content["clusters"]} if "clusters" in content else {"rows": content["rows"]}
+                self.build_trajectory(**ends, n_frames=int(content["n_frames"]), mode=str(content["mode"]))
+            elif kind == "export_trajectory":
+                self._builder.submit(self._export_trajectory_clicked)
         except Exception as exc:
             self._report(exc, str(kind).replace("_", " "))
 

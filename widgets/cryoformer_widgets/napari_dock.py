@@ -206,6 +206,19 @@ class RunExplorerDock(Container):
         self._start(functools.partial(RunSession, k=int(self.k.value)), (run_dir,), self._on_opened,
                     f"opening {run_dir} …")
 
+    def show_session(self, session: RunSession) -> None:
+        """Show a session made in a script instead of opening a run directory, e.g. latents
+        made elsewhere decoded by a run's model (napari's console)::
+
+            dock.show_session(RunSession.from_latents("RUN/", latents, kmeans_labels=labels))
+
+        The session's decoder is this dock's from now on (it is closed with the dock).
+        """
+        if self.busy:
+            raise RuntimeError("the Run explorer is busy; wait for the current task")
+        self.run_dir.value = session.run.run_dir
+        self._on_opened(session)
+
     def _on_opened(self, session: RunSession) -> None:
         if self.session is not None:
             self.session.close()  # its decoding thread; nothing of it is shown any more
@@ -317,6 +330,8 @@ class RunExplorerDock(Container):
             return
         dec, self.last_decode_s = result
         self._show(dec)
+        if self.latent_panel is not None:  # the panel the user clicked in says it too
+            self.latent_panel.show_decode_time(dec.label, self.last_decode_s)
 
     def show_flexible_regions(self, *_) -> None:
         """Compute the run's flexible-region map at the decode box (worker thread) and overlay it."""

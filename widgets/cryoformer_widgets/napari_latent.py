@@ -3,13 +3,19 @@
 The panel (:class:`LatentSpacePanel`, docked by the Run explorer when a run is opened) draws
 the particles' latents on two axes of the session (PCs, UMAP, latent dimensions) in a small
 matplotlib canvas, so napari's main canvas keeps the 3-D volume. Points are coloured as in the
-Jupyter explorer (K-means clusters by default, numbered as ``cryoformer analyze`` numbers them;
-any other label set of the session, and per-particle values when the package offers them).
+Jupyter explorer, by any of the session's :meth:`~cryoformer_widgets.session.RunSession.colourings`:
+K-means clusters by default (numbered as ``cryoformer analyze`` numbers them, the numbers drawn
+where their particles are), other label sets, or continuous per-particle values (defocus,
+angles, …) on a perceptual colour map between robust limits, with a colour bar; a particle
+without a value is drawn grey.
 
 * **click** a point: the nearest particle (of all of them, not only the drawn ones) is decoded
   in the Run explorer's worker thread, and the volume and attention layers follow; a click
   made while a decode runs replaces any click still waiting, and a result that is already stale
   is not shown;
+* **path**: each click adds the nearest particle to a path (drawn on the scatter); **Decode
+  path** decodes maps evenly spaced along straight segments through those particles' latents,
+  in the order clicked, into the same 4-D trajectory layer (**Clear path** starts again);
 * **lasso**: every particle inside the outline is selected (the count is shown);
   **Export .star** writes the selection through
   :meth:`~cryoformer_widgets.session.RunSession.export_selection`, never over an existing file
@@ -31,8 +37,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+import matplotlib
 import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, PushButton, RadioButtons,
                               SpinBox)
@@ -42,22 +49,26 @@ from matplotlib.widgets import LassoSelector
 from napari.utils.notifications import show_error, show_info
 
 from cryoformer.analysis.render import series_level
-from cryoformer.analysis.traversal import chimerax_script, graph_path, straight_path, write_series_movie
+from cryoformer.analysis.traversal import (LatentPath, chimerax_script, graph_path, resample_path, straight_path,
+                                           write_series_movie)
 from cryoformer.io import write_volume
 from cryoformer.io.atomic import staged_directory
 
 from .napari_layers import LayerData, add_or_update, default_iso_level
+from .particle_values import CATEGORICAL, robust_limits
 from .session import KMEANS, RunSession
 
 __all__ = ["LatentSpacePanel", "Trajectory", "trajectory_path", "decode_trajectory", "trajectory_layer",
-           "export_trajectory", "free_path", "nearest_particle", "colour_choices", "TRAJECTORY_NAME",
-           "MAX_DRAWN"]
+           "export_trajectory", "free_path", "nearest_particle", "colour_choices", "drawn_path",
+           "TRAJECTORY_NAME", "MAX_DRAWN", "CONTINUOUS_CMAP"]
 
 TRAJECTORY_NAME = "cryoformer trajectory"
 MAX_DRAWN = 50_000       # points the canvas draws (measured: ~0.3 s a redraw on 2 shared cores)
 DEFAULT_STEPS = 10       # maps along a trajectory (as `cryoformer analyze --n-traversal`)
 PICK_RADIUS = 0.05       # a click farther than this (fraction of the axes' span) picks nothing
 _CLUSTER_COLOURS = "tab10"
+CONTINUOUS_CMAP = "viridis"  # perceptual and colour-blind safe: defocus etc. read as lightness
+UNKNOWN_COLOUR = "lightgrey"  # a particle without a value (NaN)
 
 
 def free_path(path: str) -> str:
@@ -80,19 +91,30 @@ def nearest_particle(xy: np.ndarray, point: Tuple[float, float], span: Tuple[flo
 
 
 def colour_choices(session: RunSession) -> List[str]:
-    """What points may be coloured by: the session's label sets (``kmeans`` first), then its
-    per-particle values (``session.values``: defocus, angles, … where the run's metadata has them)."""
-    names = [KMEANS] + [name for name in session.labels if name != KMEANS]
-    return names + [f"value: {name}" for name in getattr(session, "values", {}) if name not in session.labels]
+    """What points may be coloured by: :meth:`RunSession.colourings` with ``kmeans`` first
+    (label sets, then continuous values such as ``defocus_angstrom`` where the run has them)."""
+    return [KMEANS] + [name for name in session.colourings() if name != KMEANS]
 
 
-def _colour_values(session: RunSession, choice: str) -> Tuple[np.ndarray, bool]:
-    """(``[N]`` numbers, categorical?) for a choice of :func:`colour_choices`."""
-    if choice.startswith("value: "):
-        value = session.values[choice[len("value: "):]]
-        categorical = np.issubdtype(value.values.dtype, np.integer)  # categories are int64, NaN-free
-        return np.asarray(value.values, np.int64 if categorical else np.float64), categorical
-    return session.labels[choice], True
+def drawn_path(session: RunSession, rows: Sequence[int], n: int = DEFAULT_STEPS) -> LatentPath:
+    """``n`` latents evenly spaced (by latent arc length) along straight segments through the
+    latents of particles ``rows`` (run order), in that order: the path a user clicked.
+
+    Raises
+    ------
+    ValueError
+        Fewer than two rows, or a row outside the run.
+    """
+    rows = [int(r) for r in rows]
+    if len(rows) < 2:
+        raise ValueError(f"a path needs at least 2 particles, {len(rows)} clicked")
+    if min(rows) < 0 or max(rows) >= session.n_particles:
+        raise ValueError(f"particle rows must lie in 0…{session.n_particles - 1}, got {rows}")
+    corners = session.latents[rows].astype(np.float64)                      # [m, zdim]
+    length = float(np.sum(np.linalg.norm(np.diff(corners, axis=0), axis=1)))
+    words = "path through particles " + ", ".join(str(r) for r in rows)
+    return LatentPath(resample_path(corners, int(n)), f"{words} (straight segments in latent space)",
+                      np.asarray(rows, dtype=np.int64), length)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays have no boolean equality
@@ -205,6 +227,12 @@ class LatentSpacePanel(Container):
     ----------
     drawn : np.ndarray
         ``[M]`` rows of the particles drawn (all rows are selectable).
+    points : matplotlib.collections.PathCollection or None
+        The drawn scatter (row ``i`` of its colours is particle ``drawn[i]``).
+    colour_limits : tuple of float or None
+        ``(lo, hi)`` of the colour map when a continuous value colours the points.
+    path_rows : list of int
+        Particles clicked in "path" mode, in order.
     trajectory : Trajectory or None
         The last decoded trajectory.
     """
@@ -213,13 +241,16 @@ class LatentSpacePanel(Container):
         super().__init__(labels=True)
         self.dock = dock
         self.drawn = np.zeros(0, dtype=np.int64)
+        self.points = None
+        self.colour_limits: Optional[Tuple[float, float]] = None
+        self.path_rows: List[int] = []
         self.trajectory: Optional[Trajectory] = None
         self._xy: Optional[np.ndarray] = None  # [N, 2] every particle on the chosen axes
         self._colorbar = None  # of continuous values; removed before each redraw
         self.x_axis = ComboBox(choices=self._axis_choices, label="x axis")
         self.y_axis = ComboBox(choices=self._axis_choices, label="y axis")
         self.colour = ComboBox(choices=self._colour_choices, label="colour by")
-        self.mode = RadioButtons(choices=("click", "lasso"), value="click", label="mouse",
+        self.mode = RadioButtons(choices=("click", "path", "lasso"), value="click", label="mouse",
                                  orientation="horizontal")
         self.count = Label(value="selected: 0 particles")
         self.star_path = FileEdit(mode="w", filter="*.star", label="selection file")
@@ -229,6 +260,8 @@ class LatentSpacePanel(Container):
         self.steps = SpinBox(value=DEFAULT_STEPS, min=2, max=100, label="maps")
         self.along_data = CheckBox(value=False, text="along the data (k-NN graph)")
         self.play_button = PushButton(text="Decode trajectory")
+        self.path_button = PushButton(text="Decode path", enabled=False)
+        self.clear_path_button = PushButton(text="Clear path")
         self.export_traj_button = PushButton(text="Export trajectory", enabled=False)
         self.status = Label(value="open a run in the Run explorer")
         self.figure = Figure(figsize=(4, 4), tight_layout=True)
@@ -239,7 +272,8 @@ class LatentSpacePanel(Container):
         self.native.layout().addWidget(self.canvas)
         self.extend([self.x_axis, self.y_axis, self.colour, self.mode, self.count, self.star_path,
                      self.export_button, self.start_cluster, self.end_cluster, self.steps, self.along_data,
-                     self.play_button, self.export_traj_button, self.status])
+                     self.play_button, self.path_button, self.clear_path_button, self.export_traj_button,
+                     self.status])
         self.lasso = LassoSelector(self.ax, onselect=self.select_outline)
         self.lasso.set_active(False)
         self.mode.changed.connect(lambda mode: self.lasso.set_active(mode == "lasso"))
@@ -248,6 +282,8 @@ class LatentSpacePanel(Container):
         self.canvas.mpl_connect("button_press_event", self._on_press)
         self.export_button.changed.connect(self._on_export_clicked)
         self.play_button.changed.connect(self.decode_trajectory)
+        self.path_button.changed.connect(self.decode_drawn_path)
+        self.clear_path_button.changed.connect(self.clear_path)
         self.export_traj_button.changed.connect(self._on_export_trajectory_clicked)
 
     @property
@@ -266,6 +302,8 @@ class LatentSpacePanel(Container):
     def set_session(self, session: RunSession) -> None:
         """A new run: axes PC1/PC2, K-means colours, the trajectory between the outer clusters."""
         self.trajectory = None
+        self.path_rows = []
+        self.path_button.enabled = False
         self.export_traj_button.enabled = False
         self.star_path.value = os.path.join(session.run.run_dir, "selection.star")
         with self.x_axis.changed.blocked(), self.y_axis.changed.blocked(), self.colour.changed.blocked():
@@ -286,35 +324,52 @@ class LatentSpacePanel(Container):
 
     def redraw(self, *_) -> float:
         """Draw the scatter (a stratified subsample of at most :data:`MAX_DRAWN` points) in the
-        chosen colours, the selection outlined; returns the seconds it took."""
+        chosen colouring, the selection outlined and the clicked path on top; the seconds it took."""
         session = self.session
         if session is None or self.x_axis.value is None or self.colour.value is None:
             return 0.0
         t0 = time.perf_counter()
         self._xy = session.coords(self.axes)                                     # [N, 2]
         self.drawn = session.drawn_rows(MAX_DRAWN)
-        values, categorical = _colour_values(session, str(self.colour.value))
+        colouring = session.colouring(str(self.colour.value))
         if self._colorbar is not None:
             self._colorbar.remove()
             self._colorbar = None
         self.ax.clear()
-        xy = self._xy[self.drawn]
-        if categorical:
-            self.ax.scatter(xy[:, 0], xy[:, 1], c=values[self.drawn] % 10, cmap=_CLUSTER_COLOURS, vmin=0, vmax=9,
-                            s=4, linewidths=0, rasterized=True)
-            for label in np.unique(values):  # cluster numbers where their particles are
-                cx, cy = np.median(self._xy[values == label], axis=0)
-                self.ax.annotate(str(int(label)), (cx, cy), fontsize=9, weight="bold", ha="center")
+        if colouring.kind == CATEGORICAL:
+            self._draw_categories(colouring.values)
         else:
-            lo, hi = np.nanpercentile(values, [1, 99])
-            points = self.ax.scatter(xy[:, 0], xy[:, 1], c=values[self.drawn], cmap="viridis", vmin=lo, vmax=hi,
-                                     s=4, linewidths=0, rasterized=True)
-            self._colorbar = self.figure.colorbar(points, ax=self.ax, label=str(self.colour.value)[len("value: "):])
+            self._draw_continuous(colouring.name, colouring.values)
         self._draw_selection()
+        if self.path_rows:
+            self._plot_clicked_path()
         self.ax.set_xlabel(self.axes[0])
         self.ax.set_ylabel(self.axes[1])
         self.canvas.draw_idle()
         return time.perf_counter() - t0
+
+    def _draw_categories(self, labels: np.ndarray) -> None:
+        """Points in one of ten colours by ``labels`` ``[N]``, each label's number at its median."""
+        xy = self._xy[self.drawn]
+        self.colour_limits = None
+        self.points = self.ax.scatter(xy[:, 0], xy[:, 1], c=labels[self.drawn] % 10, cmap=_CLUSTER_COLOURS,
+                                      vmin=0, vmax=9, s=4, linewidths=0, rasterized=True)
+        # Medians over the drawn points: the same place as over all of them, at a tenth of the cost.
+        drawn_labels = labels[self.drawn]
+        for label in np.unique(drawn_labels):
+            cx, cy = np.median(xy[drawn_labels == label], axis=0)
+            self.ax.annotate(str(int(label)), (cx, cy), fontsize=9, weight="bold", ha="center")
+
+    def _draw_continuous(self, name: str, values: np.ndarray) -> None:
+        """Points on :data:`CONTINUOUS_CMAP` between robust limits of ``values`` ``[N]`` (all
+        particles, not only the drawn ones), NaN grey, with a colour bar named ``name``."""
+        lo, hi = robust_limits(values)
+        self.colour_limits = (lo, hi)
+        cmap = matplotlib.colormaps[CONTINUOUS_CMAP].with_extremes(bad=UNKNOWN_COLOUR)
+        xy = self._xy[self.drawn]
+        self.points = self.ax.scatter(xy[:, 0], xy[:, 1], c=np.asarray(values[self.drawn], np.float64), cmap=cmap,
+                                      vmin=lo, vmax=hi, s=4, linewidths=0, rasterized=True, plotnonfinite=True)
+        self._colorbar = self.figure.colorbar(self.points, ax=self.ax, label=name)
 
     def _draw_selection(self) -> None:
         sel = np.intersect1d(self.session.selection, self.drawn, assume_unique=True)
@@ -325,20 +380,29 @@ class LatentSpacePanel(Container):
 
     # ------------------------------------------------------------------ click and lasso
     def _on_press(self, event) -> None:
-        if (self.mode.value != "click" or event.inaxes is not self.ax or event.xdata is None
+        if (self.mode.value == "lasso" or event.inaxes is not self.ax or event.xdata is None
                 or self.toolbar.mode):  # the toolbar's zoom or pan has the mouse
             return
-        self.pick(event.xdata, event.ydata)
+        if self.mode.value == "path":
+            self.add_path_point(event.xdata, event.ydata)
+        else:
+            self.pick(event.xdata, event.ydata)
 
-    def pick(self, x: float, y: float) -> Optional[int]:
-        """Decode the particle nearest to ``(x, y)`` (axis units) in the Run explorer's worker;
-        returns its row, or None when no particle is near."""
+    def _nearest(self, x: float, y: float) -> Optional[int]:
+        """Row of the particle (of all of them) nearest to ``(x, y)`` in the current view, or None."""
         if self.session is None or self._xy is None:
             return None
         (x0, x1), (y0, y1) = self.ax.get_xlim(), self.ax.get_ylim()
         row = nearest_particle(self._xy, (x, y), (abs(x1 - x0), abs(y1 - y0)))
         if row is None:
             self.status.value = "no particle near the click"
+        return row
+
+    def pick(self, x: float, y: float) -> Optional[int]:
+        """Decode the particle nearest to ``(x, y)`` (axis units) in the Run explorer's worker;
+        returns its row, or None when no particle is near."""
+        row = self._nearest(x, y)
+        if row is None:
             return None
         z, _label = self.session.from_particle(row)
         self.status.value = self.session.describe_row(row)
@@ -372,20 +436,68 @@ class LatentSpacePanel(Container):
         self.status.value = f"wrote {self.session.selection.size} particles to {path}"
         return path
 
+    # ------------------------------------------------------------------ path drawn by clicks
+    def add_path_point(self, x: float, y: float) -> Optional[int]:
+        """Append the particle nearest to ``(x, y)`` (axis units) to the clicked path and draw
+        it; its row, or None when no particle is near (nothing is added)."""
+        row = self._nearest(x, y)
+        if row is None:
+            return None
+        if self.path_rows and self.path_rows[-1] == row:
+            return row  # a double click on one particle adds no zero-length segment
+        self.path_rows.append(row)
+        self.path_button.enabled = len(self.path_rows) >= 2
+        self._plot_clicked_path()
+        self.canvas.draw_idle()
+        self.status.value = (f"path: {len(self.path_rows)} particle(s); "
+                             + ("press Decode path" if len(self.path_rows) >= 2 else "click the next one"))
+        return row
+
+    def _plot_clicked_path(self) -> None:
+        # through the particles' own positions: exact on PC and z axes (linear in the latent),
+        # and the only placement a UMAP axis has
+        xy = self._xy[self.path_rows]
+        self.ax.plot(xy[:, 0], xy[:, 1], "-s", color="crimson", markersize=4, linewidth=1.2)
+
+    def clear_path(self, *_) -> None:
+        """Forget the clicked path and redraw without it."""
+        self.path_rows = []
+        self.path_button.enabled = False
+        self.redraw()
+
+    def decode_drawn_path(self, *_) -> None:
+        """Decode ``maps`` latents along the clicked path (:func:`drawn_path`) in the Run
+        explorer's worker, into the 4-D trajectory layer."""
+        if self.session is None or len(self.path_rows) < 2:
+            self.status.value = "click at least 2 particles in path mode first"
+            return
+        self._decode_path(drawn_path(self.session, self.path_rows, int(self.steps.value)),
+                          f"along the path through {len(self.path_rows)} particles")
+
     # ------------------------------------------------------------------ trajectory
     def decode_trajectory(self, *_) -> None:
         """Decode the maps between the two chosen clusters in the Run explorer's worker, then
         show them as one 4-D layer (the dims slider plays it)."""
-        session = self.session
-        if session is None or self.dock.busy:
-            self.status.value = "busy: wait for the current task" if session else "open a run first"
+        if self.session is None:
+            self.status.value = "open a run first"
             return
         start = self.start_cluster.choices.index(self.start_cluster.value)
         end = self.end_cluster.choices.index(self.end_cluster.value)
-        path = trajectory_path(session, start, end, int(self.steps.value), bool(self.along_data.value))
+        path = trajectory_path(self.session, start, end, int(self.steps.value), bool(self.along_data.value))
+        self._decode_path(path, f"from cluster {start} to {end}")
+
+    def _decode_path(self, path: LatentPath, words: str) -> None:
+        """Draw ``path`` on the scatter and decode its latents in the Run explorer's worker."""
+        if self.dock.busy:
+            self.status.value = "busy: wait for the current task"
+            return
         self._draw_path(path.latents)
-        self.dock._start(decode_trajectory, (session, path, int(self.dock.box.value)), self._show_trajectory,
-                         f"decoding {len(path.latents)} maps from cluster {start} to {end} …")
+        self.dock._start(decode_trajectory, (self.session, path, int(self.dock.box.value)), self._show_trajectory,
+                         f"decoding {len(path.latents)} maps {words} …")
+
+    def show_decode_time(self, label: str, seconds: float) -> None:
+        """Say on this panel's status line which latent the volume shows and how long it took."""
+        self.status.value = f"showing {label} (decoded in {seconds:.2f} s)"
 
     def _draw_path(self, latents: np.ndarray) -> None:
         points = [self.session.position(z, self.axes) for z in latents]

@@ -20,6 +20,11 @@ to zoom) and plays the series; the three central slices of every frame are the f
 where WebGL is missing. :meth:`TrajectoryView.export` writes the series through
 :func:`~cryoformer.analysis.traversal.write_series`, the files ``cryoformer traverse`` writes.
 
+The work itself (path, maps, meshes, cancelling, export) is :class:`TrajectoryBuilder`, which has
+no widget: :class:`TrajectoryView` and the trajectory player of
+:class:`~cryoformer_widgets.latent_explorer.LatentExplorer` each drive one and show what it
+reports (:class:`TrajectorySeries`).
+
 Wire format of one mesh (:meth:`Mesh.to_bytes`, read by ``unpackMesh`` in ``mesh_view.js``),
 little-endian: ``b"CFM1"``, uint32 ``V``, uint32 ``F``, uint32 flags (bit 0: colours), int32
 frame, uint32 series; then float32 positions ``[V, 3]``, float32 normals ``[V, 3]``, uint32
@@ -35,8 +40,8 @@ import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import anywidget
 import numpy as np
@@ -55,8 +60,8 @@ from cryoformer.io.guard import claim_output_dir
 from .decode_worker import latent_key
 from .session import DEFAULT_K, RunSession, pc_label
 
-__all__ = ["Mesh", "mesh_from_volume", "mesh_view_esm", "TrajectoryView", "VolumeView",
-           "MESH_MAGIC", "MAX_MESH_GRID"]
+__all__ = ["Mesh", "mesh_from_volume", "mesh_view_esm", "TrajectoryView", "VolumeView", "TrajectoryBuilder",
+           "TrajectorySeries", "Endpoints", "MESH_MAGIC", "MAX_MESH_GRID", "MODES"]
 
 _STATIC = pathlib.Path(__file__).parent / "static"
 MESH_MAGIC = b"CFM1"
@@ -323,12 +328,55 @@ class VolumeView(_MeshWidget):
 
 
 @dataclass(frozen=True)
-class _Endpoints:
-    """What a trajectory runs between: ``kind`` "cluster", "particle" or "latent"; ``a``, ``b``."""
+class Endpoints:
+    """What a trajectory runs between: ``kind`` "cluster", "particle" or "latent"; ``a``, ``b``
+    (cluster numbers, particle rows of the run, or ``[zdim]`` latents)."""
 
     kind: str
     a: Any
     b: Any
+
+    def slug(self) -> str:
+        """``"clusters_0_2"``, ``"particles_5_9"`` or ``"latents"``: a folder name's middle."""
+        return f"{self.kind}s_{self.a}_{self.b}" if self.kind != "latent" else "latents"
+
+
+@dataclass(frozen=True, eq=False)  # arrays have no boolean equality
+class TrajectorySeries:
+    """One built trajectory: its path, maps and meshes (all frames, one level).
+
+    Attributes
+    ----------
+    endpoints : Endpoints
+    mode : str
+        ``"straight"`` or ``"data"``.
+    path : LatentPath
+        ``[n, zdim]`` latents of the frames.
+    volumes : list of np.ndarray
+        ``n`` maps ``[D, D, D]`` float32.
+    meshes : list of Mesh
+        Isosurface of every map at :attr:`level`.
+    pngs : list of bytes
+        The three central slices of every map (PNG).
+    labels : list of str
+        ``"3/10: PC1=…, PC2=…"`` per frame.
+    level : float
+        Surface level (the maps' units): ``threshold_sigma`` above the pooled mean.
+    threshold_sigma : float
+    decode_seconds : float
+        Mean decoding time per map (s).
+    """
+
+    endpoints: Endpoints
+    mode: str
+    path: LatentPath
+    volumes: List[np.ndarray]
+    meshes: List[Mesh]
+    pngs: List[bytes]
+    labels: List[str]
+    level: float
+    threshold_sigma: float
+    decode_seconds: float
 
 
 class _SeriesDecoder:
@@ -346,6 +394,261 @@ class _SeriesDecoder:
             vol = self._known.get(latent_key(zi, D))
             vols.append(vol if vol is not None else self._session.volume_at(zi, D))
         return torch.from_numpy(np.stack(vols))
+
+
+def _ignore(*_args: Any) -> None:
+    """A callback that does nothing (a builder driven from a script)."""
+
+
+class TrajectoryBuilder:
+    """Trajectories of one session built off the caller's thread, without any widget: the path
+    (as ``cryoformer traverse``), its maps through the session's decoder with progress, their
+    meshes at one level, and the export. :class:`TrajectoryView` and the explorer's trajectory
+    player both drive one.
+
+    Parameters
+    ----------
+    session : RunSession
+        Its decoder and cache serve the maps (shared with any front end on the session).
+    decode_box : int
+        Edge ``D`` of the maps in voxels (even).
+    on_progress : callable(fraction, status), optional
+        Called (builder thread) after each map: fraction 0 … 1 of the build and a status line.
+    on_series : callable(TrajectorySeries, status), optional
+        Called (builder thread) when a build or a re-meshing is complete and still current.
+    on_error : callable(message), optional
+        Called (builder thread) when the current build fails.
+    color_volume : np.ndarray, optional
+        ``[D, D, D]`` scalar map sampled at every frame's vertices.
+    n_neighbours, max_graph_points : int
+        The graph of ``mode="data"`` (:func:`~cryoformer.analysis.traversal.graph_path`).
+    mesh_grid : int
+        Marching cubes runs on at most this many voxels per axis (:func:`mesh_from_volume`).
+
+    Notes
+    -----
+    One worker thread runs builds, re-meshings and exports in turn. Every :meth:`start` bumps a
+    generation number; an older build stops before its next map and never reports.
+    """
+
+    def __init__(self, session: RunSession, decode_box: int,
+                 on_progress: Callable[[float, str], None] = _ignore,
+                 on_series: Callable[[TrajectorySeries, str], None] = _ignore,
+                 on_error: Callable[[str], None] = _ignore, color_volume: Optional[np.ndarray] = None,
+                 n_neighbours: int = DEFAULT_NEIGHBOURS, max_graph_points: int = DEFAULT_GRAPH_POINTS,
+                 mesh_grid: int = MAX_MESH_GRID) -> None:
+        if int(decode_box) < 2 or int(decode_box) % 2:
+            raise ValueError(f"decode_box must be even and >= 2, got {decode_box}")
+        self.session, self.decode_box = session, int(decode_box)
+        self._on_progress, self._on_series, self._on_error = on_progress, on_series, on_error
+        self.color_volume, self.mesh_grid = color_volume, int(mesh_grid)
+        self._graph = (int(n_neighbours), int(max_graph_points))
+        self._gen = 0                       # bumped by every new build; older builds stop
+        self._lock = threading.Lock()
+        self._series: Optional[TrajectorySeries] = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cryoformer-trajectory")
+        self._future: Optional[Future] = None
+
+    # ------------------------------------------------------------------ endpoints (validated)
+    def clusters(self, a: int, b: int) -> Endpoints:
+        """Endpoints at the centres of K-means clusters ``a`` and ``b`` (the session's numbering)."""
+        for c in (a, b):
+            if not 0 <= int(c) < self.session.n_clusters:
+                raise ValueError(f"cluster {c} out of range 0…{self.session.n_clusters - 1}")
+        return Endpoints("cluster", int(a), int(b))
+
+    def particles(self, i: int, j: int) -> Endpoints:
+        """Endpoints at the latents of particle rows ``i`` and ``j`` of the run."""
+        for row in (i, j):
+            self.session.from_particle(int(row))  # raises for a row out of range
+        return Endpoints("particle", int(i), int(j))
+
+    def latents(self, z_start: np.ndarray, z_end: np.ndarray) -> Endpoints:
+        """Endpoints at two latent vectors ``[zdim]``."""
+        zdim = self.session.latents.shape[1]
+        za, zb = (np.asarray(z, np.float32).reshape(-1) for z in (z_start, z_end))
+        if za.size != zdim or zb.size != zdim or not (np.all(np.isfinite(za)) and np.all(np.isfinite(zb))):
+            raise ValueError(f"endpoints must be two finite latents of {zdim} numbers, got {za.size} and {zb.size}")
+        return Endpoints("latent", za, zb)
+
+    # ------------------------------------------------------------------ results
+    @property
+    def series(self) -> Optional[TrajectorySeries]:
+        """The newest complete series (None before the first build finished)."""
+        return self._series
+
+    def wait(self, timeout: Optional[float] = 120.0) -> "TrajectoryBuilder":
+        """Block until the newest task (build, re-meshing, export) has finished; re-raises its error."""
+        future = self._future
+        if future is not None:
+            future.result(timeout=timeout)
+        return self
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the builder's thread, after any build (an export button)."""
+        self._future = self._executor.submit(fn, *args)
+        return self._future
+
+    def cancel(self) -> None:
+        """Stop a running build before its next map; it never reports."""
+        self._gen += 1
+
+    def close(self) -> None:
+        self.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ building
+    def start(self, ends: Endpoints, mode: str, n_frames: int, threshold_sigma: float) -> Future:
+        """Build the series between ``ends`` in the background; a build still running stops."""
+        mode, n = check_mode(mode), check_frames(n_frames)
+        self._gen += 1
+        return self.submit(self._build, self._gen, ends, mode, n, float(threshold_sigma))
+
+    def _stale(self, gen: int) -> bool:
+        return gen != self._gen
+
+    def _build(self, gen: int, ends: Endpoints, mode: str, n: int, sigma: float) -> None:
+        """Path, maps, meshes (builder thread). Errors are reported and re-raised for :meth:`wait`."""
+        try:
+            if mode == "data":
+                self._on_progress(0.0, "finding the path through the k-nearest-neighbour graph…")
+            path = self._make_path(ends, mode, n)
+            if self._stale(gen):
+                return
+            t0 = time.perf_counter()
+            vols = self._decode_series(gen, path)
+            if vols is None:
+                return
+            per_map = (time.perf_counter() - t0) / len(vols)
+            t1 = time.perf_counter()
+            meshes, pngs, level = self._mesh_series(vols, sigma)
+            series = TrajectorySeries(ends, mode, path, vols, meshes, pngs, self._labels(path), level, sigma, per_map)
+            with self._lock:
+                if self._stale(gen):
+                    return
+                self._series = series
+            self._on_series(series, f"{len(vols)} maps of {self.decode_box}³ decoded in {per_map * len(vols):.1f} s "
+                                    f"({per_map:.2f} s/map), meshed in {time.perf_counter() - t1:.1f} s; "
+                                    f"level {level:.4g} ({sigma:g} σ)")
+        except Exception as exc:
+            if not self._stale(gen):
+                self._on_error(f"building the trajectory: {type(exc).__name__}: {exc}")
+            raise
+
+    def _make_path(self, ends: Endpoints, mode: str, n: int) -> LatentPath:
+        """The :class:`LatentPath` of ``n`` latents between ``ends`` (as ``cryoformer traverse``)."""
+        s = self.session
+        rows: Optional[Tuple[int, int]] = None
+        if ends.kind == "cluster":
+            rows, what = (int(s.center_rows[ends.a]), int(s.center_rows[ends.b])), f"clusters {ends.a} and {ends.b}"
+        elif ends.kind == "particle":
+            rows, what = (ends.a, ends.b), f"particles {ends.a} and {ends.b}"
+        else:
+            what = "two latents"
+        if mode == "data":
+            if rows is None:  # the graph joins particles: start and end at the nearest ones
+                rows = tuple(int(r) for r in nearest_on_data(np.stack([ends.a, ends.b]), s.latents))
+                what = f"the particles nearest to two latents ({rows[0]}, {rows[1]})"
+            path = graph_path(s.latents, rows[0], rows[1], n, *self._graph, seed=s.seed)
+            return LatentPath(path.latents, f"along the data between {what}: {path.description}",
+                              path.particles, path.length)
+        za, zb = (s.latents[rows[0]], s.latents[rows[1]]) if rows is not None else (ends.a, ends.b)
+        return straight_path(za, zb, n, f"straight line between {what}")
+
+    def _decode_series(self, gen: int, path: LatentPath) -> Optional[List[np.ndarray]]:
+        """Every map of ``path`` through the session's decoder, one at a time, with progress;
+        None when a newer build took over (checked between maps)."""
+        n, vols, t0 = len(path.latents), [], time.perf_counter()
+        for i, z in enumerate(path.latents):
+            if self._stale(gen):
+                return None
+            vols.append(self.session.volume_at(z, self.decode_box))
+            per_map = (time.perf_counter() - t0) / (i + 1)
+            if not self._stale(gen):
+                self._on_progress(0.9 * (i + 1) / n, f"decoded {i + 1}/{n} maps ({per_map:.2f} s/map)")  # last tenth: meshes
+        return vols
+
+    def _mesh_series(self, vols: List[np.ndarray], sigma: float) -> Tuple[List[Mesh], List[bytes], float]:
+        """(meshes, slice PNGs, level): every map at one level, ``sigma`` above the pooled mean,
+        so a density change shows as a change of the surface."""
+        level = series_level(vols, sigma)
+        meshes = [mesh_from_volume(v, level=level, color_volume=self.color_volume, max_grid=self.mesh_grid)
+                  for v in vols]
+        return meshes, [slices_png(v, sigma) for v in vols], level
+
+    def _labels(self, path: LatentPath) -> List[str]:
+        """``"3/10: PC1=0.5, PC2=-1.2"`` for every frame."""
+        n = len(path.latents)
+        return [f"{i + 1}/{n}: {pc_label(self.session.pc_coords(z)[:2])}" for i, z in enumerate(path.latents)]
+
+    def remesh(self, threshold_sigma: float) -> Future:
+        """Mesh the current series again at ``threshold_sigma`` (builder thread, after any build)."""
+        return self.submit(self._remesh, self._gen, float(threshold_sigma))
+
+    def _remesh(self, gen: int, sigma: float) -> None:
+        series = self._series
+        if self._stale(gen) or series is None:
+            return
+        try:
+            meshes, pngs, level = self._mesh_series(series.volumes, sigma)
+        except Exception as exc:  # a trait change from a front end: reported
+            self._on_error(f"threshold: {type(exc).__name__}: {exc}")
+            raise
+        new = replace(series, meshes=meshes, pngs=pngs, level=level, threshold_sigma=sigma)
+        with self._lock:
+            if self._stale(gen):
+                return
+            self._series = new
+        self._on_series(new, f"level {level:.4g} ({sigma:g} σ)")
+
+    # ------------------------------------------------------------------ export
+    def free_dir(self, output_dir: str) -> str:
+        """A directory name in ``output_dir`` not taken yet (``…-2``, ``…-3``) for the current
+        series: a click never writes into an earlier export."""
+        series = self._series
+        what = series.endpoints.slug() if series is not None else "latents"
+        mode = series.mode if series is not None else "straight"
+        stem = os.path.join(output_dir, f"trajectory_{what}_{mode}")
+        candidate, k = stem, 1
+        while os.path.lexists(candidate):
+            k += 1
+            candidate = f"{stem}-{k}"
+        return candidate
+
+    def export(self, out_dir: Optional[str], output_dir: str, force: bool = False, movie: bool = True,
+               fps: float = 5.0) -> dict:
+        """Write the current series as ``cryoformer traverse`` does, through
+        :func:`~cryoformer.analysis.traversal.write_series` (see :meth:`TrajectoryView.export`).
+
+        Parameters
+        ----------
+        out_dir : str or None
+            Output directory; None: a new one in ``output_dir`` (:meth:`free_dir`). An existing
+            non-empty directory is written into only with ``force``; one holding a file of the
+            run never.
+        output_dir : str
+        force, movie : bool
+        fps : float
+            Movie frames per second.
+
+        Returns
+        -------
+        dict
+            ``out_dir``, ``maps`` (file names), ``level``, ``files`` (every file written).
+        """
+        series = self._series
+        if series is None:
+            raise ValueError("no trajectory built yet (wait for the first one)")
+        out = os.path.abspath(out_dir) if out_dir else self.free_dir(output_dir)
+        claim_output_dir(out, self.session.run.input_files(), force, option="out_dir")
+        D = self.decode_box
+        known = {latent_key(z, D): v for z, v in zip(series.path.latents, series.volumes)}
+        voxel, _unit = self.session.voxel_size(D)  # training pixels without a pixel size, as traverse
+        config = SeriesConfig(box_size=D, iso_sigma=series.threshold_sigma, fps=fps, movie=movie, progress=False)
+        with staged_directory(out) as stage:
+            result = write_series(_SeriesDecoder(self.session, known), series.path, stage, voxel, config)
+        result["out_dir"] = out
+        return result
 
 
 class TrajectoryView(_MeshWidget):
@@ -396,6 +699,7 @@ class TrajectoryView(_MeshWidget):
     the endpoints are not clusters), ``view`` (``"mesh"`` / ``"slices"``), ``output_dir``.
     Read-only: ``frames_ready``, ``progress``, ``decode_seconds`` (per frame, mean of the last
     build), ``busy``, ``status``, ``error``, ``title``, ``frame_labels``, ``last_export``.
+    The work is done by a :class:`TrajectoryBuilder` (``tv.builder``).
     """
 
     mode = t.Unicode("straight").tag(sync=True)
@@ -417,19 +721,14 @@ class TrajectoryView(_MeshWidget):
         self._own_session = not isinstance(run, RunSession)
         self.session = RunSession(run, epoch=epoch, device=device, k=k) if self._own_session else run
         self.decode_box = int(decode_box or self.session.decode_box)
-        if self.decode_box < 2 or self.decode_box % 2:
-            raise ValueError(f"decode_box must be even and >= 2, got {self.decode_box}")
-        self._color_volume = color_volume
+        self.builder = TrajectoryBuilder(self.session, self.decode_box, on_progress=self._on_progress,
+                                         on_series=self._on_series, on_error=self._on_error,
+                                         color_volume=color_volume, n_neighbours=n_neighbours,
+                                         max_graph_points=max_graph_points, mesh_grid=mesh_grid)
         self.mesh_grid = int(mesh_grid)
-        self._graph = (int(n_neighbours), int(max_graph_points))
-        self._gen = 0                       # bumped by every new build; older builds stop
-        self._path: Optional[LatentPath] = None
-        self._endpoints: Optional[_Endpoints] = None
-        self._volumes: List[np.ndarray] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cryoformer-trajectory")
-        self._future: Optional[Future] = None
+        self._endpoints: Optional[Endpoints] = None
         with self.hold_sync():
-            self.mode, self.n_frames = _check_mode(mode), _check_frames(n_frames)
+            self.mode, self.n_frames = check_mode(mode), check_frames(n_frames)
             self.cluster_names = self.session.cluster_names()
             self.output_dir = os.path.abspath(output_dir or os.path.join(os.getcwd(), "cryoformer_trajectories"))
         self.observe(self._on_threshold, names="threshold_sigma")
@@ -444,24 +743,15 @@ class TrajectoryView(_MeshWidget):
     # ------------------------------------------------------------------ endpoints
     def set_clusters(self, a: int, b: int) -> "TrajectoryView":
         """Trajectory between the centres of clusters ``a`` and ``b``; the build starts at once."""
-        for c in (a, b):
-            if not 0 <= int(c) < self.session.n_clusters:
-                raise ValueError(f"cluster {c} out of range 0…{self.session.n_clusters - 1}")
-        return self._start(_Endpoints("cluster", int(a), int(b)))
+        return self._start(self.builder.clusters(a, b))
 
     def set_particles(self, i: int, j: int) -> "TrajectoryView":
         """Trajectory between the latents of particle rows ``i`` and ``j`` of the run."""
-        for row in (i, j):
-            self.session.from_particle(int(row))  # raises for a row out of range
-        return self._start(_Endpoints("particle", int(i), int(j)))
+        return self._start(self.builder.particles(i, j))
 
     def set_latents(self, z_start: np.ndarray, z_end: np.ndarray) -> "TrajectoryView":
         """Trajectory between two latent vectors ``[zdim]``."""
-        zdim = self.session.latents.shape[1]
-        za, zb = (np.asarray(z, np.float32).reshape(-1) for z in (z_start, z_end))
-        if za.size != zdim or zb.size != zdim or not (np.all(np.isfinite(za)) and np.all(np.isfinite(zb))):
-            raise ValueError(f"endpoints must be two finite latents of {zdim} numbers, got {za.size} and {zb.size}")
-        return self._start(_Endpoints("latent", za, zb))
+        return self._start(self.builder.latents(z_start, z_end))
 
     def rebuild(self) -> "TrajectoryView":
         """Build again with the current ``mode`` and ``n_frames`` (same endpoints)."""
@@ -473,159 +763,66 @@ class TrajectoryView(_MeshWidget):
     @property
     def path(self) -> Optional[LatentPath]:
         """The trajectory of the current series (None before the first path is built)."""
-        return self._path
+        series = self.builder.series
+        return None if series is None else series.path
 
     @property
     def latents(self) -> np.ndarray:
         """``[n_frames, zdim]`` float32 latents of the current series."""
-        if self._path is None:
+        if self.path is None:
             raise ValueError("no trajectory built yet")
-        return self._path.latents
+        return self.path.latents
 
     @property
     def volumes(self) -> List[np.ndarray]:
-        """The maps of the current series decoded so far, ``[D, D, D]`` float32 each."""
-        return list(self._volumes)
+        """The maps of the current series, ``[D, D, D]`` float32 each."""
+        series = self.builder.series
+        return [] if series is None else list(series.volumes)
 
     def wait(self, timeout: Optional[float] = 120.0) -> "TrajectoryView":
         """Block until the newest build has finished (scripts and tests); re-raises its error."""
-        future = self._future
-        if future is not None:
-            future.result(timeout=timeout)
+        self.builder.wait(timeout)
         return self
 
     def close(self) -> None:
-        self._gen += 1  # a build still running stops after its current frame
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.builder.close()  # a build still running stops after its current frame
         if self._own_session:
             self.session.close()
         super().close()
 
-    # ------------------------------------------------------------------ building a series
-    def _start(self, ends: _Endpoints) -> "TrajectoryView":
+    # ------------------------------------------------------------------ the builder's reports
+    def _start(self, ends: Endpoints) -> "TrajectoryView":
         """Begin building the series between ``ends`` in the background; an older build stops."""
-        mode, n = _check_mode(self.mode), _check_frames(self.n_frames)
+        mode, n = check_mode(self.mode), check_frames(self.n_frames)
         self._endpoints = ends
-        self._gen += 1
         with self.hold_sync():
             self.start_cluster, self.end_cluster = (ends.a, ends.b) if ends.kind == "cluster" else (-1, -1)
-            self.busy, self.progress, self.error = True, 0.0, ""
-            self.status = ("finding the path through the k-nearest-neighbour graph…" if mode == "data"
-                           else "decoding…")
-        self._future = self._executor.submit(self._build, self._gen, ends, mode, n)
+            self.busy, self.progress, self.error, self.status = True, 0.0, "", "decoding…"
+        self.builder.start(ends, mode, n, self.threshold_sigma)
         return self
 
-    def _stale(self, gen: int) -> bool:
-        return gen != self._gen
+    def _on_progress(self, fraction: float, status: str) -> None:
+        with self.hold_sync():
+            self.progress, self.status = float(fraction), status
 
-    def _build(self, gen: int, ends: _Endpoints, mode: str, n: int) -> None:
-        """Path, maps, meshes (executor thread). Errors are shown and re-raised for :meth:`wait`."""
-        try:
-            path = self._make_path(ends, mode, n)
-            if self._stale(gen):
-                return
-            t0 = time.perf_counter()
-            vols = self._decode_series(gen, path)
-            if vols is None:
-                return
-            per_map = (time.perf_counter() - t0) / len(vols)
-            t1 = time.perf_counter()
-            meshes, pngs, level = self._mesh_series(vols)
-            if self._stale(gen):
-                return
-            with self._frames_lock:
-                self._path, self._volumes = path, vols
-                self.title = f"{path.description} ({len(vols)} maps)"
-                self._publish(meshes, pngs, self._labels(path), level)
-            with self.hold_sync():
-                self.decode_seconds, self.progress, self.busy = per_map, 1.0, False
-                self.status = (f"{len(vols)} maps of {self.decode_box}³ decoded in {per_map * len(vols):.1f} s "
-                               f"({per_map:.2f} s/map), meshed in {time.perf_counter() - t1:.1f} s; "
-                               f"level {level:.4g} ({self.threshold_sigma:g} σ)")
-        except Exception as exc:
-            if not self._stale(gen):
-                self.busy, self.status = False, ""
-                self.error = f"building the trajectory: {type(exc).__name__}: {exc}"
-            raise
+    def _on_series(self, series: TrajectorySeries, status: str) -> None:
+        """A complete series (builder thread): publish its frames."""
+        with self._frames_lock:
+            self.title = f"{series.path.description} ({len(series.volumes)} maps)"
+            self._publish(series.meshes, series.pngs, series.labels, series.level)
+        with self.hold_sync():
+            self.decode_seconds, self.progress, self.busy = series.decode_seconds, 1.0, False
+            self.status, self.error = status, ""
 
-    def _make_path(self, ends: _Endpoints, mode: str, n: int) -> LatentPath:
-        """The :class:`LatentPath` of ``n`` latents between ``ends`` (as ``cryoformer traverse``)."""
-        s = self.session
-        rows: Optional[Tuple[int, int]] = None
-        if ends.kind == "cluster":
-            rows, what = (int(s.center_rows[ends.a]), int(s.center_rows[ends.b])), f"clusters {ends.a} and {ends.b}"
-        elif ends.kind == "particle":
-            rows, what = (ends.a, ends.b), f"particles {ends.a} and {ends.b}"
-        else:
-            what = "two latents"
-        if mode == "data":
-            if rows is None:  # the graph joins particles: start and end at the nearest ones
-                rows = tuple(int(r) for r in nearest_on_data(np.stack([ends.a, ends.b]), s.latents))
-                what = f"the particles nearest to two latents ({rows[0]}, {rows[1]})"
-            path = graph_path(s.latents, rows[0], rows[1], n, *self._graph, seed=s.seed)
-            return LatentPath(path.latents, f"along the data between {what}: {path.description}",
-                              path.particles, path.length)
-        za, zb = (s.latents[rows[0]], s.latents[rows[1]]) if rows is not None else (ends.a, ends.b)
-        return straight_path(za, zb, n, f"straight line between {what}")
-
-    def _decode_series(self, gen: int, path: LatentPath) -> Optional[List[np.ndarray]]:
-        """Every map of ``path`` through the session's decoder, one at a time, with progress;
-        None when a newer build took over (checked between maps)."""
-        n, vols, t0 = len(path.latents), [], time.perf_counter()
-        for i, z in enumerate(path.latents):
-            if self._stale(gen):
-                return None
-            vols.append(self.session.volume_at(z, self.decode_box))
-            per_map = (time.perf_counter() - t0) / (i + 1)
-            with self.hold_sync():
-                self.progress = 0.9 * (i + 1) / n  # the last tenth: meshes
-                self.status = f"decoded {i + 1}/{n} maps ({per_map:.2f} s/map)"
-        return vols
-
-    def _mesh_series(self, vols: List[np.ndarray]) -> Tuple[List[Mesh], List[bytes], float]:
-        """(meshes, slice PNGs, level): every map at one level, ``threshold_sigma`` above the
-        pooled mean, so a density change shows as a change of the surface."""
-        level = series_level(vols, self.threshold_sigma)
-        meshes = [mesh_from_volume(v, level=level, color_volume=self._color_volume, max_grid=self.mesh_grid)
-                  for v in vols]
-        return meshes, [slices_png(v, self.threshold_sigma) for v in vols], level
-
-    def _labels(self, path: LatentPath) -> List[str]:
-        """``"3/10: PC1=0.5, PC2=-1.2"`` for every frame."""
-        n = len(path.latents)
-        return [f"{i + 1}/{n}: {pc_label(self.session.pc_coords(z)[:2])}" for i, z in enumerate(path.latents)]
+    def _on_error(self, message: str) -> None:
+        with self.hold_sync():
+            self.busy, self.status, self.error = False, "", message
 
     def _on_threshold(self, _change: dict) -> None:
-        """A new level: re-mesh the maps of the series (executor thread, after any build)."""
-        self._future = self._executor.submit(self._remesh, self._gen)
-
-    def _remesh(self, gen: int) -> None:
-        with self._frames_lock:
-            path, vols = self._path, list(self._volumes)
-        if self._stale(gen) or path is None or not vols:
-            return
-        try:
-            meshes, pngs, level = self._mesh_series(vols)
-            if not self._stale(gen):
-                self._publish(meshes, pngs, self._labels(path), level)
-                self.status, self.error = f"level {level:.4g} ({self.threshold_sigma:g} σ)", ""
-        except Exception as exc:  # a trait change from the front end: shown
-            self.error = f"threshold: {type(exc).__name__}: {exc}"
-            raise
+        """A new level: re-mesh the maps of the series (builder thread, after any build)."""
+        self.builder.remesh(self.threshold_sigma)
 
     # ------------------------------------------------------------------ export
-    def _free_dir(self) -> str:
-        """A directory name in ``output_dir`` not taken yet (``…-2``, ``…-3``): a click never
-        writes into an earlier export."""
-        ends = self._endpoints
-        what = f"{ends.kind}s_{ends.a}_{ends.b}" if ends is not None and ends.kind != "latent" else "latents"
-        stem = os.path.join(self.output_dir, f"trajectory_{what}_{self.mode}")
-        candidate, k = stem, 1
-        while os.path.lexists(candidate):
-            k += 1
-            candidate = f"{stem}-{k}"
-        return candidate
-
     def export(self, out_dir: Optional[str] = None, force: bool = False, movie: bool = True) -> dict:
         """Write the current series as ``cryoformer traverse`` does (maps ``vol_000.mrc`` …,
         ``z_path.txt``, ``open_series.cxc``, ``movie.gif``/``.mp4``, ``path_particles.txt`` for a
@@ -645,24 +842,12 @@ class TrajectoryView(_MeshWidget):
         dict
             ``out_dir``, ``maps`` (file names), ``level``, ``files`` (every file written).
         """
-        with self._frames_lock:
-            path, vols = self._path, list(self._volumes)
-        if path is None:
-            raise ValueError("no trajectory built yet (wait() for the first one)")
-        out = os.path.abspath(out_dir) if out_dir else self._free_dir()
-        claim_output_dir(out, self.session.run.input_files(), force, option="out_dir")
-        D = self.decode_box
-        known = {latent_key(z, D): v for z, v in zip(path.latents, vols)}
-        voxel, _unit = self.session.voxel_size(D)  # training pixels without a pixel size, as traverse
-        config = SeriesConfig(box_size=D, iso_sigma=self.threshold_sigma, fps=self.fps, movie=movie, progress=False)
-        with staged_directory(out) as stage:
-            result = write_series(_SeriesDecoder(self.session, known), path, stage, voxel, config)
-        result["out_dir"] = out
-        self.last_export = out
+        result = self.builder.export(out_dir, self.output_dir, force=force, movie=movie, fps=self.fps)
+        self.last_export = result["out_dir"]
         return result
 
     def _export_clicked(self) -> None:
-        """The export button (executor thread, after any build): a new directory, status shown."""
+        """The export button (builder thread, after any build): a new directory, status shown."""
         try:
             self.busy, self.status = True, "exporting the series…"
             result = self.export()
@@ -676,21 +861,23 @@ class TrajectoryView(_MeshWidget):
     def _handle(self, content: dict) -> None:
         kind = content.get("type")
         if kind == "build":
-            self.mode, self.n_frames = _check_mode(str(content["mode"])), _check_frames(int(content["n_frames"]))
+            self.mode, self.n_frames = check_mode(str(content["mode"])), check_frames(int(content["n_frames"]))
             self.set_clusters(int(content["start"]), int(content["end"]))
         elif kind == "export":
-            self._executor.submit(self._export_clicked)
+            self.builder.submit(self._export_clicked)
         else:
             super()._handle(content)
 
 
-def _check_mode(mode: str) -> str:
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`MODES`, else ValueError."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     return mode
 
 
-def _check_frames(n: int) -> int:
+def check_frames(n: int) -> int:
+    """``n`` as an int if a trajectory can have that many frames (≥ 2), else ValueError."""
     if int(n) < 2:
         raise ValueError(f"a trajectory needs at least 2 frames, got {n}")
     return int(n)

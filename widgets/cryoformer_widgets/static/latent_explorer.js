@@ -8,6 +8,12 @@
 // trait changes / messages in data coordinates; Python decodes, renders and selects. Binary
 // traits arrive as DataViews: points float32 [M, 2], point_rows int32 [M], point_colors uint8 [M]
 // (index into palette), point_selected uint8 [M]; slices_png / iso_png are PNG bytes.
+//
+// Python prepends static/mesh_view.js (createMeshView, unpackMesh): the volume panel's 3D view
+// is one WebGL mesh view holding the shown volume's mesh (key "volume", from the volume_mesh
+// trait) and the frames 0 … n−1 of the trajectory (asked for one by one with
+// {type: "trajectory_frame", frame, series}; the answer carries the mesh and the slices PNG).
+// A new trajectory_series drops the frames. "path" mode picks a trajectory's two particles.
 
 function bytesOf(v) {
   if (!v) return new Uint8Array(0);
@@ -79,6 +85,7 @@ function render({ model, el }) {
   const modeBar = h("span", { class: "cfx-modes" });
   for (const [m, tip] of [["pick", "click a point or a cluster centre to decode its volume; drag to pan"],
                           ["pan", "drag to pan (also: right or middle drag in any mode); wheel: zoom"],
+                          ["path", "trajectory: click the start particle, then the end particle; then press build"],
                           ["lasso", "drag a lasso to select particles (shift: add, alt: remove)"],
                           ["box", "drag a box to select particles (shift: add, alt: remove)"]]) {
     modes[m] = h("button", { class: "cfx-mode", title: tip, text: m });
@@ -117,9 +124,21 @@ function render({ model, el }) {
   right.appendChild(title); right.appendChild(info);
   right.appendChild(slices);
   right.appendChild(h("div", { class: "cfx-caption", text: "XY (z = D/2) · XZ (y = D/2) · YZ (x = D/2); orange: threshold outline" }));
-  // one more view of the volume (a 3D mesh, a trajectory player) goes in this row
-  const views = h("div", { class: "cfx-views" }, [iso]);
+  const b3d = h("button", { class: "cfx-v3d", text: "3D", title: "the surface at the threshold as a mesh: drag to rotate, wheel to zoom" });
+  const bImg = h("button", { class: "cfx-vimg", text: "image", title: "the ray-cast isosurface (azimuth and elevation sliders)" });
+  right.appendChild(h("div", { class: "cfx-row cfx-viewbar" }, [b3d, bImg]));
+  const meshBox = h("div", { class: "cfx-mesh" });
+  const views = h("div", { class: "cfx-views" }, [meshBox, iso]);
   right.appendChild(views);
+  let mview = null;
+  try {
+    mview = createMeshView(meshBox, { width: 320, height: 320 });
+  } catch (e) {
+    meshBox.appendChild(h("div", { class: "cfm-nogl", text: "3D view failed: " + e.message }));
+  }
+  const webgl = mview && mview.available ? mview.api : "none";
+  root.dataset.webgl = webgl;
+  model.set("webgl", webgl); model.save_changes();
   function slider(label, min, max, step, unit) {
     const input = h("input", { type: "range", min: String(min), max: String(max), step: String(step) });
     const value = h("span", { class: "cfx-value" });
@@ -138,6 +157,26 @@ function render({ model, el }) {
   const outDir = h("input", { type: "text", class: "cfx-outdir", title: "folder the buttons write to" });
   const bSaveVol = h("button", { text: "save .mrc", title: "write the volume shown as MRC (voxel size in the header)" });
   right.appendChild(h("div", { class: "cfx-row" }, [bSaveVol, h("label", { text: " to " }), outDir]));
+  // trajectory: endpoints, build, player
+  const tStart = h("select", { class: "cfx-traj-start", title: "start: a K-means cluster centre" });
+  const tEnd = h("select", { class: "cfx-traj-end", title: "end: a K-means cluster centre" });
+  const tEnds = h("span", { class: "cfx-traj-ends" });
+  const tMode = h("select", { class: "cfx-traj-mode", title: "straight line in latent space, or the shortest path through the particles' nearest-neighbour graph" });
+  for (const [v, text] of [["straight", "straight"], ["data", "along the data"]]) tMode.appendChild(h("option", { value: v, text }));
+  const tN = h("input", { class: "cfx-traj-n", type: "number", min: "2", max: "200", step: "1", title: "maps along the trajectory" });
+  const bBuild = h("button", { class: "cfx-traj-build", text: "build", title: "decode the maps along the trajectory (in the background; a new build stops a running one)" });
+  right.appendChild(h("div", { class: "cfx-row cfx-traj" }, [h("label", { text: "trajectory" }), tStart,
+    h("span", { text: "→" }), tEnd, tMode, tN, bBuild]));
+  const tProgress = h("progress", { class: "cfx-traj-progress", max: "1", value: "0" });
+  right.appendChild(h("div", { class: "cfx-row" }, [tEnds, tProgress]));
+  const bPlay = h("button", { class: "cfx-traj-play", text: "▶ play" });
+  const tFrame = h("input", { class: "cfx-traj-frame", type: "range", min: "0", max: "0", step: "1", value: "0" });
+  const tFrameLabel = h("span", { class: "cfx-traj-label" });
+  const tFps = h("input", { class: "cfx-traj-fps", type: "number", min: "0.5", max: "30", step: "0.5", title: "frames per second" });
+  const bTrajExport = h("button", { class: "cfx-traj-export", text: "export series", title: "write the maps, a ChimeraX script and a movie (a new folder in the output folder)" });
+  right.appendChild(h("div", { class: "cfx-row" }, [bPlay, tFrame, tFrameLabel, h("span", { text: "fps" }), tFps, bTrajExport]));
+  const tStatus = h("div", { class: "cfx-traj-status" });
+  right.appendChild(tStatus);
   const status = h("div", { class: "cfx-status" });
   right.appendChild(status);
   root.appendChild(right);
@@ -148,6 +187,7 @@ function render({ model, el }) {
   let view = [0, 1, 0, 1];            // x0, x1, y0, y1 shown (data units)
   let rgb = new Uint8Array(0);        // palette as r, g, b per entry
   let mode = "pick", drag = null;
+  let pathStart = null;               // "path" mode: {row, x, y} of the start particle picked
   const ctx = canvas.getContext("2d");
   // raster buffers, one per device pixel of the plot area, reused between frames
   const RW = Math.round(PLOT * dpr), RH = RW;
@@ -248,6 +288,7 @@ function render({ model, el }) {
       placed.push({ cluster: c.cluster, row: c.row, x: px, y: py });
     }
     canvas.dataset.centers = JSON.stringify(placed); // CSS px of each centre (used by the browser test)
+    drawTrajectory();
     const m = model.get("marker") || [];
     if (m.length === 2) {
       const [px, py] = toPx(m[0], m[1]);
@@ -270,6 +311,27 @@ function render({ model, el }) {
       ctx.stroke(); ctx.setLineDash([]);
     }
     ctx.restore();
+  }
+  // The trajectory on the scatter: a polyline through its frames, the frame shown as a ring.
+  function drawTrajectory() {
+    const path = model.get("trajectory_path") || [];
+    canvas.dataset.trajectory = String(path.length);
+    if (path.length > 1) {
+      ctx.strokeStyle = "#e07000"; ctx.lineWidth = 2.5; ctx.beginPath();
+      path.forEach((p, i) => { const [px, py] = toPx(p[0], p[1]); if (i) ctx.lineTo(px, py); else ctx.moveTo(px, py); });
+      ctx.stroke();
+      ctx.fillStyle = "#e07000";
+      for (const p of path) { const [px, py] = toPx(p[0], p[1]); ctx.fillRect(px - 2, py - 2, 4, 4); }
+      const k = model.get("trajectory_frame");
+      if (model.get("display") === "trajectory" && k >= 0 && k < path.length) {
+        const [px, py] = toPx(path[k][0], path[k][1]);
+        ctx.strokeStyle = "#000"; ctx.lineWidth = 2; ctx.beginPath(); ctx.arc(px, py, 7, 0, 2 * Math.PI); ctx.stroke();
+      }
+    }
+    if (pathStart) {
+      const [px, py] = toPx(pathStart.x, pathStart.y);
+      ctx.strokeStyle = "#e07000"; ctx.lineWidth = 2; ctx.strokeRect(px - 6, py - 6, 12, 12);
+    }
   }
   function draw() {
     const t0 = performance.now();
@@ -380,20 +442,21 @@ function render({ model, el }) {
   function setMode(m) {
     mode = m;
     for (const [k, b] of Object.entries(modes)) b.classList.toggle("cfx-active", k === m);
-    canvas.style.cursor = m === "pick" ? "pointer" : m === "pan" ? "grab" : "crosshair";
+    canvas.style.cursor = m === "pick" || m === "path" ? "pointer" : m === "pan" ? "grab" : "crosshair";
   }
   for (const [k, b] of Object.entries(modes)) b.addEventListener("click", () => setMode(k));
   setMode("pick");
   bReset.addEventListener("click", () => setView(homeView()));
   const css = (ev) => { const r = canvas.getBoundingClientRect(); return [ev.clientX - r.left, ev.clientY - r.top]; };
 
-  // The nearest cluster centre within 10 px, else the nearest drawn point within 8 px.
-  function pick(px, py) {
+  // {row, x, y (data)} of the nearest cluster centre within 10 px, else of the nearest drawn
+  // point within 8 px; null when none is that close.
+  function nearest(px, py) {
     let best = null, bestD = 10 * 10;
     for (const c of model.get("centers") || []) {
       const [cx, cy] = toPx(c.x, c.y);
       const d = (cx - px) ** 2 + (cy - py) ** 2;
-      if (d <= bestD) { bestD = d; best = c.row; }
+      if (d <= bestD) { bestD = d; best = { row: c.row, x: c.x, y: c.y }; }
     }
     if (best === null) {
       bestD = 8 * 8;
@@ -401,10 +464,29 @@ function render({ model, el }) {
       for (let i = 0; i < pts.length / 2; i++) {
         const dx = PAD + (pts[2 * i] - view[0]) * sx - px, dy = TOP + PLOT - (pts[2 * i + 1] - view[2]) * sy - py;
         const d = dx * dx + dy * dy;
-        if (d < bestD) { bestD = d; best = rows[i]; }
+        if (d < bestD) { bestD = d; best = { row: rows[i], x: pts[2 * i], y: pts[2 * i + 1] }; }
       }
     }
-    if (best !== null) { model.set("selected_index", best); model.save_changes(); }
+    return best;
+  }
+  function pick(px, py) {
+    const best = nearest(px, py);
+    if (best !== null) { model.set("selected_index", best.row); model.save_changes(); }
+  }
+  // "path" mode: the first click picks the start, the second the end of the next trajectory.
+  function pickPathEnd(px, py) {
+    const best = nearest(px, py);
+    if (best === null) return;
+    if (!pathStart) {
+      pathStart = best;
+      tEnds.textContent = `from particle ${best.row}: click the end particle`;
+    } else {
+      trajEnds = { rows: [pathStart.row, best.row] };
+      tEnds.textContent = `particles ${pathStart.row} → ${best.row}: press build`;
+      pathStart = null;
+    }
+    tEnds.dataset.ends = JSON.stringify(trajEnds);
+    draw();
   }
   canvas.addEventListener("contextmenu", (ev) => ev.preventDefault());
   canvas.addEventListener("wheel", (ev) => {
@@ -414,8 +496,9 @@ function render({ model, el }) {
   }, { passive: false });
   canvas.addEventListener("mousedown", (ev) => {
     const p = css(ev);
-    if (ev.button !== 0 || mode === "pan" || mode === "pick") {
-      drag = { mode: ev.button === 0 && mode === "pick" ? "pick" : "pan", start: p, view: view.slice(), moved: false };
+    if (ev.button !== 0 || mode === "pan" || mode === "pick" || mode === "path") {
+      const clicks = ev.button === 0 && (mode === "pick" || mode === "path");
+      drag = { mode: clicks ? "pick" : "pan", start: p, view: view.slice(), moved: false };
       return;
     }
     drag = { mode, path: [p], how: ev.shiftKey ? "add" : ev.altKey ? "remove" : "replace" };
@@ -440,7 +523,9 @@ function render({ model, el }) {
     const d = drag;
     drag = null;
     if (d.mode === "pick" || d.mode === "pan") {
-      if (d.mode === "pick" && !d.moved && ev.type === "mouseup") pick(d.start[0], d.start[1]);
+      if (d.mode === "pick" && !d.moved && ev.type === "mouseup") {
+        if (mode === "path") pickPathEnd(d.start[0], d.start[1]); else pick(d.start[0], d.start[1]);
+      }
       return;
     }
     let path = d.path;
@@ -483,6 +568,127 @@ function render({ model, el }) {
   bSaveVol.addEventListener("click", () => model.send({ type: "save_volume" }));
   outDir.addEventListener("change", () => setTrait("output_dir", outDir.value));
 
+  // ---------------------------------------------------------------- 3D view and trajectory
+  let trajEnds = { clusters: [0, 0] };  // what "build" sends: {clusters: [a, b]} or {rows: [i, j]}
+  let series = model.get("trajectory_series"), requested = new Set(), shownFrame = -1;
+  const framePngs = new Map(), frameLabels = new Map();
+  function setVolumeMesh() {
+    const b = bytesOf(model.get("volume_mesh"));
+    if (!mview || !mview.available || !b.length) return;
+    try { mview.setMesh(unpackMesh(b), "volume"); } catch (e) { status.textContent = "3D view: " + e.message; }
+  }
+  function dropFrames() {  // a new series: its frames replace the old ones (the volume's mesh stays)
+    for (const url of framePngs.values()) URL.revokeObjectURL(url);
+    framePngs.clear(); frameLabels.clear(); requested = new Set(); shownFrame = -1;
+    root.dataset.trajReceived = "0";
+    if (mview) { mview.clear(); setVolumeMesh(); }
+  }
+  function requestFrames() {
+    const ready = model.get("trajectory_ready");
+    for (let k = 0; k < ready; k++) {
+      if (requested.has(k)) continue;
+      requested.add(k);
+      model.send({ type: "trajectory_frame", frame: k, series });
+    }
+  }
+  // What the panel shows: the volume or the trajectory's frame; as a mesh ("3D") or the image.
+  function showDisplay() {
+    const traj = model.get("display") === "trajectory" && model.get("trajectory_ready") > 0;
+    const use3d = model.get("volume_view") === "3d" && mview && mview.available;
+    meshBox.style.display = use3d ? "" : "none";
+    iso.style.display = use3d ? "none" : "";
+    b3d.classList.toggle("cfx-active", use3d); bImg.classList.toggle("cfx-active", !use3d);
+    const k = model.get("trajectory_frame");
+    if (mview) mview.setFrame(traj ? k : "volume");
+    shownFrame = traj ? k : -1;
+    root.dataset.trajFrame = String(shownFrame);
+    if (traj && framePngs.has(k)) slices.src = framePngs.get(k);
+    else if (slices.dataset.url) slices.src = slices.dataset.url;
+    const label = traj ? (frameLabels.get(k) || (model.get("trajectory_labels") || [])[k] || "") : "";
+    title.textContent = traj ? "trajectory " + label : model.get("volume_label");
+    tFrame.value = String(Math.max(0, k));
+    tFrameLabel.textContent = model.get("trajectory_ready") ? ` ${k + 1}/${model.get("trajectory_ready")} ` : " – ";
+  }
+  const onFrameMessage = (msg, buffers) => {
+    if (!msg || msg.type !== "trajectory_frame" || msg.series !== series) return;  // an older series
+    try {
+      if (mview && mview.available) mview.setMesh(unpackMesh(buffers[0]), msg.frame);
+      if (framePngs.has(msg.frame)) URL.revokeObjectURL(framePngs.get(msg.frame));
+      framePngs.set(msg.frame, URL.createObjectURL(new Blob([bytesOf(buffers[1]).slice()], { type: "image/png" })));
+      frameLabels.set(msg.frame, msg.label || "");
+      root.dataset.trajReceived = String(framePngs.size);
+      if (msg.frame === model.get("trajectory_frame")) showDisplay();
+    } catch (e) {
+      status.textContent = "trajectory frame " + msg.frame + ": " + e.message;
+    }
+  };
+  model.on("msg:custom", onFrameMessage);
+  let timer = null;
+  function stepFrame() {
+    const ready = model.get("trajectory_ready");
+    if (!ready) return;
+    model.set("trajectory_frame", (model.get("trajectory_frame") + 1) % ready);
+    model.set("display", "trajectory");
+    model.save_changes();
+    showDisplay(); draw();
+  }
+  function syncPlaying() {
+    if (timer) { clearInterval(timer); timer = null; }
+    const playing = model.get("trajectory_playing");
+    bPlay.textContent = playing ? "❚❚ pause" : "▶ play";
+    if (playing) timer = setInterval(stepFrame, 1000 / Math.max(0.5, model.get("trajectory_fps")));
+  }
+  function syncSeries() {
+    if (model.get("trajectory_series") !== series) { series = model.get("trajectory_series"); dropFrames(); }
+    const ready = model.get("trajectory_ready");
+    tFrame.max = String(Math.max(0, ready - 1));
+    root.dataset.trajReady = String(ready);
+    root.dataset.trajSeries = String(series);
+    requestFrames(); showDisplay(); draw();
+  }
+  function syncClusters() {
+    const names = model.get("cluster_names") || [];
+    for (const sel of [tStart, tEnd]) {
+      const was = sel.value;
+      sel.innerHTML = "";
+      names.forEach((name, i) => sel.appendChild(h("option", { value: String(i), text: name })));
+      // first fill: the first and the last cluster (the two ends of PC1)
+      sel.value = was !== "" ? was : String(sel === tStart ? 0 : Math.max(0, names.length - 1));
+    }
+    const ends = model.get("trajectory_ends") || {};
+    if (ends.kind === "cluster") { tStart.value = String(ends.a); tEnd.value = String(ends.b); }
+    if (!trajEnds.rows) trajEnds = { clusters: [Number(tStart.value), Number(tEnd.value)] };
+  }
+  function syncTrajText() {
+    tStatus.textContent = model.get("trajectory_status") + (model.get("trajectory_busy") ? " …" : "");
+    tProgress.value = model.get("trajectory_progress");
+    root.dataset.trajBusy = model.get("trajectory_busy") ? "1" : "0";
+    tMode.value = model.get("trajectory_mode");
+    tN.value = String(model.get("trajectory_n_frames"));
+    tFps.value = String(model.get("trajectory_fps"));
+  }
+  const onEndsChosen = () => {
+    trajEnds = { clusters: [Number(tStart.value), Number(tEnd.value)] };
+    tEnds.textContent = `clusters ${tStart.value} → ${tEnd.value}`;
+    tEnds.dataset.ends = JSON.stringify(trajEnds);
+  };
+  tStart.addEventListener("change", onEndsChosen);
+  tEnd.addEventListener("change", onEndsChosen);
+  bBuild.addEventListener("click", () => {
+    model.send(Object.assign({ type: "build_trajectory", mode: tMode.value, n_frames: parseInt(tN.value, 10) }, trajEnds));
+  });
+  bPlay.addEventListener("click", () => setTrait("trajectory_playing", !model.get("trajectory_playing")));
+  tFrame.addEventListener("input", () => {
+    const k = parseInt(tFrame.value, 10);
+    if (k < model.get("trajectory_ready")) {
+      model.set("trajectory_frame", k); model.set("display", "trajectory"); model.save_changes(); showDisplay(); draw();
+    }
+  });
+  tFps.addEventListener("change", () => { const f = parseFloat(tFps.value); if (f > 0) setTrait("trajectory_fps", f); });
+  bTrajExport.addEventListener("click", () => model.send({ type: "export_trajectory" }));
+  b3d.addEventListener("click", () => setTrait("volume_view", "3d"));
+  bImg.addEventListener("click", () => setTrait("volume_view", "image"));
+
   // ---------------------------------------------------------------- model → view
   const onPoints = () => { loadPoints(); draw(); };
   const onView = () => {  // set from Python (or echoed back): redraw only when it differs
@@ -503,7 +709,7 @@ function render({ model, el }) {
     for (let i = 0; i < sel.length; i++) nSelDrawn += sel[i];
     nSel.textContent = `${model.get("n_selected")} selected `; draw();
   };
-  const onVolume = () => { title.textContent = model.get("volume_label"); info.textContent = model.get("volume_info"); };
+  const onVolume = () => { info.textContent = model.get("volume_info"); showDisplay(); };
   const handlers = [
     ["change:points change:point_rows change:centers", onPoints],
     ["change:view", onView],
@@ -511,7 +717,14 @@ function render({ model, el }) {
     ["change:point_selected change:n_selected", onSel],
     ["change:marker change:axis_x change:axis_y", draw],
     ["change:n_pcs change:axis_names change:label_sets change:color_by change:axis_x change:axis_y change:traversal_pc", updateControls],
-    ["change:slices_png", () => setImage(slices, "slices_png")],
+    ["change:slices_png", () => { setImage(slices, "slices_png"); showDisplay(); }],
+    ["change:volume_mesh", () => { setVolumeMesh(); showDisplay(); }],
+    ["change:display change:volume_view change:trajectory_frame", () => { showDisplay(); draw(); }],
+    ["change:trajectory_series change:trajectory_ready", syncSeries],
+    ["change:trajectory_path", draw],
+    ["change:trajectory_playing change:trajectory_fps", () => { syncPlaying(); syncTrajText(); }],
+    ["change:cluster_names change:trajectory_ends", syncClusters],
+    ["change:trajectory_status change:trajectory_busy change:trajectory_progress change:trajectory_mode change:trajectory_n_frames", syncTrajText],
     ["change:iso_png", () => setImage(iso, "iso_png")],
     ["change:volume_label change:volume_info", onVolume],
     ["change:threshold change:azimuth change:elevation change:traversal_step change:traversal_steps", updateSliders],
@@ -522,10 +735,16 @@ function render({ model, el }) {
   updateControls(); loadPoints(); onPalette(); onSel(); onColors(); onVolume(); updateSliders(); updateStatus();
   outDir.value = model.get("output_dir");
   setImage(slices, "slices_png"); setImage(iso, "iso_png");
+  if (webgl === "none" && model.get("volume_view") === "3d") setTrait("volume_view", "image");
+  setVolumeMesh(); syncClusters(); onEndsChosen(); syncTrajText(); syncSeries(); syncPlaying();
   draw();
   return () => {
     for (const [ev, fn] of handlers) for (const name of ev.split(" ")) model.off(name, fn);
     for (const img of [slices, iso]) if (img.dataset.url) URL.revokeObjectURL(img.dataset.url);
+    model.off("msg:custom", onFrameMessage);
+    if (timer) clearInterval(timer);
+    dropFrames();
+    if (mview) mview.destroy();
   };
 }
 
