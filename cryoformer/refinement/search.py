@@ -35,10 +35,11 @@ Cost per particle and level: ``≈ (4π/3)(radius/step)³`` slices of the level'
 one ``[C, M] × [M, S]`` product, 65 % of it in ``grid_sample``. The band stops where the
 references hold 99.9 % of what a slice says about the pose (``information_fraction``): a
 reconstruction from poses a few degrees off is Wiener-filtered to almost nothing beyond its
-resolution. Measured at D = 64 on 2 CPU cores, 20° radius (``bench/bench_pose_search.py``):
-125 ms per particle at the full band, 38 ms with references back-projected from the input
-poses (band cut at 0.18 cycles/px), 113 ms with references as sharp as the true poses give
-(cut at 0.44). The search runs on a CUDA device when it is given one, else on the CPU.
+resolution. Measured at D = 64 on 2 CPU cores, 20° radius (``bench/bench_pose_search.py``,
+docs/benchmarks.md): 138–165 ms per particle at the full band with grids a third as fine per
+level; now 37 ms with references back-projected from the input poses (band cut at 0.18–0.19
+cycles/px) and 50–68 ms with references as sharp as the true poses give (cut at 0.42–0.44).
+The search runs on a CUDA device when it is given one, else on the CPU.
 """
 
 from __future__ import annotations
