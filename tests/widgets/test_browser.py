@@ -102,13 +102,13 @@ def jupyterlab_big(sync_api, spread_run, tmp_path):
         yield url, data
 
 
-def _serve_lab(tmp_path, notebook: dict):
-    """Start JupyterLab on ``notebook`` (as ``explorer.ipynb``), yield its URL, stop it."""
+def _serve_lab(tmp_path, notebook: dict, name: str = "explorer.ipynb"):
+    """Start JupyterLab on ``notebook`` (saved as ``name``), yield its URL, stop it."""
     pytest.importorskip("jupyterlab")
     pytest.importorskip("anywidget")
     root = tmp_path / "lab"
     root.mkdir()
-    (root / "explorer.ipynb").write_text(json.dumps(notebook))
+    (root / name).write_text(json.dumps(notebook))
     port, token = _free_port(), "cryoformer-browser-test"
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), IPYTHONDIR=str(tmp_path / "ipython"),
                JUPYTER_CONFIG_DIR=str(tmp_path / "config"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -133,7 +133,7 @@ def _serve_lab(tmp_path, notebook: dict):
                 if time.monotonic() > deadline:
                     pytest.fail("JupyterLab did not answer within 90 s")
                 time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/lab/tree/explorer.ipynb?token={token}"
+        yield f"http://127.0.0.1:{port}/lab/tree/{name}?token={token}"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # the server and the kernels it started
@@ -145,8 +145,13 @@ def _serve_lab(tmp_path, notebook: dict):
         log.close()
 
 
-def _run_notebook(page, sync_api, url: str) -> None:
-    """Open the notebook, wait for its kernel, run it and wait for the explorer's first volume."""
+EXPLORER_READY = ("() => { const i = document.querySelector('img.cfx-slices');"
+                  " return i && i.complete && i.naturalWidth > 0; }")
+
+
+def _run_notebook(page, sync_api, url: str, ready: str = EXPLORER_READY, what: str = "latent_explorer") -> None:
+    """Open the notebook, wait for its kernel, run it and wait until ``ready`` (a JS predicate;
+    default: the explorer shows its first volume); on a time-out keep ``<what>_failed.png``."""
     page.set_default_timeout(90_000)
     page.goto(url)
     page.wait_for_selector(".jp-Notebook .jp-Cell")
@@ -157,12 +162,10 @@ def _run_notebook(page, sync_api, url: str) -> None:
         " && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle'; }")
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
     try:
-        page.wait_for_function(
-            "() => { const i = document.querySelector('img.cfx-slices');"
-            " return i && i.complete && i.naturalWidth > 0; }")
+        page.wait_for_function(ready)
     except sync_api.TimeoutError:
-        page.screenshot(path=str(ARTIFACTS / "latent_explorer_failed.png"))
-        pytest.fail("the explorer did not show a volume:\n" + page.inner_text(".jp-Notebook")[-3000:])
+        page.screenshot(path=str(ARTIFACTS / f"{what}_failed.png"))
+        pytest.fail(f"{what}: the notebook's widget did not get ready:\n" + page.inner_text(".jp-Notebook")[-3000:])
 
 
 def _check_click_on_centre(page, canvas, title, cluster: int) -> None:
@@ -199,12 +202,26 @@ def _mesh_pixels(locator) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB"))
 
 
-def _check_mesh_is_drawn(shot: np.ndarray) -> None:
+def _check_mesh_is_drawn(shot: np.ndarray, min_fraction: float = 0.02, min_levels: int = 10) -> None:
     """A shaded surface: part of the canvas off the background, in many grey levels."""
     off = np.abs(shot.astype(np.int16) - np.array(MESH_BACKGROUND_RGB)).max(axis=2) > 6
-    assert off.mean() > 0.02, f"only {off.mean():.1%} of the 3D view shows the mesh"
+    assert off.mean() > min_fraction, f"only {off.mean():.1%} of the 3D view shows the mesh"
     luminance = (shot[off] @ np.array([0.299, 0.587, 0.114])).round().astype(int)
-    assert np.unique(luminance).size > 10, "the surface is flat: Lambert shading gives many grey levels"
+    assert np.unique(luminance).size > min_levels, "the surface is flat: Lambert shading gives many grey levels"
+
+
+def _frames_seen_while_playing(page, canvas, seconds: float) -> set:
+    """Frames the 3D canvas drew while playing (its data-frame attribute, polled)."""
+    seen, deadline = set(), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.add(canvas.get_attribute("data-frame"))
+        page.wait_for_timeout(60)
+    return seen
+
+
+def _changed_fraction(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of pixels that differ by more than 8 grey levels in some channel."""
+    return float(np.mean(np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2) > 8))
 
 
 def _check_trajectory(page, scatter, out_dir: Path) -> None:
@@ -229,17 +246,14 @@ def _check_trajectory(page, scatter, out_dir: Path) -> None:
     Image.fromarray(first).save(ARTIFACTS / "explorer_trajectory_first_frame.png")
     _check_mesh_is_drawn(first)
     page.locator("button.cfx-traj-play").click()
-    seen, deadline = set(), time.monotonic() + 2.5                   # 5 fps: ~12 frames
-    while time.monotonic() < deadline:
-        seen.add(gl.get_attribute("data-frame"))
-        page.wait_for_timeout(60)
+    seen = _frames_seen_while_playing(page, gl, seconds=2.5)          # 5 fps: ~12 frames
     page.locator("button.cfx-traj-play").click()
     assert len(seen - {"-1", "volume"}) >= 3, f"playing showed only frames {sorted(seen)}"
     page.locator("input.cfx-traj-frame").fill(str(N_FRAMES - 1))
     page.wait_for_function(f"() => document.querySelector('.cfx-mesh canvas').dataset.frame === '{N_FRAMES - 1}'")
     last = _mesh_pixels(gl)
     _check_mesh_is_drawn(last)
-    changed = np.mean(np.abs(first.astype(np.int16) - last.astype(np.int16)).max(axis=2) > 8)
+    changed = _changed_fraction(first, last)
     assert changed > 0.005, "the trajectory's last map looks like its first"
     page.locator("button.cfx-traj-export").click()
     page.wait_for_function("() => document.querySelector('.cfx-traj-status').textContent.includes('exported')")
@@ -368,3 +382,71 @@ def test_500k_particles_zoom_lasso_and_colour_by_defocus(sync_api, jupyterlab_bi
 def _pcs(z: np.ndarray) -> np.ndarray:
     """PC1, PC2 of ``z`` as the session computes them (the explorer's first axes)."""
     return pca(z).projections[:, :2]
+
+
+# ---------------------------------------------------------------------- the standalone player
+TV_FRAMES = 6
+
+
+@pytest.fixture
+def jupyterlab_trajectory(sync_api, spread_run, tmp_path):
+    """JupyterLab serving a notebook that shows a TrajectoryView between clusters 0 and 2;
+    yields (url, output folder)."""
+    pytest.importorskip("skimage", reason="the meshes need scikit-image (pip install scikit-image)")
+    out = tmp_path / "out"
+    source = ("from cryoformer_widgets import TrajectoryView\n"
+              f"tv = TrajectoryView({spread_run!r}, clusters=(0, 2), n_frames={TV_FRAMES}, k=3, fps=4,\n"
+              f"                    output_dir={str(out)!r})\n"
+              "tv")
+    for url in _serve_lab(tmp_path, _one_cell(source), name="trajectory.ipynb"):
+        yield url, out
+
+
+def test_trajectory_view_plays_and_exports(sync_api, jupyterlab_trajectory):
+    """The player on its own: the mesh is drawn and shaded, playing shows several frames, the
+    last differs from the first, dragging rotates, and export writes what ``traverse`` writes."""
+    url, out_dir = jupyterlab_trajectory
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            ready = (f"() => {{ const r = document.querySelector('.ctv-root');"
+                     f" return r && r.dataset.received === '{TV_FRAMES}'; }}")
+            _run_notebook(page, sync_api, url, ready=ready, what="trajectory_view")
+            root, canvas = page.locator(".ctv-root"), page.locator("canvas.cfm-canvas")
+            if root.get_attribute("data-webgl") == "none":
+                pytest.skip("headless Chromium offers no WebGL here (SwiftShader missing)")
+            assert canvas.get_attribute("data-frame") == "0"
+            first = _mesh_pixels(canvas)
+            _check_mesh_is_drawn(first, min_fraction=0.03, min_levels=20)
+
+            page.locator("button.ctv-play").click()
+            seen = _frames_seen_while_playing(page, canvas, seconds=2.5)  # 4 fps: ~10 frames
+            page.locator("button.ctv-play").click()
+            assert len(seen - {"-1"}) >= 3, f"playing showed only frames {sorted(seen)}"
+
+            page.locator("input.ctv-frame").fill(str(TV_FRAMES - 1))
+            page.wait_for_function(
+                f"() => document.querySelector('canvas.cfm-canvas').dataset.frame === '{TV_FRAMES - 1}'")
+            last = _mesh_pixels(canvas)
+            _check_mesh_is_drawn(last, min_fraction=0.03, min_levels=20)
+            assert _changed_fraction(first, last) > 0.005, "the last frame looks like the first"
+
+            box = canvas.bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] / 2 + 80, box["y"] + box["height"] / 2 + 30, steps=5)
+            page.mouse.up()
+            assert _changed_fraction(last, _mesh_pixels(canvas)) > 0.005, "dragging did not rotate"
+
+            page.locator("button.ctv-export").click()
+            page.wait_for_function("() => document.querySelector('.ctv-status').textContent.includes('exported')")
+            written = sorted(p.name for p in (out_dir / "trajectory_clusters_0_2_straight").iterdir())
+            assert written == sorted([f"vol_{i:03d}.mrc" for i in range(TV_FRAMES)]
+                                     + ["z_path.txt", "open_series.cxc", "movie.gif"]
+                                     + (["movie.mp4"] if "movie.mp4" in written else []))
+            assert page.locator(".ctv-error").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "trajectory_view.png"), full_page=True)
+        finally:
+            browser.close()

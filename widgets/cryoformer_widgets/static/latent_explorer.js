@@ -15,27 +15,9 @@
 // {type: "trajectory_frame", frame, series}; the answer carries the mesh and the slices PNG).
 // A new trajectory_series drops the frames. "path" mode picks a trajectory's two particles.
 
-function bytesOf(v) {
-  if (!v) return new Uint8Array(0);
-  if (v instanceof DataView || ArrayBuffer.isView(v)) return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
-  if (v instanceof ArrayBuffer) return new Uint8Array(v);
-  return new Uint8Array(0);
-}
-
 function typed(v, Type) {
   const b = bytesOf(v).slice(); // copy: aligned for the typed view
   return new Type(b.buffer, 0, Math.floor(b.byteLength / Type.BYTES_PER_ELEMENT));
-}
-
-function h(tag, attrs = {}, children = []) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") e.className = v;
-    else if (k === "text") e.textContent = v;
-    else e.setAttribute(k, v);
-  }
-  for (const c of children) e.appendChild(c);
-  return e;
 }
 
 function throttle(fn, ms) {

@@ -14,8 +14,28 @@
 // Without WebGL the container shows a message and `available` is false.
 //
 // unpackMesh(bytes) reads the wire format that Mesh.to_bytes() writes (see trajectory_view.py).
-// This file is an ES module on its own and is also prepended to trajectory_view.js, because an
-// anywidget front end is one module and cannot import a sibling file.
+// This file is an ES module on its own and is also prepended to trajectory_view.js and
+// latent_explorer.js, because an anywidget front end is one module and cannot import a sibling
+// file; it also holds the small DOM helpers those share (bytesOf, h).
+
+// DOM and binary-trait helpers of every cryoformer front end (they all start with this file).
+function bytesOf(v) {
+  if (!v) return new Uint8Array(0);
+  if (v instanceof DataView || ArrayBuffer.isView(v)) return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+  if (v instanceof ArrayBuffer) return new Uint8Array(v);
+  return new Uint8Array(0);
+}
+
+function h(tag, attrs = {}, children = []) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) e.appendChild(c);
+  return e;
+}
 
 const MESH_MAGIC = "CFM1";
 const SURFACE_RGB = [0.55, 0.72, 0.95]; // cryoformer.analysis.render.SURFACE_RGB

@@ -7,58 +7,40 @@
 // here (meshes on the GPU), so playing loops without asking the kernel again; a new series_id
 // drops them. kind "volume" hides the trajectory controls and the player.
 
-function cftBytes(v) {
-  if (!v) return new Uint8Array(0);
-  if (v instanceof ArrayBuffer) return new Uint8Array(v);
-  if (ArrayBuffer.isView(v)) return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
-  return new Uint8Array(0);
-}
-
-function cftEl(tag, attrs = {}, children = []) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") e.className = v;
-    else if (k === "text") e.textContent = v;
-    else e.setAttribute(k, v);
-  }
-  for (const c of children) e.appendChild(c);
-  return e;
-}
-
 function render({ model, el }) {
   const SIZE = 380;
   const trajectory = model.get("kind") === "trajectory";
-  const root = cftEl("div", { class: "ctv-root" });
+  const root = h("div", { class: "ctv-root" });
   root.style.cssText = "font: 13px sans-serif; display: inline-block; padding: 6px;";
   el.appendChild(root);
-  const title = cftEl("div", { class: "ctv-title" });
+  const title = h("div", { class: "ctv-title" });
   title.style.fontWeight = "bold";
   root.appendChild(title);
 
   // ------------------------------------------------------------ trajectory: endpoints and build
-  const startSel = cftEl("select", { class: "ctv-start", title: "start: a K-means cluster centre" });
-  const endSel = cftEl("select", { class: "ctv-end", title: "end: a K-means cluster centre" });
-  const modeSel = cftEl("select", { class: "ctv-mode", title: "straight line in latent space, or the shortest path through the particles' nearest-neighbour graph" });
+  const startSel = h("select", { class: "ctv-start", title: "start: a K-means cluster centre" });
+  const endSel = h("select", { class: "ctv-end", title: "end: a K-means cluster centre" });
+  const modeSel = h("select", { class: "ctv-mode", title: "straight line in latent space, or the shortest path through the particles' nearest-neighbour graph" });
   for (const [v, text] of [["straight", "straight line"], ["data", "along the data"]])
-    modeSel.appendChild(cftEl("option", { value: v, text }));
-  const nInput = cftEl("input", { class: "ctv-n", type: "number", min: "2", max: "200", step: "1", title: "maps along the trajectory" });
+    modeSel.appendChild(h("option", { value: v, text }));
+  const nInput = h("input", { class: "ctv-n", type: "number", min: "2", max: "200", step: "1", title: "maps along the trajectory" });
   nInput.style.width = "4em";
-  const buildBtn = cftEl("button", { class: "ctv-build", text: "build", title: "decode the maps along the trajectory (in the background)" });
+  const buildBtn = h("button", { class: "ctv-build", text: "build", title: "decode the maps along the trajectory (in the background)" });
   if (trajectory) {
-    root.appendChild(cftEl("div", { class: "ctv-ends" }, [
-      cftEl("span", { text: "from " }), startSel, cftEl("span", { text: " to " }), endSel, cftEl("span", { text: " " }),
-      modeSel, cftEl("span", { text: " maps " }), nInput, cftEl("span", { text: " " }), buildBtn]));
+    root.appendChild(h("div", { class: "ctv-ends" }, [
+      h("span", { text: "from " }), startSel, h("span", { text: " to " }), endSel, h("span", { text: " " }),
+      modeSel, h("span", { text: " maps " }), nInput, h("span", { text: " " }), buildBtn]));
   }
-  const progress = cftEl("progress", { class: "ctv-progress", max: "1", value: "0" });
+  const progress = h("progress", { class: "ctv-progress", max: "1", value: "0" });
   progress.style.width = SIZE + "px";
   if (trajectory) root.appendChild(progress);
 
   // ------------------------------------------------------------ the view: mesh or slices
-  const stage = cftEl("div", { class: "ctv-stage" });
+  const stage = h("div", { class: "ctv-stage" });
   stage.style.cssText = `min-width: ${SIZE}px; min-height: ${SIZE}px;`;
   root.appendChild(stage);
-  const meshBox = cftEl("div", { class: "ctv-mesh" });
-  const slices = cftEl("img", { class: "ctv-slices", alt: "central slices (xy, xz, yz)" });
+  const meshBox = h("div", { class: "ctv-mesh" });
+  const slices = h("img", { class: "ctv-slices", alt: "central slices (xy, xz, yz)" });
   slices.style.maxWidth = SIZE * 1.4 + "px";
   stage.appendChild(meshBox);
   stage.appendChild(slices);
@@ -66,7 +48,7 @@ function render({ model, el }) {
   try {
     view = createMeshView(meshBox, { width: SIZE, height: SIZE });
   } catch (e) {
-    meshBox.appendChild(cftEl("div", { class: "cfm-nogl", text: "3D view failed: " + e.message }));
+    meshBox.appendChild(h("div", { class: "cfm-nogl", text: "3D view failed: " + e.message }));
   }
   const webgl = view && view.available ? view.api : "none";
   root.dataset.webgl = webgl;
@@ -74,25 +56,25 @@ function render({ model, el }) {
   model.save_changes();
 
   // ------------------------------------------------------------ player
-  const playBtn = cftEl("button", { class: "ctv-play", text: "▶ play" });
-  const slider = cftEl("input", { class: "ctv-frame", type: "range", min: "0", max: "0", step: "1", value: "0" });
+  const playBtn = h("button", { class: "ctv-play", text: "▶ play" });
+  const slider = h("input", { class: "ctv-frame", type: "range", min: "0", max: "0", step: "1", value: "0" });
   slider.style.width = "180px";
-  const frameLabel = cftEl("span", { class: "ctv-frame-label" });
-  const fpsInput = cftEl("input", { class: "ctv-fps", type: "number", min: "0.5", max: "30", step: "0.5", title: "frames per second" });
+  const frameLabel = h("span", { class: "ctv-frame-label" });
+  const fpsInput = h("input", { class: "ctv-fps", type: "number", min: "0.5", max: "30", step: "0.5", title: "frames per second" });
   fpsInput.style.width = "3.5em";
-  const thrInput = cftEl("input", { class: "ctv-threshold", type: "number", step: "0.1", title: "surface level: σ above the series' mean" });
+  const thrInput = h("input", { class: "ctv-threshold", type: "number", step: "0.1", title: "surface level: σ above the series' mean" });
   thrInput.style.width = "4em";
-  const viewSel = cftEl("select", { class: "ctv-view", title: "3D mesh, or the three central slices" });
-  for (const v of ["mesh", "slices"]) viewSel.appendChild(cftEl("option", { value: v, text: v }));
-  const exportBtn = cftEl("button", { class: "ctv-export", text: "export", title: "write the maps, a ChimeraX script and a movie (a new folder in output_dir)" });
-  const controls = [thrInput, cftEl("span", { text: " σ " }), viewSel];
-  if (trajectory) controls.unshift(playBtn, slider, frameLabel, cftEl("span", { text: " fps " }), fpsInput, cftEl("span", { text: " level " }));
-  else controls.unshift(cftEl("span", { text: "level " }));
+  const viewSel = h("select", { class: "ctv-view", title: "3D mesh, or the three central slices" });
+  for (const v of ["mesh", "slices"]) viewSel.appendChild(h("option", { value: v, text: v }));
+  const exportBtn = h("button", { class: "ctv-export", text: "export", title: "write the maps, a ChimeraX script and a movie (a new folder in output_dir)" });
+  const controls = [thrInput, h("span", { text: " σ " }), viewSel];
+  if (trajectory) controls.unshift(playBtn, slider, frameLabel, h("span", { text: " fps " }), fpsInput, h("span", { text: " level " }));
+  else controls.unshift(h("span", { text: "level " }));
   if (trajectory) controls.push(exportBtn);
-  root.appendChild(cftEl("div", { class: "ctv-player" }, controls));
-  const status = cftEl("div", { class: "ctv-status" });
+  root.appendChild(h("div", { class: "ctv-player" }, controls));
+  const status = h("div", { class: "ctv-status" });
   status.style.color = "#555";
-  const error = cftEl("div", { class: "ctv-error-line" });
+  const error = h("div", { class: "ctv-error-line" });
   error.style.color = "#b00";
   root.appendChild(status);
   root.appendChild(error);
@@ -138,7 +120,7 @@ function render({ model, el }) {
     if (!msg || msg.type !== "frame" || msg.series !== series) return; // an older series
     try {
       if (view && view.available) view.setMesh(unpackMesh(buffers[0]), msg.frame);
-      const png = cftBytes(buffers[1]);
+      const png = bytesOf(buffers[1]);
       if (pngs.has(msg.frame)) URL.revokeObjectURL(pngs.get(msg.frame));
       pngs.set(msg.frame, URL.createObjectURL(new Blob([png], { type: "image/png" })));
       labels.set(msg.frame, msg.label || "");
@@ -171,7 +153,7 @@ function render({ model, el }) {
     const names = model.get("cluster_names") || [];
     for (const sel of [startSel, endSel]) {
       sel.textContent = "";
-      names.forEach((name, i) => sel.appendChild(cftEl("option", { value: String(i), text: name })));
+      names.forEach((name, i) => sel.appendChild(h("option", { value: String(i), text: name })));
     }
     if (model.get("start_cluster") >= 0) startSel.value = String(model.get("start_cluster"));
     if (model.get("end_cluster") >= 0) endSel.value = String(model.get("end_cluster"));
