@@ -17,7 +17,8 @@ images/s is reported. Throughput is images / wall time of the training epoch its
 
 cryoDRGN comes from its own virtual environment (``--cryodrgn-venv``, created from PyPI with
 the CPU torch pinned when missing). Prints a markdown table for docs/benchmarks.md and writes
-``results.json``.
+``results.json``. Every run is timed under GNU ``time -v`` (when installed), whose peak resident
+memory of the whole process is reported beside the rate.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import machine  # noqa: E402
 from bench_vs_cryodrgn import ensure_cryodrgn, sh  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
+# every training runs under GNU time, whose report (in the run's log) gives the peak resident memory
+TIME_V = ["/usr/bin/time", "-v"] if os.path.exists("/usr/bin/time") else []
 SMALL_DRGN = ["--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256", "--dec-layers", "3"]
 
 
@@ -48,22 +51,31 @@ def _epoch_seconds(log_text: str) -> float:
     return 3600 * int(h) + 60 * int(mnt) + float(s)
 
 
-def run_cryodrgn(exe: str, data: str, out: str, ind: str, n: int, extra) -> float:
+def _peak_rss_gb(log_text: str) -> float:
+    """Peak resident memory (GB) of the process, from GNU time's report; NaN without one."""
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log_text)
+    return int(m.group(1)) / 1e6 if m else float("nan")
+
+
+def run_cryodrgn(exe: str, data: str, out: str, ind: str, n: int, extra) -> tuple[float, float]:
+    """(images/s of the epoch, peak resident memory in GB) of one cryoDRGN epoch."""
     log = out + ".log"
-    cmd = [exe, "train_vae", os.path.join(data, "particles.mrcs"), "--poses", os.path.join(data, "poses.pkl"),
+    cmd = TIME_V + [exe, "train_vae", os.path.join(data, "particles.mrcs"), "--poses", os.path.join(data, "poses.pkl"),
            "--ctf", os.path.join(data, "ctf.pkl"), "--ind", ind, "--zdim", "8", "-n", "1", "-o", out,
            "--no-analysis"] + list(extra)
     rc = sh(cmd, log=log)
     text = open(log).read()
     if rc != 0 and "Finished in" not in text:
         raise RuntimeError(f"cryoDRGN failed (exit {rc}); see {log}")
-    return n / _epoch_seconds(text)
+    return n / _epoch_seconds(text), _peak_rss_gb(text)
 
 
-def run_cryoformer(data: str, out: str, ind: str, box: int, preset: str, epochs: int = 1, extra=()) -> float:
+def run_cryoformer(data: str, out: str, ind: str, box: int, preset: str, epochs: int = 1,
+                   extra=()) -> tuple[float, float]:
+    """(images/s of the last epoch, peak resident memory in GB) of one cryoformer run."""
     import pandas as pd
 
-    cmd = [os.path.join(VENV_BIN, "cryoformer"), "train", os.path.join(data, "particles.star"), "-o", out,
+    cmd = TIME_V + [os.path.join(VENV_BIN, "cryoformer"), "train", os.path.join(data, "particles.star"), "-o", out,
            "--epochs", str(epochs), "--ind", ind, "--seed", "0", "--device", "auto", "--preset", preset]
     cmd += list(extra)
     if box:
@@ -71,7 +83,7 @@ def run_cryoformer(data: str, out: str, ind: str, box: int, preset: str, epochs:
     if sh(cmd, log=out + ".log") != 0:
         raise RuntimeError(f"cryoformer failed; see {out}.log")
     log = pd.read_csv(os.path.join(out, "log.csv"))
-    return float(log[log.kind == "epoch"].images_per_s.iloc[-1])
+    return float(log[log.kind == "epoch"].images_per_s.iloc[-1]), _peak_rss_gb(open(out + ".log").read())
 
 
 def mask_fraction(out: str) -> float:
@@ -117,40 +129,48 @@ def main() -> None:
 
     rates = {"cryoformer --no-support-mask": [], "cryoformer (support mask)": [], "cryodrgn-default": [],
              "cryodrgn-small": []}
+    rss = {k: [] for k in rates}
     fractions = []
+
+    def record(name: str, measured: tuple[float, float]) -> None:
+        rates[name].append(measured[0])
+        rss[name].append(measured[1])
+
     for rep in range(args.repeats):
         out = os.path.join(args.outdir, f"cf_{rep}")
         shutil.rmtree(out, ignore_errors=True)
-        rates["cryoformer --no-support-mask"].append(
-            run_cryoformer(data, out, ind_npy, 0, args.preset, extra=["--no-support-mask"]))
+        record("cryoformer --no-support-mask",
+               run_cryoformer(data, out, ind_npy, 0, args.preset, extra=["--no-support-mask"]))
         if args.mask_epochs:
             out = os.path.join(args.outdir, f"cfmask_{rep}")
             shutil.rmtree(out, ignore_errors=True)
-            rates["cryoformer (support mask)"].append(run_cryoformer(
+            record("cryoformer (support mask)", run_cryoformer(
                 data, out, ind_npy, 0, args.preset, epochs=args.mask_epochs))
             fractions.append(mask_fraction(out))
         if exe:
             for name, extra in (("cryodrgn-default", []), ("cryodrgn-small", SMALL_DRGN)):
                 out = os.path.join(args.outdir, f"{name}_{rep}")
                 shutil.rmtree(out, ignore_errors=True)
-                rates[name].append(run_cryodrgn(exe, data, out, ind_pkl, args.n_images, extra))
+                record(name, run_cryodrgn(exe, data, out, ind_pkl, args.n_images, extra))
         print({k: [round(x, 2) for x in v] for k, v in rates.items()}, flush=True)
 
     med = {k: statistics.median(v) for k, v in rates.items() if v}
+    med_rss = {k: statistics.median(v) for k, v in rss.items() if v}
     info = machine.describe()
     result = {"D": args.D, "n_images": args.n_images, "repeats": args.repeats, "preset": args.preset,
-              "images_per_s": rates, "median_images_per_s": med, "machine": info,
+              "images_per_s": rates, "median_images_per_s": med, "peak_rss_gb": rss, "machine": info,
               "support_mask_box_fraction": fractions,
               "when": time.strftime("%Y-%m-%d %H:%M")}
     with open(os.path.join(args.outdir, f"results_D{args.D}.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print(f"\nmachine: {machine.one_line()}")
-    print("| D | tool | images/s (median of %d) | faster cryoformer row ÷ tool |" % args.repeats)
-    print("|---|---|---|---|")
+    print("| D | tool | images/s (median of %d) | faster cryoformer row ÷ tool | ms per image | peak RSS (GB) |"
+          % args.repeats)
+    print("|---|---|---|---|---|---|")
     for k, v in med.items():
         best = max(med[c] for c in med if c.startswith("cryoformer"))
         ratio = f"{best / v:.2f}×" if k.startswith("cryodrgn") else "—"
-        print(f"| {args.D} | {k} | {v:.2f} | {ratio} |")
+        print(f"| {args.D} | {k} | {v:.2f} | {ratio} | {1e3 / v:.0f} | {med_rss[k]:.2f} |")
     if fractions:
         print(f"support mask: {', '.join(f'{100 * f:.1f}' for f in fractions)} % of the box")
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import io
 import math
 import os
 
@@ -300,9 +302,12 @@ def test_search_reads_full_box_when_training_box_is_smaller(sharp_dataset, singl
     vols = torch.from_numpy(read_volume(os.path.join(sharp_dataset, "gt", "state_000.mrc"))[0]).float()[None]
     sub = dataclasses.replace(data, indices=data.indices[:5], poses=data.poses.subset(np.arange(5)),
                               ctf=data.ctf.subset(np.arange(5)))
-    res = search_with_references(vols, np.zeros(5, dtype=np.int64), _particles(sub), sub.poses.rotations,
-                                 sub.poses.shifts_px, PoseSearchConfig(fine_levels=0), progress=False)
+    log = io.StringIO()  # a batch job's log: plain progress lines, no carriage-return redraws
+    with contextlib.redirect_stderr(log):
+        res = search_with_references(vols, np.zeros(5, dtype=np.int64), _particles(sub), sub.poses.rotations,
+                                     sub.poses.shifts_px, PoseSearchConfig(fine_levels=0), progress="lines")
     assert res.rotations.shape == (5, 3, 3) and res.shifts_px.shape == (5, 2)
+    assert "pose search: step 5/5 (100%)" in log.getvalue() and "\r" not in log.getvalue()
     with pytest.raises(ValueError, match="references"):
         search_with_references(vols[:, :16, :16, :16], np.zeros(5, dtype=np.int64), _particles(sub),
                                sub.poses.rotations, sub.poses.shifts_px, progress=False)

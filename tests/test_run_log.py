@@ -25,7 +25,7 @@ from cryoformer.trainer.build import build_run
 from cryoformer.trainer.data import load_particle_data
 from cryoformer.trainer.loop import Trainer
 from cryoformer.trainer.step import StopFlag
-from cryoformer.trainer.progress import BARS, LINES, OFF, Progress, progress_style
+from cryoformer.progress import BARS, LINES, OFF, Progress, progress_style
 
 from test_trainer_helpers import (BOX, N_PARTICLES, checkpoint_params, make_dataset, max_param_diff, read_log,
                                   tiny_model_config, train_config)
@@ -322,7 +322,7 @@ def test_a_budget_too_short_for_the_passes_is_said_at_the_start(data_dir, tmp_pa
     """When the passes after a stop need more than half of --max-minutes, the first training
     step says so (run.log), with the budget that would fit; a long enough budget says nothing."""
     info = dist_mod.setup("cpu")
-    for minutes, warned in ((0.001, True), (600.0, False)):
+    for minutes, warned in ((1e-6, True), (600.0, False)):
         out = tmp_path / f"budget{minutes}"
         cfg = train_config(data_dir, out, epochs=1, heldout_fraction=0.5, max_minutes=minutes)
         trainer = Trainer(build_run(cfg, tiny_model_config(), info, resume=False, command_line=None), info,
@@ -331,6 +331,8 @@ def test_a_budget_too_short_for_the_passes_is_said_at_the_start(data_dir, tmp_pa
         trainer._trained_images, trainer._training_s = 10, 0.5
         trainer._check_budget()
         assert trainer._latent_s_per_particle is not None and trainer._latent_s_per_particle > 0
+        # the held-out pass is probed too (forward only), not taken from the training time
+        assert trainer._heldout_s_per_image is not None and trainer._heldout_s_per_image != 0.05
         trainer.runlog.close()
         trainer.log.close()
         text = (out / "run.log").read_text()

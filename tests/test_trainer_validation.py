@@ -14,7 +14,8 @@ from cryoformer.errors import InputError
 from cryoformer.trainer import load_run, train
 from cryoformer.trainer import epoch_hooks
 from cryoformer.trainer.data import BatchPlan, load_particle_data
-from cryoformer.trainer.validation import ValidationHistory, heldout_count, heldout_loss, split_heldout
+from cryoformer.trainer.validation import (ValidationHistory, heldout_count, heldout_loss, heldout_losses,
+                                           split_heldout)
 
 from test_trainer_helpers import N_PARTICLES, make_dataset, read_log, tiny_model_config, train_config
 
@@ -91,6 +92,17 @@ def test_run_holds_out_images_and_loads_the_best_epoch(data_dir, tmp_path):
     assert again == pytest.approx(mses[loaded.epoch - 1], rel=1e-5)
     empty = float((data.images(rows) ** 2).mean())
     assert again < empty
+    # each epoch's per-image losses, in the order of heldout_indices.npy: their mean is the logged
+    # loss, and each is that image's own error
+    for epoch, mse in enumerate(mses, start=1):
+        per_image = np.load(os.path.join(run, "heldout_loss", f"epoch_{epoch:03d}.npy"))
+        assert per_image.shape == (held.size,) and float(per_image.mean()) == pytest.approx(mse, rel=1e-5)
+    in_file_order = np.array([int(np.flatnonzero(data.indices == h)[0]) for h in held])
+    mine = heldout_losses(loaded.model, data, in_file_order, torch.device("cpu"), predicted_poses=False)
+    np.testing.assert_allclose(per_image if loaded.epoch == len(mses) else
+                               np.load(os.path.join(run, "heldout_loss", f"epoch_{loaded.epoch:03d}.npy")),
+                               mine, rtol=1e-4)
+    assert np.ptp(mine) > 0  # per image, not one number repeated
 
 
 def test_heldout_zero_keeps_the_latest_epoch(data_dir, tmp_path):
@@ -108,7 +120,7 @@ def test_early_stop_when_heldout_loss_stops_improving(data_dir, tmp_path, monkey
     # The stopping rule, isolated from training noise: the held-out loss is made to rise after
     # epoch 1, so a patience of 2 epochs must stop after epoch 3 of 10.
     values = iter([0.5, 0.6, 0.7, 0.8, 0.9])
-    monkeypatch.setattr(epoch_hooks, "heldout_loss", lambda *a, **k: next(values))
+    monkeypatch.setattr(epoch_hooks, "heldout_losses", lambda *a, rows=None, **k: np.full(3, next(values)))
     cfg = train_config(data_dir, tmp_path / "run", epochs=10, heldout_fraction=0.5, early_stop_epochs=2)
     result = train(cfg, tiny_model_config(), progress=False)
     assert result.stopped == "early" and result.epoch == 3

@@ -50,10 +50,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from cryoformer.physics.fourier import frequency_grid_2d
 from cryoformer.physics.slice_projector import FourierSliceProjector
+from cryoformer.progress import Progress, resolve_style
 
 from .config import PoseSearchConfig
 from .grids import SearchLevel, angle_to, fit_prior_sigma, information_band, search_levels
@@ -135,7 +134,7 @@ class _CoarseFits:
 def search_poses(particles: Particles, rotations: np.ndarray, shifts_px: np.ndarray, latents: np.ndarray,
                  config: PoseSearchConfig = PoseSearchConfig(), *, decode: Optional[Decoder] = None,
                  model_box_size: Optional[int] = None, prior_rotations: Optional[np.ndarray] = None,
-                 seed: int = 0, progress: bool = True, reference_rows: Optional[np.ndarray] = None,
+                 seed: int = 0, progress=True, reference_rows: Optional[np.ndarray] = None,
                  device: Optional[torch.device] = None) -> PoseSearchResult:
     """Refine every particle's pose around ``(rotations, shifts_px)`` against the references
     ``config.reference`` names (:func:`~.references.make_references`).
@@ -161,8 +160,9 @@ def search_poses(particles: Particles, rotations: np.ndarray, shifts_px: np.ndar
         Centre of the angle prior (the user's input poses); default ``rotations``.
     seed : int
         For K-means.
-    progress : bool
-        Show a progress bar.
+    progress : bool or str
+        A style of :mod:`cryoformer.progress` (``"bars"``, ``"lines"``, ``"off"``), or a bool
+        (True: a bar on a terminal, plain lines in a log file).
     reference_rows : np.ndarray, optional
         Positions of the particles back-projected into the references (default all; every
         particle is searched either way).
@@ -223,7 +223,7 @@ class _LocalSearch:
         """``(positions [b], spectra [b, M], ctf [b, M])`` of every particle, on the device."""
         return self.particles.spectra(self.band, self.device)
 
-    def score_coarse(self, rot: torch.Tensor, t: torch.Tensor, bar: tqdm) -> _CoarseFits:
+    def score_coarse(self, rot: torch.Tensor, t: torch.Tensor, bar: Progress) -> _CoarseFits:
         """Every particle at its current pose ``(rot [N, 3, 3], t [N, 2])`` and on the coarse grid."""
         n, coarse = len(rot), self.levels[0]
         n_rot = len(coarse.rotations)
@@ -286,7 +286,7 @@ def _fit_noise_and_prior(fits: _CoarseFits, config: PoseSearchConfig) -> tuple[f
 def search_with_references(volumes: torch.Tensor, labels: np.ndarray, particles: Particles,
                            rotations: np.ndarray, shifts_px: np.ndarray,
                            config: PoseSearchConfig = PoseSearchConfig(),
-                           prior_rotations: Optional[np.ndarray] = None, progress: bool = True,
+                           prior_rotations: Optional[np.ndarray] = None, progress=True,
                            device: Optional[torch.device] = None,
                            model_box_size: Optional[int] = None) -> PoseSearchResult:
     """The search of :func:`search_poses` against given reference volumes.
@@ -316,7 +316,9 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, particles:
     # copies: the caller's arrays are the poses the search started from
     rot = torch.from_numpy(np.asarray(rotations, dtype=np.float32)).to(dev, copy=True)  # [N, 3, 3]
     t = torch.from_numpy(np.asarray(shifts_px, dtype=np.float32)).to(dev, copy=True)  # [N, 2]
-    bar = tqdm(total=2 * n, desc="pose search", disable=not progress, leave=False)
+    # a step per particle for the coarse level and one for the fine ones; plain lines in a batch log
+    steps = n if len(search.levels) == 1 else 2 * n
+    bar = Progress(steps, "pose search", resolve_style(progress), unit="particle", images_per_step=1)
     fits = search.score_coarse(rot, t, bar)
     noise_power, sigma_p = _fit_noise_and_prior(fits, config)
     post = -fits.errors / (2 * noise_power) + _log_prior(fits.angles_rad, sigma_p)  # [N, C]
@@ -351,7 +353,7 @@ def _take_best_coarse(coarse: SearchLevel, fits: _CoarseFits, post: np.ndarray, 
 
 
 def _refine_all(search: _LocalSearch, fits: _CoarseFits, keep: np.ndarray, noise_power: float,
-                sigma_p: float, final: np.ndarray, rot: torch.Tensor, t: torch.Tensor, bar: tqdm) -> None:
+                sigma_p: float, final: np.ndarray, rot: torch.Tensor, t: torch.Tensor, bar: Progress) -> None:
     """The fine levels for every particle from its ``keep`` best coarse poses; a particle moves
     where the last level's best beats ``final`` (``final``, ``rot``, ``t`` updated in place)."""
     coarse_rot = search.levels[0].rotations

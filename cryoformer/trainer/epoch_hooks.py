@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .data import ParticleData
 from .distributed import DistInfo
 from .inference import encode_particles
-from .validation import ValidationHistory, heldout_loss
+from .validation import ValidationHistory, heldout_losses
 
 logger = logging.getLogger("cryoformer.trainer.loop")  # one logger for the whole training log
 
@@ -81,12 +81,13 @@ def update_support(model: CryoFormer, data: ParticleData, rows: np.ndarray, seed
 
 
 def validate(model: CryoFormer, data: ParticleData, current_poses: Poses, heldout_rows: np.ndarray,
-             device: torch.device, config: TrainConfig, world: int, progress=False) -> float:
-    """Held-out image loss of the current model (:func:`.validation.heldout_loss`).
+             device: torch.device, config: TrainConfig, world: int, progress=False) -> np.ndarray:
+    """Per-image held-out loss ``[m]`` of the current model (:func:`.validation.heldout_losses`),
+    in the order of ``heldout_rows``.
 
     ``data`` holds the input poses; ``current_poses`` are the run's (refined by
     ``--pose-search``). ``world``: DDP processes (the batch is the per-rank training batch).
-    ``progress``: a style of :mod:`.progress` or a bool.
+    ``progress``: a style of :mod:`cryoformer.progress` or a bool.
     """
     # With --pose-search the held-out images are scored at their searched poses, so the loss
     # measures model and poses together and the best epoch is one whose poses were refined
@@ -95,7 +96,7 @@ def validate(model: CryoFormer, data: ParticleData, current_poses: Poses, heldou
     # image against thousands of pixels, which leaks too little to matter; the model itself
     # never trains on them.
     scored = data.with_poses(current_poses) if config.search.pose_search else data
-    return heldout_loss(model, scored, heldout_rows, device,
+    return heldout_losses(model, scored, heldout_rows, device,
                         predicted_poses=config.refinement.refine_poses, amp=config.runtime.amp,
                         batch_size=max(1, min(64, 2 * config.optimisation.batch_size // world)),
                         progress=progress)
@@ -109,19 +110,20 @@ def early_stop_due(history: ValidationHistory, early_stop_epochs: Optional[int],
 
 def search_training_poses(model: CryoFormer, data: ParticleData, poses: Poses, heldout_rows: np.ndarray,
                           epoch: int, config: TrainConfig, device: torch.device, info: DistInfo,
-                          progress: bool) -> tuple[Poses, Optional[np.ndarray]]:
+                          progress) -> tuple[Poses, Optional[np.ndarray]]:
     """MAP pose search (:mod:`cryoformer.refinement`) on rank 0 around the run's current
     ``poses``, broadcast to every rank. The prior is centred on the input poses (``data.poses``);
     held-out images are searched but never shape the references.
 
     Returns the searched poses and the latents ``[N, zdim]`` it encoded (rank 0; None
-    elsewhere), which are this epoch's latents: the search does not change the model."""
+    elsewhere), which are this epoch's latents: the search does not change the model.
+    ``progress``: a style of :mod:`cryoformer.progress` (plain lines in a batch job's log)."""
     opts, d0 = config.search, data.original_box
     rot, shifts = poses.rotations, poses.shifts_px
     z = None
     if info.is_main:
         t0 = time.monotonic()
-        z = encode_particles(model, data, device)["z"]
+        z = encode_particles(model, data, device, progress=progress)["z"]
         particles = data.search_particles()
         search = PoseSearchConfig.from_degrees(opts.pose_search_radius_deg, opts.pose_search_prior_deg,
                                                reference=opts.pose_search_reference,

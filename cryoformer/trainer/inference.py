@@ -14,7 +14,7 @@ import torch
 from cryoformer.model import CryoFormer
 
 from .data import ParticleData, make_loader
-from .progress import OFF, Progress, resolve_style
+from cryoformer.progress import OFF, Progress, resolve_style
 
 # Images per encoder call: large batches, the encoders are small MLPs.
 ENCODE_BATCH = 256
@@ -39,7 +39,7 @@ def encode_particles(model: CryoFormer, data: ParticleData, device: torch.device
     batch_size : int
         Images per encoder call.
     progress : bool or str
-        A style of :mod:`.progress` (``"bars"``, ``"lines"``, ``"off"``), or a bool (True:
+        A style of :mod:`cryoformer.progress` (``"bars"``, ``"lines"``, ``"off"``), or a bool (True:
         bars on a terminal, plain lines elsewhere).
 
     Returns

@@ -44,7 +44,7 @@ from .checkpoint import CHECKPOINT_FORMAT, capture_rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import make_loader
 from .inference import encode_particles
-from .progress import BARS, OFF, Progress, progress_style
+from cryoformer.progress import OFF, Progress, progress_style
 from .runlog import RunLog, end_line, epoch_line, start_lines
 from .step import LossAccumulator, LossModule, StopFlag, step_seed
 from .trainlog import TrainLog
@@ -300,9 +300,10 @@ class Trainer:
     def _passes_after_stop_s(self) -> tuple[float, float]:
         """Estimated seconds of the passes that follow a time stop: (held-out, latents).
 
-        Held-out: the last held-out pass's time per image when one ran in this process, else the
-        training time per image so far (scoring renders without the backward pass, so this
-        over-estimates, by about 2.7× at D = 64 on 2 CPU cores). Latents: the latent pass's
+        Held-out: the last held-out pass's time per image when one ran in this process (or the
+        probe of :meth:`_check_budget`), else the training time per image so far (scoring
+        renders without the backward pass, so this over-estimates, by about 2.7× at D = 64 on 2
+        CPU cores). Latents: the latent pass's
         time per particle (probed at the start of training, then measured) times the number of
         particles; at D = 128 read and cropped to 64 it costs about 0.15 ms per particle on 2 CPU
         cores, so 70 s at 450 000 particles (docs/benchmarks.md). 0 where nothing is known yet."""
@@ -325,7 +326,8 @@ class Trainer:
         return min(sum(self._passes_after_stop_s()), 0.5 * budget_s)
 
     def _check_budget(self) -> None:
-        """Once, after the first training step of a budgeted run: probe the latent pass and say
+        """Once, after the first training step of a budgeted run: probe the latent and held-out
+        passes (a few hundred and a few dozen images) and say
         (stderr and run.log) when the passes after a stop need more than half the budget, so a
         batch job's limit can be raised before it is overrun rather than after."""
         self._budget_checked = True
@@ -334,6 +336,10 @@ class Trainer:
             return
         if self._latent_s_per_particle is None:
             self._latent_s_per_particle = self._probe_latent_cost()
+        if self._heldout_s_per_image is None and self.run.heldout_rows.size:
+            # the training time per image over-estimates scoring about 2.7× (no backward pass):
+            # a warning from it would cry wolf (100 000 particles in 90 s: warned, ended at 70 s)
+            self._heldout_s_per_image = self._probe_heldout_cost()
         heldout, latents = self._passes_after_stop_s()
         budget_s = 60.0 * budget
         if heldout + latents > 0.5 * budget_s:
@@ -343,6 +349,14 @@ class Trainer:
                 f"{latents:.0f} s), more than half the budget; the run will end about "
                 f"{heldout + latents - 0.5 * budget_s:.0f} s late. Give at least "
                 f"--max-minutes {math.ceil(2 * (heldout + latents) / 60.0)}")
+
+    def _probe_heldout_cost(self, n_probe: int = 32) -> float:
+        """Seconds per image of the held-out pass, timed on its first ``n_probe`` images."""
+        rows = self.run.heldout_rows[:n_probe]
+        t0 = time.monotonic()
+        epoch_hooks.validate(self.model, self.run.data, self.state.poses, rows, self.device, self.config,
+                             self.info.world)
+        return (time.monotonic() - t0) / max(rows.size, 1)
 
     def _probe_latent_cost(self, n_probe: int = 256) -> float:
         """Seconds per particle of the latent pass (reading, cropping, encoding), timed on
@@ -432,7 +446,7 @@ class Trainer:
             t0 = time.monotonic()
             state.poses, latents = epoch_hooks.search_training_poses(
                 self.model, run.data, state.poses, run.heldout_rows, epoch, cfg, self.device, self.info,
-                self.style == BARS)
+                self.style)
             self._log_pass(f"pose search (after epoch {epoch}): {len(run.data)} particles", t0)
         stop_early = False
         if self.info.is_main:
@@ -451,8 +465,10 @@ class Trainer:
         """Held-out loss of this epoch's model → history and log; True to stop early."""
         run, state = self.run, self.state
         t0 = time.monotonic()
-        mse = epoch_hooks.validate(self.model, run.data, state.poses, run.heldout_rows, self.device,
-                                   self.config, self.info.world, progress=self.style)
+        losses = epoch_hooks.validate(self.model, run.data, state.poses, run.heldout_rows, self.device,
+                                      self.config, self.info.world, progress=self.style)  # [m]
+        mse = float(losses.mean())
+        outputs.write_heldout_losses(self.run_dir, out_epoch, losses)  # colours the explorer
         self._heldout_s_per_image = (time.monotonic() - t0) / max(run.heldout_rows.size, 1)
         self._log_pass(f"held-out (epoch {out_epoch}): {run.heldout_rows.size} images, mse {mse:.5g}", t0)
         self._epoch_news["heldout"] = mse

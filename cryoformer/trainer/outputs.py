@@ -42,6 +42,8 @@ HELDOUT_NAME = "heldout_indices.npy"
 CHECKPOINT_DIR = "checkpoints"
 LATENT_DIR = "latents"
 POSE_DIR = "poses"
+# Per-image loss of the held-out images after each epoch, in the order of HELDOUT_NAME.
+HELDOUT_LOSS_DIR = "heldout_loss"
 LAST_NAME = "last.pt"
 
 CONTRAST_NOTE = ("images were multiplied by -1 before training (default; RELION/cryoSPARC "
@@ -52,7 +54,7 @@ CONTRAST_NOTE = ("images were multiplied by -1 before training (default; RELION/
 # Everything ``train`` writes in a run directory (and the analyses made of it), relative names:
 # what ``--force`` removes before a run starts again, and nothing else.
 RUN_ENTRIES = (CONFIG_NAME, INDICES_NAME, HELDOUT_NAME, "run.log", "log.csv", "pose_errors.csv",
-               "validation.json", CHECKPOINT_DIR, LATENT_DIR, POSE_DIR, "tensorboard")
+               "validation.json", CHECKPOINT_DIR, LATENT_DIR, POSE_DIR, HELDOUT_LOSS_DIR, "tensorboard")
 DERIVED_PATTERNS = ("analysis", "analysis.*", "evaluation", "evaluation.*")
 
 
@@ -119,8 +121,8 @@ def read_config_yaml(run_dir: str) -> Optional[dict[str, Any]]:
 
 
 def epoch_file(run_dir: str, kind: str, epoch: int) -> str:
-    """Path of a per-epoch file: ``kind`` in {"checkpoints", "latents", "poses"}."""
-    ext = {CHECKPOINT_DIR: ".pt", LATENT_DIR: ".npy", POSE_DIR: ".pkl"}[kind]
+    """Path of a per-epoch file: ``kind`` in {"checkpoints", "latents", "poses", "heldout_loss"}."""
+    ext = {CHECKPOINT_DIR: ".pt", LATENT_DIR: ".npy", POSE_DIR: ".pkl", HELDOUT_LOSS_DIR: ".npy"}[kind]
     return os.path.join(run_dir, kind, f"epoch_{epoch:03d}{ext}")
 
 
@@ -197,6 +199,15 @@ def write_latents(run_dir: str, epoch: int, z: np.ndarray) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_open(path, "wb") as handle:
         np.save(handle, np.ascontiguousarray(z, dtype=np.float32))
+    return path
+
+
+def write_heldout_losses(run_dir: str, epoch: int, losses: np.ndarray) -> str:
+    """``[m]`` float32 per-image held-out MSE of an epoch (order of ``heldout_indices.npy``)."""
+    path = epoch_file(run_dir, HELDOUT_LOSS_DIR, epoch)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_open(path, "wb") as handle:
+        np.save(handle, np.asarray(losses, dtype=np.float32))
     return path
 
 

@@ -27,7 +27,7 @@ import torch
 
 from cryoformer import __version__
 
-from .progress import format_duration
+from cryoformer.progress import format_duration
 
 RUN_LOG_NAME = "run.log"
 

@@ -35,7 +35,7 @@ import torch
 from cryoformer.io.atomic import atomic_open
 
 from .data import ParticleData, make_loader
-from .progress import OFF, Progress, resolve_style
+from cryoformer.progress import OFF, Progress, resolve_style
 
 VALIDATION_NAME = "validation.json"
 # Held-out images per forward call, at most: no gradients, so a few training batches' worth
@@ -68,11 +68,20 @@ def split_heldout(n: int, fraction: float, maximum: int, seed: int) -> tuple[np.
     return np.flatnonzero(keep).astype(np.int64), held
 
 
-@torch.no_grad()
 def heldout_loss(model, data: ParticleData, rows: np.ndarray, device: torch.device,
                  predicted_poses: bool, amp: bool = False, batch_size: int = VAL_BATCH,
                  progress=OFF) -> float:
-    """Mean per-image MSE of the model's predictions of the held-out images.
+    """Mean per-image MSE of the model's predictions of the held-out images (the mean of
+    :func:`heldout_losses`, same parameters; 0 for no image)."""
+    losses = heldout_losses(model, data, rows, device, predicted_poses, amp, batch_size, progress)
+    return float(losses.mean()) if losses.size else 0.0
+
+
+@torch.no_grad()
+def heldout_losses(model, data: ParticleData, rows: np.ndarray, device: torch.device,
+                   predicted_poses: bool, amp: bool = False, batch_size: int = VAL_BATCH,
+                   progress=OFF) -> np.ndarray:
+    """Per-image MSE of the model's predictions of the held-out images.
 
     Parameters
     ----------
@@ -89,16 +98,18 @@ def heldout_loss(model, data: ParticleData, rows: np.ndarray, device: torch.devi
     batch_size : int
         Images per forward call.
     progress : bool or str
-        A style of :mod:`.progress`, or a bool (True: bars on a terminal, plain lines elsewhere).
+        A style of :mod:`cryoformer.progress`, or a bool (True: bars on a terminal, plain lines elsewhere).
 
     Returns
     -------
-    float
-        Mean over images of the per-pixel squared error (units of the normalised images²).
+    np.ndarray
+        ``[m]`` float64, the mean per-pixel squared error of each image, in the order of
+        ``rows`` (units of the normalised images²).
     """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    losses = np.empty(rows.size, dtype=np.float64)
+    done = 0
     batches = [rows[i:i + batch_size] for i in range(0, rows.size, batch_size)]
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
@@ -112,12 +123,12 @@ def heldout_loss(model, data: ParticleData, rows: np.ndarray, device: torch.devi
                 out = model(images, batch["rotations"].to(device), batch["shifts_px"].to(device), ctf,
                             pose_source="predicted" if predicted_poses else "given")
             err = ((out["pred_images"].float() - images) ** 2).mean(dim=(-2, -1))  # [b]
-            total += float(err.sum())
-            count += int(err.numel())
+            losses[done:done + err.numel()] = err.double().cpu().numpy()
+            done += int(err.numel())
     finally:
         bar.close()
         model.train(was_training)
-    return total / max(count, 1)
+    return losses
 
 
 class ValidationHistory:

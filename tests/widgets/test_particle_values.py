@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -124,3 +125,27 @@ def test_robust_limits_view_box_and_levels():
     assert robust_view_box(np.zeros((3, 2))) == [-0.05, 0.05, -0.05, 0.05]
     levels = colour_levels(np.array([-5.0, 0.0, 0.5, 1.0, 7.0, np.nan]), 0.0, 1.0)
     assert levels.tolist() == [0, 0, 127, 254, 254, 255]
+
+
+def test_heldout_losses_colour_the_heldout_particles(tiny_run, tmp_path):
+    """``heldout_mse``: each held-out image's loss at the run's epoch, on the right particle (the
+    file's order is that of heldout_indices.npy, original stack indices); NaN for the others."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    run = load_run(str(copy))
+    rows = np.asarray(run.particle_indices)
+    held = np.array([rows[7], rows[2]])  # not in the run's order
+    np.save(copy / "heldout_indices.npy", held)
+    (copy / "heldout_loss").mkdir(exist_ok=True)
+    np.save(copy / "heldout_loss" / f"epoch_{run.epoch:03d}.npy", np.array([0.7, 0.3], np.float32))
+    meta, notes = read_run_metadata(load_run(str(copy)))
+    assert notes == []
+    value = values_from_metadata(meta)["heldout_mse"]
+    assert value.kind == CONTINUOUS
+    expected = np.full(rows.size, np.nan, np.float32)
+    expected[7], expected[2] = 0.7, 0.3
+    np.testing.assert_array_equal(value.values, expected)
+    # a file that does not match the held-out list is said, not misread
+    np.save(copy / "heldout_loss" / f"epoch_{run.epoch:03d}.npy", np.array([0.7], np.float32))
+    meta, notes = read_run_metadata(load_run(str(copy)))
+    assert meta.heldout_mse is None and len(notes) == 1 and "1 values for 2 images" in notes[0]

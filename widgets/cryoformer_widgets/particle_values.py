@@ -4,7 +4,8 @@ A run keeps its particles' metadata where training read it: the CTF and the inpu
 from the ``--ctf`` / ``--poses`` files, or from the ``.star`` / ``.cs`` particle file itself,
 paired with the stack's images exactly as ``cryoformer train`` paired them
 (:func:`cryoformer.io.load_paired_metadata`); refined poses from ``RUN/poses/epoch_XXX.pkl``
-(row ``r`` = the run's particle ``r``); the held-out images from ``RUN/heldout_indices.npy``.
+(row ``r`` = the run's particle ``r``); the held-out images from ``RUN/heldout_indices.npy`` and
+their losses at the run's epoch from ``RUN/heldout_loss/``.
 :func:`read_run_metadata` gathers what is there and :func:`values_from_metadata` turns it into
 named values::
 
@@ -84,6 +85,9 @@ class ParticleMetadata:
         Poses after refinement (``--refine-poses`` / ``--pose-search``), same box.
     heldout : np.ndarray or None
         ``[N]`` bool, True for an image held out of training.
+    heldout_mse : np.ndarray or None
+        ``[N]`` float32, each held-out image's loss at the run's epoch (mean squared error of
+        its prediction, normalised images²); NaN for the images training used.
     sources : dict
         Path each field was read from.
     """
@@ -92,6 +96,7 @@ class ParticleMetadata:
     input_poses: Optional[Poses] = None
     refined_poses: Optional[Poses] = None
     heldout: Optional[np.ndarray] = None
+    heldout_mse: Optional[np.ndarray] = None
     sources: Optional[Dict[str, str]] = None
 
 
@@ -152,6 +157,25 @@ def _read_run_files(run, meta: dict, notes: List[str]) -> None:
         if heldout.size:
             meta["heldout"] = np.isin(rows, heldout)
             meta["sources"]["heldout"] = heldout_path
+            _read_heldout_losses(run, rows, heldout, meta, notes)
+
+
+def _read_heldout_losses(run, rows: np.ndarray, heldout: np.ndarray, meta: dict, notes: List[str]) -> None:
+    """The held-out images' losses at the run's epoch (``RUN/heldout_loss/epoch_XXX.npy``, in
+    the order of ``heldout_indices.npy``), placed on the run's particles."""
+    epoch = getattr(run, "epoch", None)
+    if epoch is None:
+        return
+    path = outputs.epoch_file(run.run_dir, outputs.HELDOUT_LOSS_DIR, int(epoch))
+    if not os.path.isfile(path):
+        return  # a run written before per-image losses were kept
+    losses = np.load(path, allow_pickle=False).reshape(-1)
+    if losses.size != heldout.size:
+        notes.append(f"held-out losses not read: {path} has {losses.size} values for {heldout.size} images")
+        return
+    by_index = dict(zip(heldout.tolist(), losses.tolist()))
+    meta["heldout_mse"] = np.array([by_index.get(int(r), np.nan) for r in rows], dtype=np.float32)
+    meta["sources"]["heldout_mse"] = path
 
 
 def read_run_metadata(run) -> Tuple[ParticleMetadata, List[str]]:
@@ -213,6 +237,9 @@ def values_from_metadata(meta: ParticleMetadata) -> Dict[str, ParticleValue]:
     if meta.heldout is not None:
         out["held_out"] = ParticleValue("held_out", np.asarray(meta.heldout, dtype=np.int64), CATEGORICAL,
                                         src.get("heldout", ""))
+    if meta.heldout_mse is not None:
+        out["heldout_mse"] = ParticleValue("heldout_mse", np.asarray(meta.heldout_mse, dtype=np.float32),
+                                           CONTINUOUS, src.get("heldout_mse", ""))
     return out
 
 
