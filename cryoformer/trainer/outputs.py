@@ -194,21 +194,23 @@ def write_indices(run_dir: str, indices: np.ndarray, name: str = INDICES_NAME) -
         np.save(handle, np.asarray(indices, dtype=np.int64))
 
 
-def write_latents(run_dir: str, epoch: int, z: np.ndarray) -> str:
-    path = epoch_file(run_dir, LATENT_DIR, epoch)
+def _write_epoch_array(run_dir: str, kind: str, epoch: int, array: np.ndarray) -> str:
+    """An epoch's float32 ``.npy`` under ``run_dir/kind/``, written atomically."""
+    path = epoch_file(run_dir, kind, epoch)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_open(path, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(z, dtype=np.float32))
+        np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
     return path
+
+
+def write_latents(run_dir: str, epoch: int, z: np.ndarray) -> str:
+    """``[N, zdim]`` latents of an epoch."""
+    return _write_epoch_array(run_dir, LATENT_DIR, epoch, z)
 
 
 def write_heldout_losses(run_dir: str, epoch: int, losses: np.ndarray) -> str:
     """``[m]`` float32 per-image held-out MSE of an epoch (order of ``heldout_indices.npy``)."""
-    path = epoch_file(run_dir, HELDOUT_LOSS_DIR, epoch)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_open(path, "wb") as handle:
-        np.save(handle, np.asarray(losses, dtype=np.float32))
-    return path
+    return _write_epoch_array(run_dir, HELDOUT_LOSS_DIR, epoch, losses)
 
 
 def write_refined_poses(run_dir: str, epoch: int, rotations: np.ndarray, shifts_px: np.ndarray,
