@@ -21,11 +21,12 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Dict, Hashable, Optional
 
 import numpy as np
+import torch
 
-__all__ = ["VolumeCache", "DecodeResult", "DecodeWorker", "latent_key"]
+__all__ = ["VolumeCache", "DecodeResult", "DecodeWorker", "KnownMapsDecoder", "latent_key"]
 
 
 def latent_key(z: np.ndarray, D: int) -> tuple:
@@ -87,6 +88,37 @@ class VolumeCache:
         with self._lock:
             self._items.clear()
 
+
+
+class KnownMapsDecoder:
+    """The ``model`` :func:`~cryoformer.analysis.traversal.write_series` decodes with when a front
+    end already holds the series' maps: those maps (keyed by :func:`latent_key`), else
+    ``fallback(z [zdim], D) → [D, D, D]`` (e.g. ``RunSession.volume_at``), so an export writes
+    what was shown without decoding it again.
+
+    Parameters
+    ----------
+    known : dict
+        ``latent_key(z, D)`` → ``[D, D, D]`` float32 map.
+    fallback : callable, optional
+        Decodes a latent that is not known; None: every latent asked for must be known.
+    """
+
+    def __init__(self, known: Dict[tuple, np.ndarray],
+                 fallback: Optional[Callable[[np.ndarray, int], np.ndarray]] = None) -> None:
+        self._known, self._fallback = known, fallback
+
+    def decode_volume(self, z: np.ndarray, D: int) -> torch.Tensor:
+        """``[b, D, D, D]`` float32 maps at latents ``z`` ``[b, zdim]``."""
+        vols = []
+        for zi in np.atleast_2d(np.asarray(z, dtype=np.float32)):
+            vol = self._known.get(latent_key(zi, D))
+            if vol is None:
+                if self._fallback is None:
+                    raise KeyError(f"no map known at this latent for a {D}³ box")
+                vol = self._fallback(zi, D)
+            vols.append(vol)
+        return torch.from_numpy(np.stack(vols))
 
 @dataclass
 class DecodeResult:

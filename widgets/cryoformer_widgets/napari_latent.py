@@ -48,12 +48,11 @@ from matplotlib.figure import Figure
 from matplotlib.widgets import LassoSelector
 from napari.utils.notifications import show_error, show_info
 
-from cryoformer.analysis.render import series_level
-from cryoformer.analysis.traversal import (LatentPath, chimerax_script, graph_path, resample_path, straight_path,
-                                           write_series_movie)
-from cryoformer.io import write_volume
+from cryoformer.analysis.traversal import (LatentPath, SeriesConfig, graph_path, resample_path, straight_path,
+                                           write_series)
 from cryoformer.io.atomic import staged_directory
 
+from .decode_worker import KnownMapsDecoder, latent_key
 from .napari_layers import LayerData, add_or_update, default_iso_level
 from .particle_values import CATEGORICAL, robust_limits
 from .session import KMEANS, RunSession
@@ -199,19 +198,13 @@ def export_trajectory(traj: Trajectory, out_dir: str, movie: bool = True) -> dic
     if os.path.lexists(out_dir):
         raise FileExistsError(f"{out_dir} exists; a trajectory is written into a new folder")
     voxel = traj.voxel_size if traj.unit == "angstrom" else 1.0  # MRC has no unit-free voxel size
-    names = [f"vol_{i:03d}.mrc" for i in range(len(traj.volumes))]
-    level = series_level(traj.volumes, 1.5)
+    D = int(traj.volumes.shape[-1])
+    # the core's series writer, fed the maps already shown instead of decoding them again
+    maps = KnownMapsDecoder({latent_key(z, D): v for z, v in zip(traj.latents, traj.volumes)})
+    path = LatentPath(np.asarray(traj.latents, dtype=np.float32), traj.description)
     with staged_directory(out_dir) as stage:
-        for name, vol in zip(names, traj.volumes):
-            write_volume(os.path.join(stage, name), vol, voxel)
-        np.savetxt(os.path.join(stage, "z_path.txt"), traj.latents, fmt="%.9g")
-        with open(os.path.join(stage, "open_series.cxc"), "w", encoding="utf-8") as fh:
-            fh.write(chimerax_script(names, level, traj.description))
-        files = names + ["z_path.txt", "open_series.cxc"]
-        if movie:
-            paths = [os.path.join(stage, name) for name in names]
-            files += [os.path.basename(p) for p in write_series_movie(paths, os.path.join(stage, "movie.gif"), level)]
-    return {"folder": out_dir, "files": files, "level": level}
+        result = write_series(maps, path, stage, voxel, SeriesConfig(box_size=D, movie=movie, progress=False))
+    return {"folder": out_dir, "files": result["files"], "level": result["level"]}
 
 
 class LatentSpacePanel(Container):

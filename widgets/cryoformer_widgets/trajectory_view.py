@@ -41,11 +41,10 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import anywidget
 import numpy as np
-import torch
 import traitlets as t
 from matplotlib import colormaps
 from scipy import ndimage
@@ -57,7 +56,7 @@ from cryoformer.clustering import nearest_on_data
 from cryoformer.io.atomic import staged_directory
 from cryoformer.io.guard import claim_output_dir
 
-from .decode_worker import latent_key
+from .decode_worker import KnownMapsDecoder, latent_key
 from .session import DEFAULT_K, RunSession, pc_label
 
 __all__ = ["Mesh", "mesh_from_volume", "mesh_view_esm", "TrajectoryView", "VolumeView", "TrajectoryBuilder",
@@ -379,23 +378,6 @@ class TrajectorySeries:
     decode_seconds: float
 
 
-class _SeriesDecoder:
-    """The ``model`` :func:`~cryoformer.analysis.traversal.write_series` decodes with: the maps
-    of the series already decoded, else the session's decoder (its one worker thread, which
-    serialises every use of the model)."""
-
-    def __init__(self, session: RunSession, known: Dict[tuple, np.ndarray]) -> None:
-        self._session, self._known = session, known
-
-    def decode_volume(self, z: np.ndarray, D: int) -> torch.Tensor:
-        """``[b, D, D, D]`` float32 maps at latents ``z`` ``[b, zdim]``."""
-        vols = []
-        for zi in np.atleast_2d(np.asarray(z, dtype=np.float32)):
-            vol = self._known.get(latent_key(zi, D))
-            vols.append(vol if vol is not None else self._session.volume_at(zi, D))
-        return torch.from_numpy(np.stack(vols))
-
-
 def _ignore(*_args: Any) -> None:
     """A callback that does nothing (a builder driven from a script)."""
 
@@ -646,7 +628,8 @@ class TrajectoryBuilder:
         voxel, _unit = self.session.voxel_size(D)  # training pixels without a pixel size, as traverse
         config = SeriesConfig(box_size=D, iso_sigma=series.threshold_sigma, fps=fps, movie=movie, progress=False)
         with staged_directory(out) as stage:
-            result = write_series(_SeriesDecoder(self.session, known), series.path, stage, voxel, config)
+            result = write_series(KnownMapsDecoder(known, self.session.volume_at), series.path, stage, voxel,
+                                  config)
         result["out_dir"] = out
         return result
 
