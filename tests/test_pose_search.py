@@ -22,7 +22,7 @@ from cryoformer.physics.rotations import axis_angle_to_matrix, matrix_to_axis_an
 from cryoformer.physics.slice_projector import FourierSliceProjector
 from cryoformer.refinement import (Particles, PoseSearchConfig, backprojected_references, fit_prior_sigma,
                                    rotation_ball, search_poses, search_with_references)
-from cryoformer.refinement.grids import information_band, search_levels
+from cryoformer.refinement.grids import half_band, information_band, search_levels
 from cryoformer.simulation.perturb import perturb_poses
 from cryoformer.trainer import TrainConfig
 from cryoformer.trainer.data import load_particle_data
@@ -167,7 +167,7 @@ def test_fine_levels_cover_one_cell_of_the_previous_grid():
     for factor in (2, 3):
         cfg = PoseSearchConfig(radius_rad=0.36, refine_factor=factor)
         freqs = torch.zeros(1, 2)
-        levels = search_levels(cfg, 64, 0.5, freqs)
+        levels = search_levels(cfg, 64, 0.5, freqs, torch.ones(1))
         steps = cfg.rotation_steps()
         for prev, level, step in zip(steps, levels[1:], steps[1:]):
             vectors = matrix_to_axis_angle(level.rotations)  # [C, 3]
@@ -355,3 +355,23 @@ def test_search_poses_with_a_decoder_needs_no_trainer(sharp_dataset, single_thre
     with pytest.raises(ValueError, match="one latent per particle"):
         search_poses(_particles(data), data.poses.rotations, data.poses.shifts_px, latents[:3], cfg,
                      decode=decode, progress=False)
+
+
+@pytest.mark.parametrize("D", [32, 33])
+@pytest.mark.parametrize("kmax", [0.2, 0.5])
+def test_half_band_sums_equal_the_whole_disc(D, kmax):
+    """Weighted sums over the half band equal the sums over the whole disc for real images:
+    the squared norm, and the cross term with a shifted real image (Hermitian pairs)."""
+    g = torch.Generator().manual_seed(D)
+    a, b = torch.randn(D, D, generator=g), torch.randn(D, D, generator=g)
+    fa, fb = fft2_center(a), fft2_center(b)
+    k = frequency_grid_2d(D, 1.0)
+    disc = k.norm(dim=-1) <= kmax
+    band, w = half_band(D, kmax)
+    assert int(w.sum()) == int(disc.sum()) and int(band.sum()) < 0.6 * int(disc.sum())
+    s = torch.tensor([0.7, -1.3])
+    phase = torch.polar(torch.ones(D, D), -2 * torch.pi * (k.float() @ s))  # [D, D]
+    whole = (fa.conj() * fb * phase)[disc].real.sum()
+    half = ((fa.conj() * fb * phase)[band].real * w).sum()
+    assert torch.allclose(half, whole, rtol=1e-4, atol=1e-2)
+    assert torch.allclose((fa.abs().square()[band] * w).sum(), fa.abs().square()[disc].sum(), rtol=1e-5)

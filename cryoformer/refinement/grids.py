@@ -10,12 +10,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from cryoformer.physics.fourier import frequency_grid_2d
 from cryoformer.physics.rotations import axis_angle_to_matrix
 
 from .config import PoseSearchConfig
 
-__all__ = ["SearchLevel", "rotation_ball", "shift_grid", "angle_to", "fit_prior_sigma", "information_band",
-           "search_levels"]
+__all__ = ["SearchLevel", "rotation_ball", "shift_grid", "angle_to", "fit_prior_sigma", "half_band",
+           "information_band", "search_levels"]
 
 
 class SearchLevel(NamedTuple):
@@ -25,6 +26,7 @@ class SearchLevel(NamedTuple):
     shifts_px: torch.Tensor  # [S, 2] shift offsets
     band: torch.Tensor  # [M] bool: the frequencies of the search band this level scores
     is_last: bool
+    n_coefficients: int  # coefficients of the whole disc the level's band stands for (Hermitian pairs twice)
 
     def to(self, device: torch.device) -> "SearchLevel":
         return self._replace(rotations=self.rotations.to(device), shifts_px=self.shifts_px.to(device),
@@ -116,9 +118,40 @@ def information_band(freqs: torch.Tensor, shell_power: torch.Tensor, fraction: f
     return min(kmax, float(freqs[first]) + step / 2)  # half a shell: shells were rounded
 
 
-def search_levels(config: PoseSearchConfig, D: int, kmax: float, freqs: torch.Tensor) -> list[SearchLevel]:
+def half_band(D: int, kmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frequencies of a ``D × D`` centred spectrum within ``kmax`` (cycles/px) that a search
+    scores, and each one's weight.
+
+    Images and central slices of real objects are Hermitian, ``F(−k) = conj F(k)``, and so is
+    the CTF's (even) product with them: a pair ``±k`` adds the same amount to every squared
+    error, cross term and energy the search computes. One of each pair is scored with weight 2,
+    which halves the slices to interpolate and gives the same sums. The zero frequency, and the
+    frequencies of the first row and column of an even box (``−D/2``, whose partner ``+D/2`` the
+    grid lacks), count once.
+
+    Returns
+    -------
+    band : torch.Tensor
+        ``[D, D]`` bool: the frequencies scored.
+    weights : torch.Tensor
+        ``[M]`` float32 (``M = band.sum()``), 2 or 1, in ``band``'s row-major order.
+    """
+    k = frequency_grid_2d(D, 1.0)  # [D, D, 2] cycles/px
+    disc = k.norm(dim=-1) <= kmax  # [D, D]
+    n = torch.round(k * D).long()  # [D, D, 2] integer frequencies (x, y)
+    highest = D - D // 2 - 1  # the grid holds -(D // 2) … highest: -n is on it when n ≥ -highest
+    paired = (n[..., 0] >= -highest) & (n[..., 1] >= -highest) & (n.abs().sum(-1) > 0)
+    first = (n[..., 1] > 0) | ((n[..., 1] == 0) & (n[..., 0] > 0))  # one of each pair: upper half-plane
+    band = disc & (first | ~paired)
+    weights = torch.where(paired[band] & first[band], 2.0, 1.0).float()
+    return band, weights
+
+
+def search_levels(config: PoseSearchConfig, D: int, kmax: float, freqs: torch.Tensor,
+                  weights: torch.Tensor) -> list[SearchLevel]:
     """The levels of a search, coarse first, over the band ``freqs`` ``[M, 2]`` (cycles/px, up to
-    ``kmax``) of particles of box ``D``.
+    ``kmax``) of particles of box ``D``, each frequency standing for ``weights`` [M] coefficients
+    (:func:`half_band`).
 
     A level with rotation spacing ``h`` scores frequencies up to ``1/(π·(D/2)·h)`` only: a
     rotation by ``h`` moves a point at the box edge by ``h·D/2`` px, a phase of ``π`` at that
@@ -140,5 +173,6 @@ def search_levels(config: PoseSearchConfig, D: int, kmax: float, freqs: torch.Te
             offsets = rotation_ball(step, steps[level - 1] * math.sqrt(3) / 2)  # one cell of the previous grid
             s_step = shift_steps[min(level, len(shift_steps) - 1)]
             shifts = shift_grid(s_step, 3 * s_step)
-        out.append(SearchLevel(axis_angle_to_matrix(offsets), shifts, radius_k <= k_l + 1e-9, last))
+        band = radius_k <= k_l + 1e-9
+        out.append(SearchLevel(axis_angle_to_matrix(offsets), shifts, band, last, int(weights[band].sum())))
     return out

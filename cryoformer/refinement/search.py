@@ -55,7 +55,7 @@ from cryoformer.physics.slice_projector import FourierSliceProjector
 from cryoformer.progress import Progress, resolve_style
 
 from .config import PoseSearchConfig
-from .grids import SearchLevel, angle_to, fit_prior_sigma, information_band, search_levels
+from .grids import SearchLevel, angle_to, fit_prior_sigma, half_band, information_band, search_levels
 from .particles import Particles
 from .references import Decoder, make_references
 
@@ -91,27 +91,42 @@ class PoseSearchResult:
 class _Scorer:
     """Squared errors of one particle against candidate poses (Fourier, within the band)."""
 
-    def __init__(self, projector: FourierSliceProjector, freqs: torch.Tensor) -> None:
+    def __init__(self, projector: FourierSliceProjector, freqs: torch.Tensor, weights: torch.Tensor) -> None:
         self.projector, self.freqs = projector, freqs  # freqs [M, 2] cycles/px
+        self.weights = weights  # [M]: 2 where the frequency stands for its Hermitian partner too
+
+    def shift_basis(self, offsets_px: torch.Tensor, sub: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``exp(−2πi k·δ)`` ``[S, M']`` for shift offsets ``δ`` [S, 2] (px) at the band's
+        frequencies (``sub`` of them): fixed per level, so computed once per search."""
+        freqs = self.freqs if sub is None else self.freqs[sub]  # [M', 2]
+        phase = -2 * torch.pi * (offsets_px @ freqs.T)  # [S, M']
+        return torch.polar(torch.ones_like(phase), phase)
 
     def errors(self, ref: int, image_f: torch.Tensor, ctf: torch.Tensor,
-               rotations: torch.Tensor, shifts: torch.Tensor,
+               rotations: torch.Tensor, shift_px: torch.Tensor, basis: Optional[torch.Tensor] = None,
                sub: Optional[torch.Tensor] = None,
                projector: Optional[FourierSliceProjector] = None) -> torch.Tensor:
-        """``min_a ‖Î − a·CTF·slice(R)·exp(2πi k·s)‖²`` for every rotation [C] × shift [S] → [C, S].
+        """``min_a ‖Î − a·CTF·slice(R)·exp(2πi k·(s + δ))‖²`` for every rotation [C] × shift
+        offset δ [S] → [C, S].
 
         The amplitude ``a ≥ 0`` is fitted per particle and pose (profiled out): the
         reference's scale is arbitrary, and one fixed scale fitted at wrong poses would be
-        too small and favour the projections with the most energy. ``sub`` selects part of
-        the band (``image_f`` and ``ctf`` are then given on that part); ``projector`` the same
-        spectra cropped to that part's band (:meth:`FourierSliceProjector.cropped`)."""
+        too small and favour the projections with the most energy. ``shift_px`` [2] is the
+        shift the offsets are added to; ``basis`` [S, M'] the offsets' phases
+        (:meth:`shift_basis`; None: the shift alone, S = 1). ``sub`` selects part of the band
+        (``image_f`` and ``ctf`` are then given on that part); ``projector`` the same spectra
+        cropped to that part's band (:meth:`FourierSliceProjector.cropped`)."""
         freqs = self.freqs if sub is None else self.freqs[sub]  # [M', 2]; image_f, ctf: [M']
-        pred = ctf * (projector or self.projector).slices(ref, rotations, freqs)  # [C, M']
-        phase = 2 * torch.pi * (shifts.reshape(-1, 2) @ freqs.T)  # [S, M']
-        # Σ_k Re(conj(pred·e^{iφ}) Î) for all shifts at once: one complex matrix product
-        cross = ((pred.conj() * image_f) @ torch.polar(torch.ones_like(phase), -phase).T).real  # [C, S]
-        energy = pred.abs().square().sum(-1).clamp(min=1e-30)[:, None]  # [C, 1]
-        return image_f.abs().square().sum() - cross.clamp(min=0).square() / energy
+        w = self.weights if sub is None else self.weights[sub]  # [M']
+        slices = (projector or self.projector).slices(ref, rotations, freqs)  # [C, M'] complex
+        # The CTF is real, so Re Σ_k conj(CTF·slice·e^{2πi k·(s+δ)})·Î = Re Σ_k slice·conj(H_kδ)
+        # with H = CTF·Î·e^{−2πi k·s}·e^{−2πi k·δ}: every shift at once in one [C, M'] × [M', S]
+        # product, and nothing [C, M']-sized computed besides the slices
+        h = (w * ctf) * image_f * torch.polar(torch.ones_like(freqs[:, 0]), -2 * torch.pi * (freqs @ shift_px))  # [M']
+        h = h[:, None] if basis is None else (basis * h).T  # [M', S]
+        cross = (slices @ h.conj()).real  # [C, S]
+        energy = torch.view_as_real(slices).square().sum(-1) @ (w * ctf.square())  # [C]
+        return image_f.abs().square() @ w - cross.clamp(min=0).square() / energy.clamp(min=1e-30)[:, None]
 
 
 def _log_prior(angle_rad, sigma_rad: float):
@@ -127,7 +142,7 @@ class _CoarseFits:
     angles_rad: np.ndarray  # [N, C] angle of each coarse rotation to the prior's centre
     best_shifts_px: torch.Tensor  # [N, C, 2] CPU: N × C can outgrow an accelerator's memory
     start_errors: np.ndarray  # [N] squared error at the starting pose
-    n_coefficients: int  # frequencies the coarse level scores
+    n_coefficients: int  # coefficients the coarse level scores (Hermitian pairs twice)
 
 
 @torch.no_grad()
@@ -207,17 +222,17 @@ class _LocalSearch:
         self.projector = FourierSliceProjector(volumes.to(device))
         self.kmax = information_band(*self.projector.shell_power(), config.information_fraction,
                                      config.band_limit(D, model_box_size))
-        k = frequency_grid_2d(D, 1.0)  # [D, D, 2] cycles/px
-        self.band = k.norm(dim=-1) <= self.kmax  # [D, D], CPU: the particles are read there
-        self.freqs = k[self.band]  # [M, 2]
-        self.levels = [level.to(device) for level in search_levels(config, D, self.kmax, self.freqs)]
+        self.band, weights = half_band(D, self.kmax)  # [D, D] (CPU: the particles are read there), [M]
+        self.freqs = frequency_grid_2d(D, 1.0)[self.band]  # [M, 2] cycles/px
+        self.levels = [level.to(device) for level in search_levels(config, D, self.kmax, self.freqs, weights)]
         # each level reads the spectra from a cube cropped to its own band: the same samples,
         # fewer cache misses (the coarse level's band is a third of the Nyquist or less)
         radius = self.freqs.norm(dim=-1).to(device)  # [M]
         self.level_projectors = [self.projector.cropped(float(radius[level.band].max()) if level.band.any() else 0.0)
                                  for level in self.levels]
         self.projector = self.projector.cropped(self.kmax)
-        self.scorer = _Scorer(self.projector, self.freqs.to(device))
+        self.scorer = _Scorer(self.projector, self.freqs.to(device), weights.to(device))
+        self.shift_bases = [self.scorer.shift_basis(level.shifts_px, level.band) for level in self.levels]  # [S, M_l]
 
     def spectra(self):
         """``(positions [b], spectra [b, M], ctf [b, M])`` of every particle, on the device."""
@@ -228,15 +243,15 @@ class _LocalSearch:
         n, coarse = len(rot), self.levels[0]
         n_rot = len(coarse.rotations)
         fits = _CoarseFits(np.empty((n, n_rot), dtype=np.float64), np.empty((n, n_rot), dtype=np.float64),
-                           torch.empty(n, n_rot, 2), np.empty(n), int(coarse.band.sum()))
+                           torch.empty(n, n_rot, 2), np.empty(n), coarse.n_coefficients)
         for pos, img_f, ctf in self.spectra():
             for j, p in enumerate(pos):
                 lab = int(self.labels[p])
-                fits.start_errors[p] = float(self.scorer.errors(lab, img_f[j], ctf[j], rot[p:p + 1], t[p:p + 1]))
+                fits.start_errors[p] = float(self.scorer.errors(lab, img_f[j], ctf[j], rot[p:p + 1], t[p]))
                 cand = coarse.rotations @ rot[p]  # [C, 3, 3]
                 shifts = t[p] + coarse.shifts_px  # [S, 2]
-                e = self.scorer.errors(lab, img_f[j][coarse.band], ctf[j][coarse.band], cand, shifts,
-                                       coarse.band, self.level_projectors[0])  # [C, S]
+                e = self.scorer.errors(lab, img_f[j][coarse.band], ctf[j][coarse.band], cand, t[p],
+                                       self.shift_bases[0], coarse.band, self.level_projectors[0])  # [C, S]
                 e_min, s_idx = e.min(dim=1)
                 fits.errors[p] = e_min.double().cpu().numpy()
                 fits.best_shifts_px[p] = shifts[s_idx].cpu()
@@ -251,11 +266,11 @@ class _LocalSearch:
 
         After the first fine level only the best candidate goes on."""
         lab = int(self.labels[p])
-        for level, projector in zip(self.levels[1:], self.level_projectors[1:]):
+        for level, projector, basis in zip(self.levels[1:], self.level_projectors[1:], self.shift_bases[1:]):
             found = []
             for r0, t0 in seeds:
                 cand = level.rotations @ r0  # [C, 3, 3]
-                e = self.scorer.errors(lab, img_f[level.band], ctf[level.band], cand, t0 + level.shifts_px,
+                e = self.scorer.errors(lab, img_f[level.band], ctf[level.band], cand, t0, basis,
                                        level.band, projector)  # [C, S]
                 lp = (-e.double() / (2 * noise_power)
                       + _log_prior(angle_to(cand, self.prior_rot[p]).double(), sigma_p)[:, None])
