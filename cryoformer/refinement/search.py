@@ -32,13 +32,15 @@ poses the way a local search in RELION does:
    the CPU's caches.
 
 Cost per particle and level: ``≈ (4π/3)(radius/step)³`` slices of the level's frequencies plus
-one ``[C, M] × [M, S]`` product, 65 % of it in ``grid_sample``. The band stops where the
-references hold 99.9 % of what a slice says about the pose (``information_fraction``): a
-reconstruction from poses a few degrees off is Wiener-filtered to almost nothing beyond its
-resolution. Measured at D = 64 on 2 CPU cores, 20° radius (``bench/bench_pose_search.py``,
-docs/benchmarks.md): 138–165 ms per particle at the full band with grids a third as fine per
-level; now 37 ms with references back-projected from the input poses (band cut at 0.18–0.19
-cycles/px) and 50–68 ms with references as sharp as the true poses give (cut at 0.42–0.44).
+one ``[C, M] × [M, S]`` product. Only one frequency of each Hermitian pair ``±k`` is scored,
+with weight 2 (:func:`~.grids.half_band`): images and slices of real objects and the CTF give
+both the same terms. The band stops where the references hold 99.9 % of what a slice says about
+the pose (``information_fraction``): a reconstruction from poses a few degrees off is
+Wiener-filtered to almost nothing beyond its resolution. Measured at D = 64 on 2 CPU cores,
+20° radius (``bench/bench_pose_search.py``, docs/benchmarks.md): 107–118 ms per particle for
+the first version (whole band, both halves, one core slicing); now 11–12 ms with references
+back-projected from the input poses and 15–17 ms with references as sharp as the true poses
+give, with the same poses found.
 The search runs on a CUDA device when it is given one, else on the CPU.
 """
 
