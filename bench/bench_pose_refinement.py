@@ -181,9 +181,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--shift-noise-px", type=float, default=2.0, help="shift noise U(−a, a) (px at D)")
     ap.add_argument("--radius-deg", type=float, default=None,
                     help="--pose-search-radius (default 3.4σ rounded up to 5°, at least 20°)")
-    ap.add_argument("--method", choices=("search", "encoder"), default="search",
-                    help="`--pose-search` (projection matching) or `--refine-poses` (the orientation "
-                         "encoder: pose pre-training, warm-up, joint phase)")
+    ap.add_argument("--method", choices=("search", "encoder", "both"), default="search",
+                    help="`--pose-search` (projection matching), `--refine-poses` (the orientation "
+                         "encoder: pose pre-training, warm-up, joint phase) or both (the encoder's pose "
+                         "loss pulls towards the searched poses; the encoder's poses are the output)")
     ap.add_argument("--reference", choices=("backprojection", "model"), default="backprojection",
                     help="--pose-search-reference: back-projected half maps (default) or the model's maps")
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget (min)")
@@ -198,21 +199,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train_command(args, data: str, noisy: str, radius: float, run: str) -> list[str]:
     """``cryoformer train --pose-search`` (or ``--refine-poses``) on the perturbed poses."""
-    method = (["--pose-search", "--pose-search-radius", str(radius), "--pose-search-reference", args.reference]
-              if args.method == "search" else ["--refine-poses"])
+    search = ["--pose-search", "--pose-search-radius", str(radius), "--pose-search-reference", args.reference]
+    method = {"search": search, "encoder": ["--refine-poses"], "both": search + ["--refine-poses"]}[args.method]
     return ["train", os.path.join(data, "particles.mrcs"), "--poses", noisy, "--ctf", os.path.join(data, "ctf.pkl"),
             "--gt-poses", os.path.join(data, "gt", "poses.pkl"), "-o", run, *method, "--box", str(args.box),
             "--epochs", str(args.epochs), "--max-minutes", str(args.minutes), "--seed", str(args.seed),
             "--device", args.device] + args.extra.split()
 
 
-def summarise_run(run: str, data: str, noisy: str, seed: int) -> tuple[dict, pd.DataFrame, int]:
-    """The run's pose errors per epoch and the goal's verdicts → (result fields, searched rows,
-    the epoch the held-out loss chose)."""
+def summarise_run(run: str, data: str, noisy: str, seed: int, method: str = "search") -> tuple[dict, pd.DataFrame, int]:
+    """The run's pose errors per epoch and the goal's verdicts → (result fields, the rows of the
+    run's output poses, the epoch the held-out loss chose)."""
     errors = pd.read_csv(os.path.join(run, "pose_errors.csv"))
     first = errors[errors.stage == "input"].iloc[0]
-    # the refined poses of each epoch: "search" rows, or the encoder's "train" rows
-    searched = errors[errors.stage.isin(("search", "train"))]
+    # the run's output poses of each epoch: "search" rows, or the encoder's "train" rows (also
+    # when both run: the searched poses are then what the encoder's pose loss pulls towards)
+    searched = errors[errors.stage == ("search" if method == "search" else "train")]
     last = searched.iloc[-1]
     best = searched.loc[searched.rotation_median_rad.idxmin()]
     with open(os.path.join(run, "validation.json")) as handle:
@@ -248,8 +250,10 @@ def summarise_run(run: str, data: str, noisy: str, seed: int) -> tuple[dict, pd.
 def print_report(args, result: dict, searched: pd.DataFrame, chosen_epoch: int) -> None:
     """The markdown table and the goal's verdicts."""
     first, radius, wall = result["input"], result["radius_deg"], result["train_wall_s"]
-    how = (f"radius {radius:g}°, references: {args.reference}" if args.method == "search"
-           else "the orientation encoder (--refine-poses)")
+    how = {"search": f"radius {radius:g}°, references: {args.reference}",
+           "encoder": "the orientation encoder (--refine-poses)",
+           "both": f"the search (radius {radius:g}°, references: {args.reference}) and the orientation encoder "
+                   "anchored to its poses"}[args.method]
     print(f"\n{machine.describe()['cpu']}, {args.dataset}, σ = {args.sigma_rad:.3g} rad, {how}, "
           f"training {wall / 60:.1f} min at box {args.box}\n")
     print("| poses | median rotation error | median shift error |\n|---|---|---|")
@@ -260,8 +264,11 @@ def print_report(args, result: dict, searched: pd.DataFrame, chosen_epoch: int) 
         print(f"| search with the true maps ({o['n']} particles) | {o['refined']['rotation_median_rad']:.4f} rad "
               f"({o['refined']['rotation_median_deg']:.2f}°); input {o['input']['rotation_median_rad']:.4f} "
               f"| {o['refined']['shift_median_px']:.2f} px |")
-    for row in searched.itertuples():
-        mark = " (held-out best)" if row.epoch == chosen_epoch else ""
+    # every refined row (both kinds when both run; the verdicts below use the output's)
+    for row in pd.DataFrame(result["per_epoch"]).itertuples():
+        if row.stage not in ("search", "train"):
+            continue
+        mark = " (held-out best)" if row.epoch == chosen_epoch and row.stage == searched.stage.iloc[0] else ""
         print(f"| `{'--pose-search' if row.stage == 'search' else '--refine-poses'}`, epoch {row.epoch}{mark} | {row.rotation_median_rad:.4f} rad "
               f"({np.degrees(row.rotation_median_rad):.2f}°) | {row.shift_median_px:.2f} px |")
     limit = ""
@@ -307,7 +314,7 @@ def main(argv=None) -> int:
     if rc:
         return rc
     result.update({"train_wall_s": wall, "command": "cryoformer " + " ".join(cmd)})
-    summary, searched, chosen_epoch = summarise_run(run, data, noisy, args.seed)
+    summary, searched, chosen_epoch = summarise_run(run, data, noisy, args.seed, args.method)
     result.update(summary)
     with open(os.path.join(args.outdir, "results.json"), "w") as handle:
         json.dump(result, handle, indent=1)

@@ -13,8 +13,8 @@ Layout of ``out_dir``::
 
     data/            particles.mrcs, particles.star, poses.pkl, ctf.pkl, simulation.json
     data/gt/         state_XXX.mrc, state.npy, poses.pkl, motion.mrc (ground truth)
-    data/perturbed_poses.pkl   (with refine_poses: the paper's perturbed input poses)
-    run/             a training run (``run_refine/`` with refine_poses)
+    data/perturbed_poses.pkl   (with refine_poses or pose_search: the paper's perturbed input poses)
+    run/             a training run (``run_refine/`` with refine_poses, ``run_search/`` with pose_search)
 
 Calls are idempotent: an existing dataset (``simulation.json``) or finished run
 (``checkpoints/epoch_XXX.pt`` with latents) is reused, so notebooks re-run in seconds.
@@ -124,15 +124,18 @@ def _finished(run_dir: str) -> bool:
         return False
 
 
-def _starting_poses(data: ExampleDataset, refine_poses: bool, seed: int):
+def _starting_poses(data: ExampleDataset, refine_poses: bool, pose_search: bool, seed: int):
     """The poses training starts from and the extra :class:`TrainConfig` options: the true poses,
-    or (``refine_poses``) the paper's perturbed poses with pose refinement."""
-    if not refine_poses:
+    or (``refine_poses``, ``pose_search``) the paper's perturbed poses with that refinement."""
+    if not (refine_poses or pose_search):
         return data.poses, {}
     poses = os.path.join(data.root, "perturbed_poses.pkl")
     if not os.path.isfile(poses):
         gt = read_poses_pkl(data.gt_poses, box_size=data.box_size)
         write_poses_pkl(perturb_poses(gt, 0.1, 2.0, seed=seed + 1), poses)
+    if pose_search:
+        # a search after every epoch from the first; one reference, as the data hold one state
+        return poses, dict(pose_search=True, pose_search_start=1, pose_search_groups=1, gt_poses=data.gt_poses)
     # A few pose-only passes suffice here (the encoder only has to learn the given
     # poses); the trainer's default of 50 would use up a tutorial's time budget.
     return poses, dict(refine_poses=True, gt_poses=data.gt_poses, pose_pretrain_epochs=3)
@@ -140,7 +143,8 @@ def _starting_poses(data: ExampleDataset, refine_poses: bool, seed: int):
 
 def example_run(out_dir: str, minutes: float = 4.0, refine_poses: bool = False,
                 n_particles: int = 2000, train_box: int = 32, epochs: int = 100,
-                seed: int = 0, progress: bool = False, dataset: Optional[ExampleDataset] = None) -> str:
+                seed: int = 0, progress: bool = False, dataset: Optional[ExampleDataset] = None,
+                pose_search: bool = False) -> str:
     """A trained run on the example dataset (made, or reused when it exists).
 
     Parameters
@@ -151,7 +155,7 @@ def example_run(out_dir: str, minutes: float = 4.0, refine_poses: bool = False,
         Training wall-clock budget (CPU minutes; training stops cleanly at it).
     refine_poses : bool
         Start from the paper's perturbed poses (rotation-vector noise σ = 0.1 rad, shifts
-        ±2 px) and train with pose refinement, logging errors against the ground truth.
+        ±2 px) and train with the orientation encoder, logging errors against the ground truth.
     n_particles : int
         Size of the simulated dataset (only used when it is first made).
     train_box : int
@@ -163,6 +167,11 @@ def example_run(out_dir: str, minutes: float = 4.0, refine_poses: bool = False,
         Show the progress bar.
     dataset : ExampleDataset, optional
         Train on this dataset instead of simulating ``out_dir/data``.
+    pose_search : bool
+        Start from the perturbed poses, as ``refine_poses``, and refine them by projection
+        matching (``--pose-search``) after every epoch, against one back-projected reference
+        (one group: suited to data of one conformation, such as
+        ``example_dataset(..., n_states=1)``). Excludes ``refine_poses``.
 
     Returns
     -------
@@ -170,13 +179,16 @@ def example_run(out_dir: str, minutes: float = 4.0, refine_poses: bool = False,
         Absolute path of the run directory (read it with
         :func:`cryoformer.trainer.load_run`).
     """
+    if refine_poses and pose_search:
+        raise ValueError("choose one of refine_poses and pose_search")
     data = dataset or example_dataset(out_dir, n_particles=n_particles, seed=seed)
-    run_dir = os.path.abspath(os.path.join(out_dir, "run_refine" if refine_poses else "run"))
+    name = "run_refine" if refine_poses else "run_search" if pose_search else "run"
+    run_dir = os.path.abspath(os.path.join(out_dir, name))
     if _finished(run_dir):
         return run_dir
     if os.path.isdir(run_dir):  # a run that never finished an epoch: start it again
         shutil.rmtree(run_dir)
-    poses, extra = _starting_poses(data, refine_poses, seed)
+    poses, extra = _starting_poses(data, refine_poses, pose_search, seed)
     # The example data are a toy at SNR 1 (real particles: ~0.1 or less): within a few minutes the
     # maps do not fit noise, while the latent space keeps organising; a held-out loss on ~100
     # images picked epoch 4 of 14 in the demo, whose end states were then far less distinct

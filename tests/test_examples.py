@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
 from cryoformer.examples import example_dataset, example_run
@@ -44,3 +46,17 @@ def test_example_run_is_made_once_and_reused(tmp_path):
     stamp = os.path.getmtime(os.path.join(run_dir, "config.yaml"))
     assert example_run(str(tmp_path), minutes=0.5) == run_dir  # reused, not retrained
     assert os.path.getmtime(os.path.join(run_dir, "config.yaml")) == stamp
+
+
+def test_example_pose_search_run(tmp_path):
+    """``pose_search=True``: perturbed poses, a search after the epoch, errors against the truth."""
+    data = example_dataset(str(tmp_path), n_particles=48, n_states=1)
+    assert len(data.gt_maps) == 1
+    run_dir = example_run(str(tmp_path), minutes=2, epochs=1, train_box=16, dataset=data, pose_search=True)
+    assert os.path.basename(run_dir) == "run_search"
+    errors = pd.read_csv(os.path.join(run_dir, "pose_errors.csv"))
+    assert list(errors.stage) == ["input", "search"]
+    assert errors.rotation_median_rad.iloc[0] > 0.05  # started from the perturbed poses
+    assert os.path.isfile(os.path.join(run_dir, "poses", "epoch_001.pkl"))
+    with pytest.raises(ValueError, match="one of"):
+        example_run(str(tmp_path), refine_poses=True, pose_search=True)

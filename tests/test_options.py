@@ -120,7 +120,7 @@ def test_train_config_keeps_the_run_split_and_mask_on_resume(tmp_path):
 @pytest.mark.parametrize("kw, flag", [
     (dict(epochs=-1), "--epochs"), (dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch-size"),
     (dict(lr=0.0), "--lr"), (dict(pose_weight=-1.0), "--pose-weight"), (dict(box_size=9), "--box"),
-    (dict(device="tpu"), "--device"), (dict(refine_poses=True, pose_search=True), "--pose-search"),
+    (dict(device="tpu"), "--device"),
     (dict(support_margin_px=-1), "--support-margin"), (dict(log_every_steps=0), "log_every_steps"),
 ])
 def test_train_config_validation_names_the_flag(tmp_path, kw, flag):

@@ -104,6 +104,37 @@ def test_pose_search_refines_perturbed_poses(tmp_path, reference, groups):
     assert list(pd.read_csv(run / "pose_errors.csv").stage) == ["input", "search", "search", "search"]
 
 
+def test_pose_search_and_encoder_together(tmp_path):
+    """--pose-search with --refine-poses: each search moves the poses the encoder's pose loss
+    pulls towards (the batches carry them), both are logged, and RUN/poses holds the encoder's."""
+    from cryoformer.io.cryodrgn import write_poses_pkl
+    from cryoformer.metrics.pose_error import rotation_errors
+    from cryoformer.simulation.perturb import perturb_poses
+
+    data_dir = make_dataset(tmp_path / "data")
+    gt_path = os.path.join(data_dir, "gt", "poses.pkl")
+    noisy = os.path.join(tmp_path, "perturbed.pkl")
+    write_poses_pkl(perturb_poses(read_poses_pkl(gt_path, box_size=16), 0.1, 1.0, seed=3), noisy)
+    cfg = train_config(data_dir, tmp_path / "run", epochs=2, poses=noisy, pose_search=True, pose_search_start=1,
+                       refine_poses=True, pose_pretrain_epochs=2, pose_warmup_epochs=0, gt_poses=gt_path,
+                       pose_search_groups=1)
+    assert train(cfg, tiny_model_config(use_orientation_encoder=True), progress=False).stopped == "finished"
+    run = tmp_path / "run"
+    errors = pd.read_csv(run / "pose_errors.csv")
+    assert list(errors.stage) == ["input", "pretrained", "search", "train", "search", "train"]
+    assert list(errors.epoch) == [0, 0, 1, 1, 2, 2]
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    searched = state["current_rotations"].numpy()  # [N, 3, 3] the last search's poses
+    given = read_poses_pkl(noisy, box_size=16)
+    assert rotation_errors(searched, given.rotations).max() > 1e-3  # the searches moved them
+    # the poses file is the encoder's prediction at that epoch (its "train" row), not the searched poses
+    written = read_poses_pkl(run / "poses" / "epoch_002.pkl", box_size=16)
+    gt = read_poses_pkl(gt_path, box_size=16)
+    logged = errors[(errors.epoch == 2) & (errors.stage == "train")].rotation_median_rad.iloc[0]
+    assert np.median(rotation_errors(written.rotations, gt.rotations)) == pytest.approx(logged, rel=1e-4)
+    assert np.median(rotation_errors(written.rotations, searched)) > 1e-4
+
+
 def test_pose_pretraining_fits_the_input_poses(tmp_path):
     """Pose-only pre-training is regression onto the input poses: with its learning rate decayed
     to 0 over the phase the encoder reproduces them on the training particles (median well

@@ -241,12 +241,13 @@ class PoseSearchOptions:
 
     pose_search: bool = option(
         "--pose-search", default=False, switch="store_true", resume=MUST_MATCH,
-        help="refine poses by projection matching against the model's own maps after each "
-             "epoch: Fourier-slice projections at the particles' full box, coarse-to-fine "
+        help="refine poses by projection matching after each epoch, against references "
+             "chosen by --pose-search-reference: Fourier-slice projections at the particles' full box, coarse-to-fine "
              "local search of rotations and shifts, MAP with a prior on the distance to the "
              "input pose whose width is fitted to the data; training continues at the "
              "refined poses (RUN/poses/epoch_XXX.pkl). Works on a CPU budget, unlike the "
-             "orientation encoder; exclusive with --refine-poses")
+             "orientation encoder. With --refine-poses too, the searched poses become the ones "
+             "the encoder's pose loss pulls towards, and RUN/poses holds the encoder's")
     pose_search_start: int = option(
         "--pose-search-start", default=2, unit="epoch", resume=MUST_MATCH,
         help="first epoch after which --pose-search runs (default {default})")
@@ -371,9 +372,6 @@ class TrainConfig:
             # Nothing would be trained and no epoch written: a run directory nobody can use.
             raise _bad("--epochs", "must be >= 1 (0 is only meaningful with --refine-poses, "
                        "whose pose pre-training is then the whole run)")
-        if refine.refine_poses and self.search.pose_search:
-            raise _bad("--pose-search", "choose one of --refine-poses (orientation encoder) and "
-                       "--pose-search (local projection matching)")
 
     @classmethod
     def from_flat(cls, **values: Any) -> "TrainConfig":

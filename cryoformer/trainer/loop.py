@@ -481,11 +481,11 @@ class Trainer:
                                           state.epoch_complete)
 
     def _write_epoch_outputs(self, out_epoch: int, latents: Optional[np.ndarray] = None) -> None:
-        # ``latents``: what the pose search just encoded with this same model (it and
-        # --refine-poses exclude each other, so no predicted poses are needed then)
+        # ``latents``: what the pose search just encoded with this same model; with
+        # --refine-poses the encoder's poses are wanted too, so the particles are encoded again
         cfg, data = self.config, self.run.data
         refine = cfg.refinement.refine_poses
-        if latents is not None:
+        if latents is not None and not refine:
             enc = {"z": latents}
         else:
             t0 = time.monotonic()
@@ -494,10 +494,14 @@ class Trainer:
             self._log_pass(f"latents (epoch {out_epoch}): {len(data)} particles", t0)
         outputs.write_latents(self.run_dir, out_epoch, enc["z"])
         self._epoch_news["written"].append("latents")
-        if cfg.search.pose_search:
+        if cfg.search.pose_search and out_epoch > 0:
+            # the run's current poses, as the last search left them; with --refine-poses they
+            # are what the encoder's pose loss pulls towards, and the encoder's poses are the
+            # run's output
             p = self.state.poses
-            outputs.write_refined_poses(self.run_dir, out_epoch, p.rotations, p.shifts_px, data.original_box)
-            self._epoch_news["written"].append("poses")
+            if not refine:
+                outputs.write_refined_poses(self.run_dir, out_epoch, p.rotations, p.shifts_px, data.original_box)
+                self._epoch_news["written"].append("poses")
             if data.gt_poses is not None:
                 self._log_pose_errors(out_epoch, "search", p.rotations, p.shifts_px)
         if refine:
