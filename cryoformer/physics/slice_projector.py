@@ -150,7 +150,8 @@ class FourierSliceProjector:
         # (align_corners), folded into one product: the slice's z frequency is 0, so only
         # the first two rows of R matter, and q = (kx, ky) · R[:2] is the row form of Rᵀ(kx, ky, 0)
         scale = Dp * 2.0 / (side - 1)
-        grid = torch.matmul(freqs.to(R.dtype), R[:, :2, :] * scale) + (self.centre * 2.0 / (side - 1) - 1.0)  # [C, M, 3]
+        offset = self.centre * 2.0 / (side - 1) - 1.0
+        grid = torch.matmul(freqs.to(R.dtype), R[:, :2, :] * scale) + offset  # [C, M, 3]
         # PyTorch's CPU grid_sample parallelises over the batch only: the rotations are dealt
         # out over one batch entry per thread (the spectra expanded, not copied). Measured on
         # 2 cores: 1.7–4× faster than one batch entry, with the same samples.

@@ -242,8 +242,8 @@ class PoseSearchOptions:
     pose_search: bool = option(
         "--pose-search", default=False, switch="store_true", resume=MUST_MATCH,
         help="refine poses by projection matching after each epoch, against references "
-             "chosen by --pose-search-reference: Fourier-slice projections at the particles' full box, coarse-to-fine "
-             "local search of rotations and shifts, MAP with a prior on the distance to the "
+             "chosen by --pose-search-reference: Fourier-slice projections at the particles' "
+             "full box, coarse-to-fine local search of rotations and shifts, MAP with a prior on the distance to the "
              "input pose whose width is fitted to the data; training continues at the "
              "refined poses (RUN/poses/epoch_XXX.pkl). Works on a CPU budget, unlike the "
              "orientation encoder. With --refine-poses too, the searched poses become the ones "
