@@ -127,3 +127,29 @@ def test_view_without_refined_poses_and_bad_runs(tiny_run, tmp_path):
     assert bytes(view.image.value).startswith(PNG) and "input poses" in view.summary.value
     bad = PoseRefinementView(str(tmp_path))  # not a run: reported in the widget
     assert bad.history is None and "not a cryoformer training run" in bad.message.value
+
+
+def test_view_of_a_pose_search_run(tiny_dataset, tmp_path):
+    """A --pose-search run has refined poses from epoch 1 on (no epoch 0): the slider spans
+    them, and each epoch's errors are the search's."""
+    pytest.importorskip("ipywidgets")
+    from cryoformer.cli import main
+    from cryoformer_widgets import PoseRefinementView  # needs ipywidgets (the Jupyter extra), skipped above
+
+    run_dir = tmp_path / "search_run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny run: threads would only add overhead
+    try:
+        assert main(["train", str(tiny_dataset.sim / "particles.star"), "-o", str(run_dir),
+                     "--poses", str(tiny_dataset.input_poses), "--ind", str(tiny_dataset.ind),
+                     "--gt-poses", str(tiny_dataset.sim / "gt" / "poses.pkl"), "--pose-search",
+                     "--pose-search-start", "1", "--epochs", "2", "-b", "12", "--box", "16", "--zdim", "3",
+                     "--seed", "0", "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    view = PoseRefinementView(str(run_dir))
+    assert (view.epoch.min, view.epoch.max, view.epoch.value) == (1, 2, 2)
+    assert bytes(view.image.value).startswith(PNG) and view.message.value == ""
+    view.epoch.value = 1
+    median = np.degrees(view.history.errors(1).summary["rotation_median_rad"])
+    assert f"{median:.3g}°" in view.summary.value

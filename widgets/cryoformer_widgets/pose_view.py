@@ -174,7 +174,9 @@ class PoseRefinementView(w.VBox):
             return
         epochs = self.history.epochs
         if epochs:
-            self.epoch.min, self.epoch.max = min(epochs), max(epochs)
+            # max first: a search run's epochs start at 1, above the slider's initial max of 0
+            self.epoch.max = max(epochs)
+            self.epoch.min = min(epochs)
             self.epoch.value = max(epochs)
         else:
             self.epoch.disabled = True
