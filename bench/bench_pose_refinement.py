@@ -269,7 +269,8 @@ def print_report(args, result: dict, searched: pd.DataFrame, chosen_epoch: int) 
         if row.stage not in ("search", "train"):
             continue
         mark = " (held-out best)" if row.epoch == chosen_epoch and row.stage == searched.stage.iloc[0] else ""
-        print(f"| `{'--pose-search' if row.stage == 'search' else '--refine-poses'}`, epoch {row.epoch}{mark} | {row.rotation_median_rad:.4f} rad "
+        flag = "--pose-search" if row.stage == "search" else "--refine-poses"
+        print(f"| `{flag}`, epoch {row.epoch}{mark} | {row.rotation_median_rad:.4f} rad "
               f"({np.degrees(row.rotation_median_rad):.2f}°) | {row.shift_median_px:.2f} px |")
     limit = ""
     if "true_maps" in result:

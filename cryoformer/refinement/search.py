@@ -354,9 +354,9 @@ def search_with_references(volumes: torch.Tensor, labels: np.ndarray, particles:
                        "radius (%.3g rad): either the input poses are further off than the search reaches "
                        "(increase the radius) or the model's maps do not yet constrain the poses",
                        config.radius_rad)
-    logger.info("pose search: %d particles, %d references, band ≤ %.3g cycles/px (%d coefficients), "
-                "prior σ = %.3g rad, mean log-posterior gain %.3g", n, len(search.projector), search.kmax,
-                len(search.freqs), sigma_p, gain)
+    logger.info("pose search: %d particles, %d references, band ≤ %.3g cycles/px (%d coefficients, %d scored: "
+                "one of each Hermitian pair), prior σ = %.3g rad, mean log-posterior gain %.3g", n,
+                len(search.projector), search.kmax, search.levels[-1].n_coefficients, len(search.freqs), sigma_p, gain)
     return PoseSearchResult(rot.cpu().numpy(), t.cpu().numpy(), sigma_p, noise_power, gain)
 
 
