@@ -110,20 +110,24 @@ def early_stop_due(history: ValidationHistory, early_stop_epochs: Optional[int],
 
 def search_training_poses(model: CryoFormer, data: ParticleData, poses: Poses, heldout_rows: np.ndarray,
                           epoch: int, config: TrainConfig, device: torch.device, info: DistInfo,
-                          progress) -> tuple[Poses, Optional[np.ndarray]]:
+                          progress) -> tuple[Poses, Optional[dict]]:
     """MAP pose search (:mod:`cryoformer.refinement`) on rank 0 around the run's current
     ``poses``, broadcast to every rank. The prior is centred on the input poses (``data.poses``);
     held-out images are searched but never shape the references.
 
-    Returns the searched poses and the latents ``[N, zdim]`` it encoded (rank 0; None
-    elsewhere), which are this epoch's latents: the search does not change the model.
+    Returns the searched poses and what it encoded (rank 0; None elsewhere):
+    :func:`~.inference.encode_particles`'s dict, the latents ``[N, zdim]`` and, with
+    ``--refine-poses``, the encoder's poses. They are this epoch's: the search does not change
+    the model.
     ``progress``: a style of :mod:`cryoformer.progress` (plain lines in a batch job's log)."""
     opts, d0 = config.search, data.original_box
     rot, shifts = poses.rotations, poses.shifts_px
-    z = None
+    encoded = None
     if info.is_main:
         t0 = time.monotonic()
-        z = encode_particles(model, data, device, progress=progress)["z"]
+        encoded = encode_particles(model, data, device, want_poses=config.refinement.refine_poses,
+                                   progress=progress)
+        z = encoded["z"]
         particles = data.search_particles()
         search = PoseSearchConfig.from_degrees(opts.pose_search_radius_deg, opts.pose_search_prior_deg,
                                                reference=opts.pose_search_reference,
@@ -143,4 +147,4 @@ def search_training_poses(model: CryoFormer, data: ParticleData, poses: Poses, h
                     epoch, np.degrees(res.prior_sigma_rad), res.log_posterior_gain, time.monotonic() - t0)
     rot = dist_mod.broadcast_array(np.ascontiguousarray(rot, dtype=np.float32), info)
     shifts = dist_mod.broadcast_array(np.ascontiguousarray(shifts, dtype=np.float32), info)
-    return Poses(rot, shifts, d0), z
+    return Poses(rot, shifts, d0), encoded

@@ -440,11 +440,11 @@ class Trainer:
             self._note(f"time budget reached at step {state.step}; writing latents for {len(run.data)} "
                        f"particles" + (f" and scoring {run.heldout_rows.size} held-out images"
                                        if phase == "train" and run.heldout_rows.size else ""))
-        latents = None
+        encoded = None
         if (cfg.search.pose_search and phase == "train" and state.epoch_complete
                 and epoch >= cfg.search.pose_search_start):
             t0 = time.monotonic()
-            state.poses, latents = epoch_hooks.search_training_poses(
+            state.poses, encoded = epoch_hooks.search_training_poses(
                 self.model, run.data, state.poses, run.heldout_rows, epoch, cfg, self.device, self.info,
                 self.style)
             self._log_pass(f"pose search (after epoch {epoch}): {len(run.data)} particles", t0)
@@ -452,7 +452,7 @@ class Trainer:
         if self.info.is_main:
             validated = False
             if out_epoch is not None:
-                self._write_epoch_outputs(out_epoch, latents)
+                self._write_epoch_outputs(out_epoch, encoded)
                 if phase == "train" and run.heldout_rows.size:
                     stop_early, validated = self._validate(out_epoch), True
             self._save(out_epoch)
@@ -480,13 +480,13 @@ class Trainer:
         return epoch_hooks.early_stop_due(state.validation, self.config.heldout.early_stop_epochs,
                                           state.epoch_complete)
 
-    def _write_epoch_outputs(self, out_epoch: int, latents: Optional[np.ndarray] = None) -> None:
-        # ``latents``: what the pose search just encoded with this same model; with
-        # --refine-poses the encoder's poses are wanted too, so the particles are encoded again
+    def _write_epoch_outputs(self, out_epoch: int, encoded: Optional[dict] = None) -> None:
+        # ``encoded``: what the pose search just encoded with this same model (latents, and the
+        # encoder's poses with --refine-poses), so the particles are not encoded again
         cfg, data = self.config, self.run.data
         refine = cfg.refinement.refine_poses
-        if latents is not None and not refine:
-            enc = {"z": latents}
+        if encoded is not None:
+            enc = encoded
         else:
             t0 = time.monotonic()
             enc = encode_particles(self.model, data, self.device, want_poses=refine, progress=self.style)

@@ -89,7 +89,6 @@ class VolumeCache:
             self._items.clear()
 
 
-
 class KnownMapsDecoder:
     """The ``model`` :func:`~cryoformer.analysis.traversal.write_series` decodes with when a front
     end already holds the series' maps: those maps (keyed by :func:`latent_key`), else
@@ -119,6 +118,7 @@ class KnownMapsDecoder:
                 vol = self._fallback(zi, D)
             vols.append(vol)
         return torch.from_numpy(np.stack(vols))
+
 
 @dataclass
 class DecodeResult:
