@@ -9,8 +9,9 @@ Two kinds (:data:`~.config.REFERENCE_KINDS`):
 * ``"backprojection"`` — maps reconstructed from the particles themselves at their current
   poses (:mod:`cryoformer.physics.backprojection`), per group of particles (K-means of the
   latents, 4 by default: once the poses are good, the heterogeneity is what blurs a
-  consensus map), as two **gold-standard half maps**: the particles are split once
-  into two fixed halves, each half's map is built from that half alone, and a particle is
+  consensus map; from 10 000 particles on, one group per 2000 particles, sharpened by
+  classification, :mod:`.classification`), as two **gold-standard half maps**: the
+  particles are split once into two fixed halves, each half's map is built from that half alone, and a particle is
   aligned against its own half's map. The halves are thus refined independently, and their
   FSC, which sets the Wiener filter, is not inflated by noise the maps share. The maps are
   multiplied by a soft solvent mask made from the low-passed full map, which removes the
@@ -175,13 +176,17 @@ def make_references(config: PoseSearchConfig, particles: Particles, rotations: n
     if config.reference == "model":
         if decode is None:
             raise ValueError("model references need a decoder (decode=...)")
-        vols, labels = model_references(decode, latents, config.groups(), seed)
+        vols, labels = model_references(decode, latents, config.groups(len(particles)), seed)
         logger.info("pose search references: the model's maps at %d K-means centres (%.0f s)",
                     len(vols), time.monotonic() - t0)
         return vols, labels
-    groups = latent_groups(latents, config.groups(), seed).labels
+    from .classification import classify_groups  # it builds on this module's maps
+
+    groups = latent_groups(latents, config.groups(len(particles)), seed).labels
     # at least MIN_GROUP_PARTICLES per group (about half in each half map)
     groups = merge_small_groups(groups, latents, MIN_GROUP_PARTICLES)
+    groups = classify_groups(particles, rotations, shifts_px, groups, latents,
+                             config.classification_rounds(len(particles)), rows, MIN_GROUP_PARTICLES)
     vols, labels, res_px = backprojected_references(particles, rotations, shifts_px, groups, rows)
     apix = particles.pixel_size_angstrom
     shown = ", ".join(f"{r:.2f} px" + (f" ({r * apix:.1f} Å)" if apix else "") for r in res_px[:4])

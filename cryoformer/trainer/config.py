@@ -159,6 +159,8 @@ class RuntimeOptions:
     its held-out score. ``num_workers`` None: 0 on CPU (the cores are busy
     training), 4 on CUDA. ``log_every_steps``: ``log.csv`` rows every this many optimiser steps
     (and at epoch end). ``amp``: bf16 autocast on CUDA (never on CPU: slower, less accurate).
+    ``slab_tuning``: the CPU slab size of the density head chosen from timed steps
+    (:mod:`.slab_tuning`).
     """
 
     max_minutes: Optional[float] = option(
@@ -172,6 +174,11 @@ class RuntimeOptions:
     log_every_steps: int = option(default=20, unit="steps")
     amp: bool = option("--no-amp", default=True, switch="store_false",
                        help="no bf16 autocast on CUDA (never used on CPU)")
+    slab_tuning: bool = option(
+        "--no-slab-tuning", default=True, switch="store_false",
+        help="on CPU, keep the default slab of the density head (2^17/batch voxels) instead of "
+             "timing 4 slab sizes on the first steps of the run (and again when the support "
+             "mask shrinks) and keeping the fastest; the results are the same either way")
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -237,6 +244,10 @@ class PoseSearchOptions:
     (empirical Bayes). ``pose_search_groups`` None: 4 references for ``"backprojection"``, 16
     for ``"model"``. A run saved before ``pose_search_reference``/``pose_search_groups``
     existed matched against the model's maps at 16 groups: their legacy values.
+    ``pose_search_classify`` None: 2 rounds from 10 000 particles on, else 0; it may change
+    when a run is resumed. cryoformer before these defaults used 4 groups and no rounds at
+    any size; a run of 10 000 particles or more that it saved resumes with the new defaults
+    (``--pose-search-classify 0`` keeps it from classifying).
     """
 
     pose_search: bool = option(
@@ -268,9 +279,14 @@ class PoseSearchOptions:
     pose_search_groups: Optional[int] = option(
         "--pose-search-groups", default=None, metavar="K", resume=MUST_MATCH, legacy=None,
         legacy_if="pose_search",
-        help="references per search: K-means groups of the latents, one map each (default 4 "
-             "for backprojection, 16 for model); more groups follow the heterogeneity, "
-             "fewer give less noisy maps")
+        help="references per search: K-means groups of the latents, one map each (default 16 "
+             "for model; for backprojection 4, or one per 2000 particles (at most 16) from 10 000 "
+             "particles on); more groups follow the heterogeneity, fewer give less noisy maps")
+    pose_search_classify: Optional[int] = option(
+        "--pose-search-classify", default=None, metavar="ROUNDS",
+        help="rounds in which every particle moves to the back-projected group whose map fits "
+             "its image best at its current pose, before each search (default 2 from 10 000 "
+             "particles on, else 0)")
 
     def __post_init__(self) -> None:
         if self.pose_search_start < 1:
@@ -283,6 +299,8 @@ class PoseSearchOptions:
                        f"must be >= 0 degrees (0: no prior), got {self.pose_search_prior_deg}")
         if self.pose_search_groups is not None and self.pose_search_groups < 1:
             raise _bad("--pose-search-groups", f"must be >= 1, got {self.pose_search_groups}")
+        if self.pose_search_classify is not None and self.pose_search_classify < 0:
+            raise _bad("--pose-search-classify", f"must be >= 0, got {self.pose_search_classify}")
         if self.pose_search_reference not in REFERENCE_KINDS:
             raise _bad("--pose-search-reference", f"must be one of {', '.join(REFERENCE_KINDS)}, "
                        f"got {self.pose_search_reference!r}")

@@ -131,7 +131,8 @@ def search_training_poses(model: CryoFormer, data: ParticleData, poses: Poses, h
         particles = data.search_particles()
         search = PoseSearchConfig.from_degrees(opts.pose_search_radius_deg, opts.pose_search_prior_deg,
                                                reference=opts.pose_search_reference,
-                                               n_references=opts.pose_search_groups)
+                                               n_references=opts.pose_search_groups,
+                                               classify_rounds=opts.pose_search_classify)
         was_training = model.training
         model.eval()  # the model's maps (reference "model") are decoded in eval mode
         try:
