@@ -38,16 +38,20 @@ from .sites import GridSites, PointSites
 from .support import support_index
 
 def slab_voxels(device: torch.device, batch: int | None = None,
-                override: int | None = None) -> int:
+                override: int | None = None, training: int | None = None) -> int:
     """Voxels per slab of the grid evaluation.
 
-    ``override`` if set; else 2^22 on GPUs (a 128³ decode in two launches' worth); on CPU
-    2^18 without ``batch`` (decoding; cache-sized), and 2^17 / ``batch`` while training
-    (≈ 8k voxels for a batch of 16: the best of 2^12…2^15 measured at D = 64, where one slab's
-    [B, P, H] head tensors stay in cache between its forward and backward passes).
+    ``override`` if set; else, with ``batch`` (training), ``training`` if set (the trainer
+    times slab sizes on the machine: :mod:`cryoformer.trainer.slab_tuning`); else 2^22 on GPUs
+    (a 128³ decode in two launches' worth); on CPU 2^18 without ``batch`` (decoding;
+    cache-sized), and 2^17 / ``batch`` while training (≈ 8k voxels for a batch of 16: the best
+    of 2^12…2^15 measured at D = 64 on an AMD EPYC, where one slab's [B, P, H] head tensors
+    stay in cache between its forward and backward passes).
     """
     if override:
         return override
+    if batch is not None and training:
+        return training
     if device.type == "cuda":
         return 1 << 22
     return 1 << 18 if batch is None else max(1 << 11, (1 << 17) // max(1, batch))
@@ -75,7 +79,7 @@ class ExecutionPolicy:
 
 def execution_policy(device: torch.device, grad_enabled: bool, head: nn.Module,
                      want_weights: bool, batch: int,
-                     chunk_points: int | None = None) -> ExecutionPolicy:
+                     chunk_points: int | None = None, training_slab: int | None = None) -> ExecutionPolicy:
     """The grid evaluation's policy for ``head`` on ``device`` (see the module docstring).
 
     Gradients on a CPU: the fused kernel for the eq.-5 head unless attention weights are
@@ -88,7 +92,7 @@ def execution_policy(device: torch.device, grad_enabled: bool, head: nn.Module,
             mode = "checkpointed"
         elif not want_weights:
             mode = "fused"
-    return ExecutionPolicy(slab_voxels(device, batch if grad_enabled else None, chunk_points),
+    return ExecutionPolicy(slab_voxels(device, batch if grad_enabled else None, chunk_points, training_slab),
                            mode, features_on_request=grad_enabled)
 
 
@@ -189,6 +193,9 @@ class DensityField(nn.Module):
         ``F_S = V_Θ(x)``.
     chunk_points : int or None
         Voxels per slab, overriding :func:`slab_voxels` (bounds temporary memory).
+    training_slab_voxels : int or None
+        Voxels per slab of steps with gradients when ``chunk_points`` is None (the trainer
+        sets it from timed steps); None: :func:`slab_voxels`'s default.
     support_mask : BoolTensor [D, D, D] or None
         The support on the training grid (None = the whole sphere). Not in the state dict:
         checkpoints store it beside the weights.
@@ -202,6 +209,7 @@ class DensityField(nn.Module):
                                             config.token_dim, config.feature_mlp_hidden,
                                             backend=config.hash_backend)
         self.chunk_points: int | None = None
+        self.training_slab_voxels: int | None = None
         self.register_buffer("support_mask", None, persistent=False)
         self._support_cache: dict[int, torch.Tensor] = {}
         self._feature_cache: dict[str, Any] = {}
@@ -323,7 +331,7 @@ class DensityField(nn.Module):
         b, n, t = table.shape[0], table.shape[1], table.shape[-1]
         r = resolution
         policy = execution_policy(table.device, torch.is_grad_enabled(), head, want_weights,
-                                  b, self.chunk_points)
+                                  b, self.chunk_points, self.training_slab_voxels)
         slabs = z_slabs(r, max(1, policy.slab_voxels // (r * r)), voxel_index)
         if not slabs:  # no voxel requested (an empty support at a coarse decoding grid)
             return table.new_zeros(b, 0), None

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from cryoformer.metrics.pose_error import pose_error_summary
 from cryoformer.model import ModelConfig
+from cryoformer.model.density_field import slab_voxels
 
 from . import distributed as dist_mod
 from . import epoch_hooks
@@ -46,6 +47,7 @@ from .data import make_loader
 from .inference import encode_particles
 from cryoformer.progress import OFF, Progress, progress_style
 from .runlog import RunLog, end_line, epoch_line, start_lines
+from .slab_tuning import SlabTuner
 from .step import LossAccumulator, LossModule, StopFlag, step_seed
 from .trainlog import TrainLog
 
@@ -116,6 +118,10 @@ class Trainer:
         # starts training, then measured by each pass (it grows with N, the held-out pass does not)
         self._latent_s_per_particle: Optional[float] = None
         self._budget_checked = False
+        # the CPU slab size timed on this run's steps (.slab_tuning), and the support's voxel
+        # count it was chosen for
+        self._tuning: Optional[SlabTuner] = None
+        self._tuned_for_voxels: Optional[int] = None
         if info.is_main:
             self.runlog = RunLog(self.run_dir)
             self.runlog.lines(start_lines(run, self.device, info.world, command_line))
@@ -201,10 +207,13 @@ class Trainer:
         try:
             for batch in loader:
                 t_step = time.monotonic()
+                tuner = self._slab_tuner(batch, phase)
                 self._set_lr(phase, n_batches)
                 terms, n_images = self._train_step(batch, phase)
                 self._trained_images += n_images
                 self._training_s += time.monotonic() - t_step
+                if tuner is not None:
+                    self._slab_timed(tuner, time.monotonic() - t_step)
                 if not self._budget_checked and phase == "train":
                     self._check_budget()
                 state.batch_in_epoch += 1
@@ -372,6 +381,35 @@ class Trainer:
         finally:
             model.train(was_training)
         return (time.monotonic() - t0) / positions.size
+
+    def _slab_tuner(self, batch, phase: str) -> Optional[SlabTuner]:
+        """The tuner timing this step's slab size (:mod:`.slab_tuning`), set up on the model; None
+        when not tuning: on a GPU, with --no-slab-tuning, a fixed ``chunk_points``, outside the
+        training phase, or when the support has not shrunk by a quarter since the last choice."""
+        field = self.model.field
+        if (not self.config.runtime.slab_tuning or self.device.type != "cpu" or phase != "train"
+                or field.chunk_points or self.run.model_config.renderer != "canonical"):
+            return None
+        tuner = self._tuning
+        if tuner is None or tuner.done:
+            r = self.model.config.box_size
+            mask = self.model.support_mask
+            voxels = r ** 3 if mask is None else int(mask.sum())
+            if self._tuned_for_voxels is not None and voxels > 0.75 * self._tuned_for_voxels:
+                return None
+            self._tuned_for_voxels = voxels
+            tuner = self._tuning = SlabTuner(slab_voxels(self.device, int(batch["images"].shape[0])), r)
+            if tuner.done:  # one candidate (a small box): nothing to time
+                field.training_slab_voxels = tuner.choice
+                return None
+        field.training_slab_voxels = tuner.next_slab()
+        return tuner
+
+    def _slab_timed(self, tuner: SlabTuner, seconds: float) -> None:
+        tuner.record(seconds)
+        if tuner.done:
+            self.model.field.training_slab_voxels = tuner.choice
+            self._note(tuner.summary())
 
     def _train_step(self, batch, phase: str) -> tuple[dict[str, float], int]:
         cfg, info, state = self.config, self.info, self.state
