@@ -11,8 +11,8 @@ Two kinds (:data:`~.config.REFERENCE_KINDS`):
   latents, 4 by default: once the poses are good, the heterogeneity is what blurs a
   consensus map; from 10 000 particles on, one group per 2000 particles, sharpened by
   classification, :mod:`.classification`), as two **gold-standard half maps**: the
-  particles are split once into two fixed halves, each half's map is built from that half alone, and a particle is
-  aligned against its own half's map. The halves are thus refined independently, and their
+  particles are split once into two fixed halves, each half's map is built from that half
+  alone, and a particle is aligned against its own half's map. The halves are thus refined independently, and their
   FSC, which sets the Wiener filter, is not inflated by noise the maps share. The maps are
   multiplied by a soft solvent mask made from the low-passed full map, which removes the
   noise around the molecule. (The halves are independent in their particles; the mask, and

@@ -241,8 +241,8 @@ class PoseSearchOptions:
     refined poses.
 
     ``pose_search_prior_deg`` None fits the prior's width to the data at every search
-    (empirical Bayes). ``pose_search_groups`` None: 4 references for ``"backprojection"``, 16
-    for ``"model"``. A run saved before ``pose_search_reference``/``pose_search_groups``
+    (empirical Bayes). ``pose_search_groups`` None: 16 references for ``"model"``; for
+    ``"backprojection"`` 4, or one per 2000 particles (at most 16) from 10 000 particles on. A run saved before ``pose_search_reference``/``pose_search_groups``
     existed matched against the model's maps at 16 groups: their legacy values.
     ``pose_search_classify`` None: 2 rounds from 10 000 particles on, else 0; it may change
     when a run is resumed. cryoformer before these defaults used 4 groups and no rounds at
