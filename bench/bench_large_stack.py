@@ -38,8 +38,7 @@ from cryoformer.io.cryodrgn import read_ctf_pkl, read_poses_pkl, write_ctf_pkl, 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import machine  # noqa: E402
-
-CFORMER = os.path.join(os.path.dirname(sys.executable), "cryoformer")
+from machine import CFORMER  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -30,8 +30,7 @@ import pandas as pd
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import machine  # noqa: E402
-
-CFORMER = os.path.join(os.path.dirname(sys.executable), "cryoformer")
+from machine import CFORMER  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

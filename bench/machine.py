@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
+
+# The `cryoformer` command of the environment running the benchmark.
+CFORMER = os.path.join(os.path.dirname(sys.executable), "cryoformer")
 
 
 def cpu_model() -> str:
