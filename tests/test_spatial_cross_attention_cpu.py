@@ -128,12 +128,20 @@ def test_cpu_training_defaults_to_small_slabs():
     assert slab_voxels(cpu, batch=16) == 8192  # training, 2^17 / B
     assert slab_voxels(cpu, batch=1 << 12) == 1 << 11  # floor
     assert slab_voxels(torch.device("cuda"), batch=16) == 1 << 22
+    # without gradients a slab holds at most 2^20 voxel-images: a 32-image held-out batch at
+    # D = 128 had peaked at 4.4 GB with 2^18 voxels each; decoding 4 maps keeps 2^18
+    assert slab_voxels(cpu, inference_batch=4) == 1 << 18
+    assert slab_voxels(cpu, inference_batch=32) == 1 << 15
+    assert execution_policy(cpu, False, model.density_head, False, 64).slab_voxels == 1 << 14
+    # a slab size the trainer timed applies to steps with gradients only
+    assert slab_voxels(cpu, batch=16, training=4096) == 4096
+    assert execution_policy(cpu, False, model.density_head, False, 4, training_slab=4096).slab_voxels == 1 << 18
     model.chunk_points = 123
     assert slab_voxels(cpu, batch=16, override=model.field.chunk_points) == 123
     head = model.density_head
     assert execution_policy(cpu, True, head, False, 16, model.chunk_points).slab_voxels == 123
     assert execution_policy(cpu, True, head, False, 16).slab_voxels == 8192
-    assert execution_policy(cpu, False, head, False, 16).slab_voxels == 1 << 18
+    assert execution_policy(cpu, False, head, False, 16).slab_voxels == 1 << 16  # 2^20 / 16 images
 
 
 def test_execution_policy_modes():

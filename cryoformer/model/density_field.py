@@ -38,15 +38,18 @@ from .sites import GridSites, PointSites
 from .support import support_index
 
 def slab_voxels(device: torch.device, batch: int | None = None,
-                override: int | None = None, training: int | None = None) -> int:
+                override: int | None = None, training: int | None = None,
+                inference_batch: int | None = None) -> int:
     """Voxels per slab of the grid evaluation.
 
     ``override`` if set; else, with ``batch`` (training), ``training`` if set (the trainer
     times slab sizes on the machine: :mod:`cryoformer.trainer.slab_tuning`); else 2^22 on GPUs
-    (a 128³ decode in two launches' worth); on CPU 2^18 without ``batch`` (decoding;
-    cache-sized), and 2^17 / ``batch`` while training (≈ 8k voxels for a batch of 16: the best
-    of 2^12…2^15 measured at D = 64 on an AMD EPYC, where one slab's [B, P, H] head tensors
-    stay in cache between its forward and backward passes).
+    (a 128³ decode in two launches' worth); on CPU 2^17 / ``batch`` while training (≈ 8k voxels
+    for a batch of 16: the best of 2^12…2^15 measured at D = 64 on an AMD EPYC, where one
+    slab's [B, P, H] head tensors stay in cache between its forward and backward passes), and
+    without ``batch`` (no gradients) 2^18, or 2^20 / ``inference_batch`` when that is smaller:
+    a slab of 2^18 voxels for each of 32 held-out images at D = 128 peaked at 4.4 GB, 8 images
+    at 1.9 GB in the same time (docs/benchmarks.md).
     """
     if override:
         return override
@@ -54,7 +57,9 @@ def slab_voxels(device: torch.device, batch: int | None = None,
         return training
     if device.type == "cuda":
         return 1 << 22
-    return 1 << 18 if batch is None else max(1 << 11, (1 << 17) // max(1, batch))
+    if batch is None:
+        return min(1 << 18, max(1 << 11, (1 << 20) // max(1, inference_batch or 1)))
+    return max(1 << 11, (1 << 17) // max(1, batch))
 
 
 @dataclass(frozen=True)
@@ -92,8 +97,9 @@ def execution_policy(device: torch.device, grad_enabled: bool, head: nn.Module,
             mode = "checkpointed"
         elif not want_weights:
             mode = "fused"
-    return ExecutionPolicy(slab_voxels(device, batch if grad_enabled else None, chunk_points, training_slab),
-                           mode, features_on_request=grad_enabled)
+    slab = (slab_voxels(device, batch, chunk_points, training_slab) if grad_enabled
+            else slab_voxels(device, None, chunk_points, inference_batch=batch))
+    return ExecutionPolicy(slab, mode, features_on_request=grad_enabled)
 
 
 def z_slabs(resolution: int, planes: int, voxel_index: torch.Tensor | None,
