@@ -201,6 +201,8 @@ class Trainer:
         state.epoch_complete = start_batch >= n_batches
         self._epoch_news = {"written": [], "heldout": None}
         loader, bar = self._begin_epoch(phase, epoch, start_batch, n_batches)
+        if phase == "train":
+            self._retime_slab_if_support_shrank()
         acc = {"step": LossAccumulator(), "epoch": LossAccumulator()}
         self.model.train()
         reason = None
@@ -210,10 +212,11 @@ class Trainer:
                 tuner = self._slab_tuner(batch, phase)
                 self._set_lr(phase, n_batches)
                 terms, n_images = self._train_step(batch, phase)
+                step_s = time.monotonic() - t_step
                 self._trained_images += n_images
-                self._training_s += time.monotonic() - t_step
+                self._training_s += step_s
                 if tuner is not None:
-                    self._slab_timed(tuner, time.monotonic() - t_step)
+                    self._slab_timed(tuner, step_s)
                 if not self._budget_checked and phase == "train":
                     self._check_budget()
                 state.batch_in_epoch += 1
@@ -382,28 +385,33 @@ class Trainer:
             model.train(was_training)
         return (time.monotonic() - t0) / positions.size
 
+    def _retime_slab_if_support_shrank(self) -> None:
+        """At the start of a training epoch: have the slab size timed again (:meth:`_slab_tuner`)
+        when the support holds a quarter fewer voxels than when it was last timed (the mask
+        changes only between epochs, so the steps need not look)."""
+        r = self.model.config.box_size
+        mask = self.model.support_mask
+        voxels = r ** 3 if mask is None else int(mask.sum())
+        if self._tuned_for_voxels is None or voxels <= 0.75 * self._tuned_for_voxels:
+            self._tuned_for_voxels, self._tuning = voxels, None
+
     def _slab_tuner(self, batch, phase: str) -> Optional[SlabTuner]:
         """The tuner timing this step's slab size (:mod:`.slab_tuning`), set up on the model; None
         when not tuning: on a GPU, with --no-slab-tuning, a fixed ``chunk_points``, outside the
-        training phase, or when the support has not shrunk by a quarter since the last choice."""
+        training phase, or once the size is chosen (until :meth:`_retime_slab_if_support_shrank`)."""
         field = self.model.field
         if (not self.config.runtime.slab_tuning or self.device.type != "cpu" or phase != "train"
                 or field.chunk_points or self.run.model_config.renderer != "canonical"):
             return None
-        tuner = self._tuning
-        if tuner is None or tuner.done:
-            r = self.model.config.box_size
-            mask = self.model.support_mask
-            voxels = r ** 3 if mask is None else int(mask.sum())
-            if self._tuned_for_voxels is not None and voxels > 0.75 * self._tuned_for_voxels:
-                return None
-            self._tuned_for_voxels = voxels
-            tuner = self._tuning = SlabTuner(slab_voxels(self.device, int(batch["images"].shape[0])), r)
-            if tuner.done:  # one candidate (a small box): nothing to time
-                field.training_slab_voxels = tuner.choice
-                return None
-        field.training_slab_voxels = tuner.next_slab()
-        return tuner
+        if self._tuning is None:
+            self._tuning = SlabTuner(slab_voxels(self.device, int(batch["images"].shape[0])),
+                                     self.model.config.box_size)
+            if self._tuning.done:  # one candidate (a small box): nothing to time
+                field.training_slab_voxels = self._tuning.choice
+        if self._tuning.done:
+            return None
+        field.training_slab_voxels = self._tuning.next_slab()
+        return self._tuning
 
     def _slab_timed(self, tuner: SlabTuner, seconds: float) -> None:
         tuner.record(seconds)
