@@ -25,11 +25,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cryoformer.physics.fourier import frequency_grid_2d
 from cryoformer.physics.slice_projector import FourierSliceProjector
 
 from .config import INFORMATION_FRACTION
-from .grids import half_band, information_band
+from .grids import scored_band
 from .particles import Particles
 from .references import backprojected_references, half_of, merge_small_groups
 
@@ -65,9 +64,7 @@ def fit_to_groups(half_maps: torch.Tensor, particles: Particles, rotations: np.n
     n, D = len(particles), particles.box_size
     K = len(half_maps) // 2
     projector = FourierSliceProjector(half_maps)
-    kmax = information_band(*projector.shell_power(), INFORMATION_FRACTION, 0.5)
-    band, weights = half_band(D, kmax)  # [D, D], [M]
-    freqs = frequency_grid_2d(D, 1.0)[band]  # [M, 2] cycles/px
+    kmax, band, weights, freqs = scored_band(projector, D, INFORMATION_FRACTION, 0.5)  # [D, D], [M], [M, 2]
     projector = projector.cropped(kmax)
     rot = torch.from_numpy(np.asarray(rotations, dtype=np.float32))  # [N, 3, 3]
     shifts = torch.from_numpy(np.asarray(shifts_px, dtype=np.float32))  # [N, 2]

@@ -147,6 +147,30 @@ def half_band(D: int, kmax: float) -> tuple[torch.Tensor, torch.Tensor]:
     return band, weights
 
 
+def scored_band(projector, D: int, fraction: float, kmax: float
+                ) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a score against the references of ``projector`` (a
+    :class:`~cryoformer.physics.slice_projector.FourierSliceProjector` holding its whole padded
+    spectra) reads of particles of box ``D``: the band up to ``kmax`` cut where the references
+    hold ``fraction`` of the pose information (:func:`information_band`), one frequency of each
+    Hermitian pair (:func:`half_band`).
+
+    Returns
+    -------
+    kmax : float
+        The band's edge (cycles/px).
+    band : torch.Tensor
+        ``[D, D]`` bool.
+    weights : torch.Tensor
+        ``[M]`` float32.
+    freqs : torch.Tensor
+        ``[M, 2]`` cycles/px, in ``band``'s row-major order.
+    """
+    kmax = information_band(*projector.shell_power(), fraction, kmax)
+    band, weights = half_band(D, kmax)
+    return kmax, band, weights, frequency_grid_2d(D, 1.0)[band]
+
+
 def search_levels(config: PoseSearchConfig, D: int, kmax: float, freqs: torch.Tensor,
                   weights: torch.Tensor) -> list[SearchLevel]:
     """The levels of a search, coarse first, over the band ``freqs`` ``[M, 2]`` (cycles/px, up to

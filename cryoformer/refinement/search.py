@@ -52,12 +52,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from cryoformer.physics.fourier import frequency_grid_2d
 from cryoformer.physics.slice_projector import FourierSliceProjector
 from cryoformer.progress import Progress, resolve_style
 
 from .config import PoseSearchConfig
-from .grids import SearchLevel, angle_to, fit_prior_sigma, half_band, information_band, search_levels
+from .grids import SearchLevel, angle_to, fit_prior_sigma, scored_band, search_levels
 from .particles import Particles
 from .references import Decoder, make_references
 
@@ -222,10 +221,9 @@ class _LocalSearch:
         self.particles, self.labels, self.device = particles, labels, device
         self.prior_rot = torch.from_numpy(np.asarray(prior_rotations, dtype=np.float32)).to(device)  # [N, 3, 3]
         self.projector = FourierSliceProjector(volumes.to(device))
-        self.kmax = information_band(*self.projector.shell_power(), config.information_fraction,
-                                     config.band_limit(D, model_box_size))
-        self.band, weights = half_band(D, self.kmax)  # [D, D] (CPU: the particles are read there), [M]
-        self.freqs = frequency_grid_2d(D, 1.0)[self.band]  # [M, 2] cycles/px
+        # band [D, D] (CPU: the particles are read there), weights [M], freqs [M, 2] cycles/px
+        self.kmax, self.band, weights, self.freqs = scored_band(
+            self.projector, D, config.information_fraction, config.band_limit(D, model_box_size))
         self.levels = [level.to(device) for level in search_levels(config, D, self.kmax, self.freqs, weights)]
         # each level reads the spectra from a cube cropped to its own band: the same samples,
         # fewer cache misses (the coarse level's band is a third of the Nyquist or less)
