@@ -8,7 +8,8 @@ than one voxel (docs/conventions.md, "Flexible-region ROC-AUC"):
 * ``density`` — the density-response score (:mod:`cryoformer.analysis.flexible_regions`, the
   default) and variants of it (number of modes, smoothing);
 * baselines ``distance_from_centre`` and ``voxel_variance`` (as ``cryoformer evaluate``), and
-  the ground-truth map variance as a reference.
+  the ground-truth map variance, plain and smoothed as the default map is, as references
+  (the second is what a perfect model's density response would score).
 
 Datasets: ``hinged`` (the embedded molecule, one arm), ``hinged2`` (two arms on independent
 hinges, ``simulate --hinges 2``; also checks that the two arms land in different regions of
@@ -38,6 +39,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter
 
 from cryoformer.analysis.attention_maps import flex_score
 from cryoformer.analysis.evaluation import (distance_from_centre, fourier_crop_volume, resample_real,
@@ -179,6 +181,10 @@ def evaluate(name: str, data: str, run_dir: str, seeds: int, n_boot: int, epoch:
         t0 = time.time()
         cands = candidate_maps(model, z, d, seed)
         cands["ground-truth map variance (reference)"] = maps_gt.var(axis=0)
+        # what the default's smoothing makes of the true maps: the ceiling of any map of where
+        # density changes, which a perfectly trained model's density response would reach
+        cands["ground-truth map std, smoothed as the default (reference)"] = gaussian_filter(
+            maps_gt.std(axis=0), FlexRegionConfig().smoothing_sigma_px, mode="constant")
         per_seed.append({k: auc(v[support], positive) for k, v in cands.items()})
         if seed == 0:
             first, seconds = cands, time.time() - t0

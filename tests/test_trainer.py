@@ -225,6 +225,36 @@ def test_support_mask_saved_and_applied(finished_run):
     assert (vol[:, ~mask] == 0).all() and (vol[:, mask] != 0).any()
 
 
+def test_first_support_mask_within_epoch_1_after_the_given_images(data_dir, tmp_path):
+    """With --support-after 24 (3 of the 6 steps of 8 images), epoch 1 makes its mask after
+    step 3 and trains the rest under it; its checkpoint holds that mask and decodes to zero
+    outside. The default (2000 images) leaves a set this small without one until epoch 2."""
+    from cryoformer.trainer import TrainConfig
+
+    out = tmp_path / "run"
+    cfg = train_config(data_dir, out, epochs=1, support_after_images=24)
+    train(cfg, tiny_model_config(), command_line="cryoformer train test")
+    state, _ = checkpoint_params(os.path.join(out, "checkpoints", "epoch_001.pt"))
+    mask = state.get("support")
+    assert mask is not None and mask.dtype == torch.bool and 0 < int(mask.sum()) < 16 ** 3
+    assert "support mask (epoch 1, after 3 of 6 steps)" in open(os.path.join(out, "run.log")).read()
+    run = load_run(str(out))
+    vol = run.model.decode_volume(run.latents[:2])
+    assert (vol[:, ~mask] == 0).all() and (vol[:, mask] != 0).any()
+
+    plain = tmp_path / "plain"
+    train(train_config(data_dir, plain, epochs=1), tiny_model_config(), command_line="cryoformer train test")
+    state, _ = checkpoint_params(os.path.join(plain, "checkpoints", "epoch_001.pt"))
+    assert state.get("support") is None
+    assert "support mask" not in open(os.path.join(plain, "run.log")).read()
+    # a run saved before the option existed resumes with its first mask at epoch 2, as it ran
+    saved = cfg.to_dict()
+    del saved["support_after_images"]
+    assert TrainConfig.from_dict(saved).support.support_after_images == 0
+    with pytest.raises(InputError, match="--support-after"):
+        train_config(data_dir, tmp_path / "bad", support_after_images=-1)
+
+
 @pytest.mark.parametrize("field, value, option", [
     ("pose_search_reference", "truth", "--pose-search-reference"),
     ("pose_search_radius_deg", 0.0, "--pose-search-radius"),

@@ -341,31 +341,41 @@ class HeldoutOptions:
 @dataclass(frozen=True)
 class SupportOptions:
     """The density restricted to a mask around the molecule (:mod:`cryoformer.model.support`),
-    canonical renderer only: the first epoch trains without it, each later one under a mask
-    made from the model at its start (peak fraction ``support_threshold``, dilated by
+    canonical renderer only: the first mask is made after ``support_after_images`` images of
+    epoch 1 (or at the start of epoch 2 on a smaller set), then again at the start of each
+    epoch, from the model at that point (peak fraction ``support_threshold``, dilated by
     ``support_margin_px`` px of the training box). Part of the run: a resumed run keeps its
-    settings (one saved before the mask existed trains without)."""
+    settings (one saved before the mask existed trains without; one saved before the first
+    mask could come within epoch 1 keeps it at epoch 2)."""
 
     support_mask: bool = option(
         "--no-support-mask", default=True, switch="store_false", resume=FROM_RUN, legacy=False,
-        help="evaluate the density on the whole sphere in every epoch. By default, from "
-             "epoch 2 on the density is restricted to a mask around the molecule (from the "
-             "model's own maps, dilated by --support-margin px): the per-image head runs "
-             "only there (faster) and noise outside the molecule is not fitted (better maps, "
-             "docs/benchmarks.md); the mask is saved with the model and applied when "
-             "decoding. A resumed run keeps the setting it was started with")
+        help="evaluate the density on the whole sphere in every epoch. By default, after "
+             "--support-after images (or from epoch 2 on) the density is restricted to a "
+             "mask around the molecule (from the model's own maps, dilated by "
+             "--support-margin px): the per-image head runs only there (faster) and noise "
+             "outside the molecule is not fitted (better maps, docs/benchmarks.md); the mask "
+             "is saved with the model and applied when decoding. A resumed run keeps the "
+             "setting it was started with")
     support_threshold: float = option(
         "--support-threshold", default=0.05, resume=FROM_RUN,
         help="fraction of the peak density that counts as molecule (default {default:g})")
     support_margin_px: int = option(
         "--support-margin", default=3, unit="px", resume=FROM_RUN,
         help="dilation of the mask in px of the training box (default {default})")
+    support_after_images: int = option(
+        "--support-after", default=2000, unit="images", resume=FROM_RUN, legacy=0,
+        help="make the first mask once this many images of epoch 1 are trained, when that "
+             "comes before epoch 2: on a large set the first epoch then runs mostly at the "
+             "mask's speed (default {default}; 0: first mask at the start of epoch 2)")
 
     def __post_init__(self) -> None:
         if not 0 < self.support_threshold < 1:
             raise _bad("--support-threshold", f"must be in (0, 1), got {self.support_threshold}")
         if self.support_margin_px < 0:
             raise _bad("--support-margin", f"must be >= 0 px, got {self.support_margin_px}")
+        if self.support_after_images < 0:
+            raise _bad("--support-after", f"must be >= 0 images, got {self.support_after_images}")
 
 
 @dataclass(frozen=True)

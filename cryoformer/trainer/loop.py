@@ -221,6 +221,9 @@ class Trainer:
                     self._check_budget()
                 state.batch_in_epoch += 1
                 state.epoch_complete = state.batch_in_epoch >= n_batches
+                if self._first_support_due(phase, n_batches):
+                    self._make_support(epoch, f"epoch 1, after {state.batch_in_epoch} of {n_batches} steps")
+                    self._retime_slab_if_support_shrank()
                 for a in acc.values():
                     a.add(terms, n_images)
                 bar.update(1, loss=terms["loss"], images=n_images)
@@ -254,17 +257,10 @@ class Trainer:
     def _begin_epoch(self, phase: str, epoch: int, start_batch: int, n_batches: int):
         """The support mask this epoch trains under, its data loader and progress bar."""
         cfg, run, state = self.config, self.run, self.state
-        if (cfg.support.support_mask and phase == "train" and start_batch == 0 and epoch > 1
-                and run.model_config.renderer == "canonical"):
+        if self._masks_support(phase) and start_batch == 0 and epoch > 1:
             # The mask this epoch trains under, from the model the previous epoch left: the
             # checkpoints of this epoch then hold the mask their weights were trained with.
-            rows = run.plan.rows if run.plan.rows is not None else np.arange(len(run.data))
-            t0 = time.monotonic()
-            state.support = epoch_hooks.update_support(
-                self.model, run.data, rows, cfg.optimisation.seed, epoch, cfg.support.support_threshold,
-                cfg.support.support_margin_px, self.device, self.info)
-            self.model.set_support(state.support)
-            self._log_pass(f"support mask (epoch {epoch}): {int(state.support.sum())} voxels", t0)
+            self._make_support(epoch, f"epoch {epoch}")
         stream = 1 if phase == "pretrain" else 0
         batches = list(run.plan.rank_batches(epoch, start_batch, stream=stream))
         workers = cfg.runtime.num_workers
@@ -385,10 +381,42 @@ class Trainer:
             model.train(was_training)
         return (time.monotonic() - t0) / positions.size
 
+    def _masks_support(self, phase: str) -> bool:
+        """Whether this phase trains under a support mask (the canonical renderer's training)."""
+        return (self.config.support.support_mask and phase == "train"
+                and self.run.model_config.renderer == "canonical")
+
+    def _make_support(self, epoch: int, when: str) -> None:
+        """Make the support mask from the current model and train under it from the next step."""
+        cfg, run, state = self.config, self.run, self.state
+        rows = run.plan.rows if run.plan.rows is not None else np.arange(len(run.data))
+        t0 = time.monotonic()
+        state.support = epoch_hooks.update_support(
+            self.model, run.data, rows, cfg.optimisation.seed, epoch, cfg.support.support_threshold,
+            cfg.support.support_margin_px, self.device, self.info)
+        self.model.set_support(state.support)
+        self._log_pass(f"support mask ({when}): {int(state.support.sum())} voxels", t0)
+
+    def _first_support_due(self, phase: str, n_batches: int) -> bool:
+        """After a step of epoch 1: whether ``--support-after`` training images are done and no
+        mask exists yet. On a large set the first epoch is most of a short run; the whole
+        sphere costs several times the mask's time per image, and a model that has seen a few
+        thousand images already outlines the molecule. A mask made this early is loose, which
+        costs speed rather than density, and each later epoch makes it again from the model."""
+        after = self.config.support.support_after_images
+        state = self.state
+        if not after or state.epoch != 1 or state.support is not None or not self._masks_support(phase):
+            return False
+        rows = self.run.plan.rows
+        n_train = len(rows) if rows is not None else len(self.run.data)
+        # images of the epoch trained so far, on all ranks (the plan splits them evenly)
+        return state.batch_in_epoch * n_train >= after * n_batches and state.batch_in_epoch < n_batches
+
     def _retime_slab_if_support_shrank(self) -> None:
-        """At the start of a training epoch: have the slab size timed again (:meth:`_slab_tuner`)
-        when the support holds a quarter fewer voxels than when it was last timed (the mask
-        changes only between epochs, so the steps need not look)."""
+        """Where a new mask takes effect (each training epoch's start, and epoch 1's first mask):
+        have the slab size timed again (:meth:`_slab_tuner`) when the support holds a quarter
+        fewer voxels than when it was last timed (the mask changes nowhere else, so the steps
+        need not look)."""
         r = self.model.config.box_size
         mask = self.model.support_mask
         voxels = r ** 3 if mask is None else int(mask.sum())
