@@ -26,9 +26,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 
 import pandas as pd
 
@@ -36,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import machine  # noqa: E402
 from machine import CFORMER  # noqa: E402
+from timed_runs import simulate_hinged, timed  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,25 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-box", type=int, default=64,
                     help="box evaluate decodes at (px; the flexible-region scores decode dozens of maps)")
     return ap.parse_args(argv)
-
-
-def timed(cmd: list[str]) -> dict:
-    """Run ``cmd`` under ``/usr/bin/time -v`` → wall time (s), peak resident memory (GB), stdout."""
-    t0 = time.time()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.time() - t0
-    if proc.returncode:
-        raise RuntimeError(f"{cmd[1]} failed ({proc.returncode}): {proc.stderr[-800:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return {"wall_s": wall, "peak_rss_gb": rss_kb / 1e6, "stdout": proc.stdout}
-
-
-def simulate(out: str, box: int, n: int) -> str:
-    data = os.path.join(out, "data")
-    if not os.path.isfile(os.path.join(data, "simulation.json")):
-        subprocess.run([CFORMER, "simulate", "-o", data, "-n", str(n), "-D", str(box), "--Apix",
-                        f"{3.0 * 64 / box:g}", "--snr", "0.1", "--shift-range", "2", "--seed", "0"], check=True)
-    return data
 
 
 def train(data: str, run: str, epochs: int) -> dict:
@@ -103,7 +83,7 @@ def evaluate(run: str, data: str, out: str, box: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.outdir, exist_ok=True)
-    data = simulate(args.outdir, args.box, args.n_particles)
+    data = simulate_hinged(os.path.join(args.outdir, "data"), args.box, args.n_particles)
     run = os.path.join(args.outdir, "run")
     result = {"machine": machine.describe(), "args": vars(args)}
     result["train"] = train(data, run, args.epochs)

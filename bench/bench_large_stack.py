@@ -25,7 +25,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 
@@ -39,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import machine  # noqa: E402
 from machine import CFORMER  # noqa: E402
+from timed_runs import simulate_hinged, timed  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,14 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--minutes", type=float, default=4.0, help="--max-minutes of each training run")
     ap.add_argument("--keep", action="store_true", help="keep the tiled stack")
     return ap.parse_args(argv)
-
-
-def simulate(out: str, box: int, n: int) -> str:
-    data = os.path.join(out, "small")
-    if not os.path.isfile(os.path.join(data, "simulation.json")):
-        subprocess.run([CFORMER, "simulate", "-o", data, "-n", str(n), "-D", str(box), "--Apix",
-                        f"{3.0 * 64 / box:g}", "--snr", "0.1", "--shift-range", "2", "--seed", "0"], check=True)
-    return data
 
 
 def tile(small: str, out: str, box: int, n_big: int) -> str:
@@ -91,29 +83,23 @@ def tile(small: str, out: str, box: int, n_big: int) -> str:
 def train(data: str, run: str, train_box: int, minutes: float) -> dict:
     """One timed training run under ``/usr/bin/time -v`` → its measurements."""
     shutil.rmtree(run, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", CFORMER, "train", os.path.join(data, "particles.mrcs"),
-           "--poses", os.path.join(data, "poses.pkl"), "--ctf", os.path.join(data, "ctf.pkl"), "-o", run,
-           "--box", str(train_box), "--max-minutes", str(minutes), "--seed", "0"]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - t0
-    if proc.returncode:
-        raise RuntimeError(f"training failed: {proc.stderr[-500:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    r = timed([CFORMER, "train", os.path.join(data, "particles.mrcs"),
+               "--poses", os.path.join(data, "poses.pkl"), "--ctf", os.path.join(data, "ctf.pkl"), "-o", run,
+               "--box", str(train_box), "--max-minutes", str(minutes), "--seed", "0"])
     log = pd.read_csv(os.path.join(run, "log.csv"))
     epochs = log[(log.kind == "epoch") & (log.phase == "train")]
     images = float(epochs.images.sum())
     rate = float((epochs.images * 1.0).sum() / (epochs.images / epochs.images_per_s).sum())
     passes = re.findall(r"pass (\S+(?: \S+)?) \(epoch \d+\): .*? in ([\d.]+) s",
                         open(os.path.join(run, "run.log")).read())
-    return {"peak_rss_gb": rss_kb / 1e6, "images_per_s": rate, "images_trained": images, "wall_s": wall,
+    return {"peak_rss_gb": r["peak_rss_gb"], "images_per_s": rate, "images_trained": images, "wall_s": r["wall_s"],
             "passes_s": [(name, float(sec)) for name, sec in passes]}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.outdir, exist_ok=True)
-    small = simulate(args.outdir, args.box, args.n_small)
+    small = simulate_hinged(os.path.join(args.outdir, "small"), args.box, args.n_small)
     n_big = int(math.ceil(args.tile_gb * 1e9 / (args.box * args.box * 4)))
     big = tile(small, args.outdir, args.box, n_big)
     rows = {}

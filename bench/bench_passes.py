@@ -39,7 +39,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import machine  # noqa: E402
-from bench_large_stack import simulate, tile  # noqa: E402
+from bench_large_stack import tile  # noqa: E402
+from timed_runs import simulate_hinged  # noqa: E402
 
 CFORMER = os.path.join(os.path.dirname(sys.executable), "cryoformer")
 PASS = re.compile(r"pass (latents|held-out|pose search) \((?:after )?epoch \d+\): (\d+) \S+.*? in ([\d.]+) s")
@@ -153,7 +154,7 @@ def table(rows: list) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.outdir, exist_ok=True)
-    small = simulate(args.outdir, args.box, args.n_small)
+    small = simulate_hinged(os.path.join(args.outdir, "small"), args.box, args.n_small)
     rows = [one_size(args, small, n) for n in args.sizes]
     info = machine.describe()
     with open(os.path.join(args.outdir, "results.json"), "w") as handle:

@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import machine  # noqa: E402
 from bench_vs_cryodrgn import ensure_cryodrgn, sh  # noqa: E402
+from timed_runs import peak_rss_gb  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
 # every training runs under GNU time, whose report (in the run's log) gives the peak resident memory
@@ -51,12 +52,6 @@ def _epoch_seconds(log_text: str) -> float:
     return 3600 * int(h) + 60 * int(mnt) + float(s)
 
 
-def _peak_rss_gb(log_text: str) -> float:
-    """Peak resident memory (GB) of the process, from GNU time's report; NaN without one."""
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log_text)
-    return int(m.group(1)) / 1e6 if m else float("nan")
-
-
 def run_cryodrgn(exe: str, data: str, out: str, ind: str, n: int, extra) -> tuple[float, float]:
     """(images/s of the epoch, peak resident memory in GB) of one cryoDRGN epoch."""
     log = out + ".log"
@@ -67,7 +62,7 @@ def run_cryodrgn(exe: str, data: str, out: str, ind: str, n: int, extra) -> tupl
     text = open(log).read()
     if rc != 0 and "Finished in" not in text:
         raise RuntimeError(f"cryoDRGN failed (exit {rc}); see {log}")
-    return n / _epoch_seconds(text), _peak_rss_gb(text)
+    return n / _epoch_seconds(text), peak_rss_gb(text)
 
 
 def run_cryoformer(data: str, out: str, ind: str, box: int, preset: str, epochs: int = 1,
@@ -83,7 +78,7 @@ def run_cryoformer(data: str, out: str, ind: str, box: int, preset: str, epochs:
     if sh(cmd, log=out + ".log") != 0:
         raise RuntimeError(f"cryoformer failed; see {out}.log")
     log = pd.read_csv(os.path.join(out, "log.csv"))
-    return float(log[log.kind == "epoch"].images_per_s.iloc[-1]), _peak_rss_gb(open(out + ".log").read())
+    return float(log[log.kind == "epoch"].images_per_s.iloc[-1]), peak_rss_gb(open(out + ".log").read())
 
 
 def mask_fraction(out: str) -> float:
